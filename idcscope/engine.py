@@ -1,0 +1,169 @@
+"""The training and inference engine: batches from a uint8 patch array, one epoch, inference.
+
+Batches are gathered from the (memory-mapped) uint8 array, turned into float tensors,
+augmented as whole batches and normalised; no per-sample Python work sits on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Preprocessing:
+    """What turns a uint8 patch into model input; stored in every checkpoint."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    patch_size: int = 50
+    mpp: float = 4.0
+    channels_last: bool = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a float batch in [0, 1] of shape (B, 3, H, W)."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def to_float(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def channel_stats(images: np.ndarray, rows: np.ndarray, max_n: int = 20_000, seed: int = 0):
+    """Per-channel mean and std of the patches at ``rows`` (a seeded sample of at most max_n)."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(rows, size=min(max_n, len(rows)), replace=False))
+    x = images[pick].reshape(-1, 3).astype(np.float64) / 255.0
+    return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
+
+
+class PatchLoader:
+    """Batches ``(uint8 (B, H, W, 3) array, int64 labels)`` over ``rows`` of a patch array.
+
+    Each epoch draws a new order from ``(seed, epoch)``, so a resumed run sees the same
+    batches as an uninterrupted one. ``balanced`` draws both classes equally often (with
+    replacement). ``rank``/``world`` give each distributed process its own shard.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 batch_size: int, shuffle: bool = False, balanced: bool = False, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
+        self.images, self.labels, self.rows = images, labels, np.asarray(rows)
+        self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
+        self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
+        self.epoch = 0
+
+    def _order(self) -> np.ndarray:
+        rows = self.rows
+        if not self.shuffle:
+            return rows[self.rank :: self.world]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.balanced:
+            y = self.labels[rows]
+            p = np.where(y == 1, 0.5 / max((y == 1).sum(), 1), 0.5 / max((y == 0).sum(), 1))
+            rows = rng.choice(rows, size=len(rows), replace=True, p=p / p.sum())
+        else:
+            rows = rng.permutation(rows)
+        # Equal shard sizes keep distributed processes in lock-step.
+        n = len(rows) // self.world * self.world
+        return rows[:n][self.rank :: self.world]
+
+    def __len__(self) -> int:
+        n = len(self.rows) // self.world if self.shuffle else len(self.rows[self.rank :: self.world])
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        order = self._order()
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            # Sorted gathers read the memory map sequentially; the batch order does not matter.
+            idx = np.sort(idx)
+            yield self.images[idx], torch.from_numpy(self.labels[idx].astype(np.int64))
+
+
+def autocast(precision: str, device: str = "cpu"):
+    if precision == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model: nn.Module, loader: PatchLoader, optimizer: torch.optim.Optimizer,
+                    scheduler, loss_fn: Callable, prep: Preprocessing, augment: Callable,
+                    generator: torch.Generator, precision: str = "bf16",
+                    device: str = "cpu", desc: str = "train") -> dict:  # fmt: skip
+    """One pass over ``loader``; returns mean loss, accuracy and images per second."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    with progress_bar(desc, total=len(loader)) as advance:
+        for batch, y in loader:
+            x = prep(augment(to_float(batch).to(device), generator))
+            y = y.to(device)
+            with autocast(precision, device):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at image {seen}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            n = len(y)
+            total_loss += loss.item() * n
+            correct += int((logits.argmax(1) == y).sum())
+            seen += n
+            advance(1, info=f"loss {total_loss / seen:.4f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}  # fmt: skip
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray | None,
+                   prep: Preprocessing, batch_size: int = 512, precision: str = "bf16",
+                   device: str = "cpu", tta: bool = False, desc: str = "predict") -> torch.Tensor:  # fmt: skip
+    """Logits (float32, on CPU) of the patches at ``rows`` (all when None), in that order."""
+    model.eval()
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = []
+    with progress_bar(desc, total=len(rows)) as advance:
+        for s in range(0, len(rows), batch_size):
+            idx = rows[s : s + batch_size]
+            x = to_float(images[idx]).to(device)
+            with autocast(precision, device):
+                if tta:
+                    from .data.augment import dihedral_all
+
+                    logits = torch.stack([model(prep(v)).float() for v in dihedral_all(x)]).mean(0)
+                else:
+                    logits = model(prep(x))
+            out.append(logits.float().cpu())
+            advance(len(idx))
+    return torch.cat(out) if out else torch.empty(0, 2)
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """P(IDC) from two-class logits."""
+    return F.softmax(logits / temperature, dim=1)[:, 1].numpy()

@@ -1,0 +1,116 @@
+"""Evaluate a checkpoint on patients: metrics, per-patient view, plots and an HTML report.
+
+The decision threshold is the one stored in the checkpoint, chosen on the validation
+patients at training time; the test data never chooses anything. Patients that the
+checkpoint trained or validated on are named in a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics, plots
+from .checkpoint import load_model
+from .data import splits as splitting
+from .data.dataset import load_patch_data
+from .engine import Preprocessing, predict_logits, probabilities
+from .errors import IdcscopeError
+from .report import write_html_report
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
+             split: str | None = None, tta: bool = False, batch_size: int = 512,
+             cache_dir: str | None = None, n_boot: int = 500) -> dict:  # fmt: skip
+    """Evaluate ``checkpoint`` on ``data_dir`` (all patients, or one split of the checkpoint's)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, ckpt = load_model(checkpoint)
+    prep = Preprocessing(**ckpt["preprocessing"])
+    data = load_patch_data(data_dir, cache_dir)
+    ckpt_splits = ckpt.get("splits", {})
+    warnings: list[str] = []
+    if split:
+        rows = data.rows(splitting.assign(data.table, ckpt_splits) == split)
+    else:
+        rows = data.rows()
+        seen = set(ckpt_splits.get("train", [])) | set(ckpt_splits.get("val", []))
+        overlap = sorted(seen & set(data.table["patient"]))
+        if overlap:
+            warnings.append(f"{len(overlap)} of these patients were used to train or validate "
+                            f"this model: {', '.join(overlap[:10])}; the numbers are optimistic")  # fmt: skip
+    if ckpt_splits.get("method") == "random":
+        warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
+    if len(rows) == 0:
+        raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
+
+    logits = predict_logits(model, data.images, rows, prep, batch_size, tta=tta)
+    prob = probabilities(logits)
+    y, patients = data.labels[rows], data.patients[rows]
+    threshold = float(ckpt.get("threshold", 0.5))
+    result = metrics.binary_metrics(y, prob, threshold)
+    result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
+    result["n_patients"] = len(set(patients))
+    result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
+    result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
+    result["ece"] = metrics.expected_calibration_error(y, prob)
+    result.update(checkpoint=str(checkpoint), data=str(data_dir), split=split or "all",
+                  split_method=ckpt_splits.get("method", "patient"), tta=tta,
+                  threshold_source=ckpt.get("threshold_method", "default 0.5"),
+                  leaks_patients=ckpt_splits.get("method") == "random",
+                  data_summary=data.summary(), warnings=warnings)  # fmt: skip
+    _write_outputs(out, result, data, rows, prob, checkpoint)
+    for w in warnings:
+        logger.warning(w)
+    return result
+
+
+def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
+    """Patient-clustered bootstrap: resampling patients, not patches, is what new patients vary."""
+    if n_boot <= 0 or len(set(patients)) < 3:
+        return {}
+
+    def at(key):
+        return lambda yy, pp: metrics.binary_metrics(yy, pp, threshold)[key]
+
+    return {key: list(metrics.bootstrap_ci(y, prob, patients, at(key), n_boot=n_boot))
+            for key in ("auc", "balanced_accuracy", "f1")}  # fmt: skip
+
+
+def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> None:
+    y = data.labels[rows]
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    report_text = metrics.classification_report_text(y, prob >= result["threshold"])
+    (out / "classification_report.txt").write_text(report_text)
+    table = data.table.iloc[rows]
+    with (out / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred"])
+        for r, p in zip(table.itertuples(index=False), prob, strict=True):
+            w.writerow([r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}",
+                        int(p >= result["threshold"])])  # fmt: skip
+    figures = {
+        "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),
+        "Precision-recall curve": plots.plot_pr(y, prob, threshold=result["threshold"]),
+        "Confusion matrix": plots.plot_confusion_matrix(result["confusion_matrix"]),
+        "Per-patient AUC": plots.plot_per_patient(result["per_patient"]),
+        "Reliability": plots.plot_reliability(y, prob),
+    }
+    history = Path(checkpoint).parent / "history.csv"
+    if history.exists():
+        with history.open() as f:
+            figures["Training curves"] = plots.plot_history(list(csv.DictReader(f)))
+    names = {"ROC curve": "roc.png", "Precision-recall curve": "pr.png",
+             "Confusion matrix": "confusion_matrix.png", "Per-patient AUC": "per_patient.png",
+             "Reliability": "reliability.png", "Training curves": "training_curves.png"}  # fmt: skip
+    saved = {cap: plots.save_figure(fig, out / names[cap]) for cap, fig in figures.items()}
+    write_html_report(out, title="idcscope evaluation", metrics=result, figures=saved,
+                      sections={"Classification report": report_text,
+                                "Data": json.dumps(result["data_summary"], indent=2)},
+                      warnings=result["warnings"])  # fmt: skip

@@ -1,0 +1,102 @@
+"""ImageNet backbones through timm: the study's ResNet-50 with its new head, and the zoo."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .._compat import ensure_torchvision
+from ._registry import register_model
+from .pretrained import hub_error, load_backbone_weights
+
+ensure_torchvision()
+import timm  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def timm_has(name: str) -> bool:
+    return timm.is_model(name)
+
+
+def _backbone(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not weights, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if pretrained:
+            raise hub_error(name, e) from e
+        raise
+    if weights:
+        load_backbone_weights(model, weights)
+    return model
+
+
+def _last_feature_module(model: nn.Module) -> str:
+    info = getattr(model, "feature_info", None)
+    if info:
+        return info[-1]["module"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1]
+
+
+def create_timm_model(name: str, num_classes: int = 2, pretrained: bool = False,
+                      weights: str | None = None, **kwargs) -> nn.Module:  # fmt: skip
+    model = _backbone(name, pretrained, weights, num_classes=num_classes, **kwargs)
+    model.cam_layer = _last_feature_module(model)
+    return model
+
+
+class FrozenBackboneNet(nn.Module):
+    """A backbone (optionally frozen) and the study's head: avg pool, flatten, dense ReLU,
+    dropout 0.5, dense. A frozen backbone stays in eval mode, so its BatchNorm statistics
+    keep their ImageNet values while the head trains."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 2, hidden: int = 256,
+                 drop: float = 0.5, freeze: bool = True):  # fmt: skip
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(backbone.num_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop),
+            nn.Linear(hidden, num_classes),
+        )
+        self.frozen = freeze
+        self.backbone.requires_grad_(not freeze)
+        self.cam_layer = "backbone." + _last_feature_module(backbone)
+
+    def train(self, mode: bool = True) -> FrozenBackboneNet:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@register_model
+def resnet50(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
+             fine_tune: bool = False, **kwargs) -> FrozenBackboneNet:  # fmt: skip
+    """The study's ResNet-50: ImageNet backbone, frozen unless ``fine_tune``, new dense head."""
+    backbone = _backbone("resnet50", pretrained, weights, num_classes=0, global_pool="", **kwargs)
+    return FrozenBackboneNet(backbone, num_classes, freeze=not fine_tune)
+
+
+@register_model
+def resnet18(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
+             **kwargs) -> nn.Module:  # fmt: skip
+    return create_timm_model("resnet18", num_classes, pretrained, weights, **kwargs)
+
+
+@register_model
+def efficientnet_b0(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
+                    **kwargs) -> nn.Module:  # fmt: skip
+    return create_timm_model("efficientnet_b0", num_classes, pretrained, weights, **kwargs)

@@ -1,0 +1,218 @@
+"""Train a patch classifier: data, split, loop, checkpoints, history, validation threshold.
+
+A run folder holds ``config.yaml``, ``splits.json``, ``history.csv``, ``skipped.csv``,
+``best.pt`` (lowest validation loss) and ``last.pt`` (resumable). The decision threshold is
+chosen on the validation patients and stored in both checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import metrics
+from .checkpoint import PATCH_MPP, read_checkpoint, save_checkpoint, update_checkpoint
+from .config import TrainConfig, save_config
+from .data import splits as splitting
+from .data.augment import create_augment
+from .data.dataset import PatchData, load_patch_data
+from .data.manifest import CLASS_NAMES
+from .engine import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchLoader,
+    Preprocessing,
+    channel_stats,
+    predict_logits,
+    probabilities,
+    train_one_epoch,
+)
+from .errors import IdcscopeError
+from .models import create_model
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_auc",
+                  "val_balanced_accuracy", "images_per_s", "seconds"]  # fmt: skip
+
+
+def resolve_splits(cfg: TrainConfig, data: PatchData, out: Path) -> dict:
+    """Reuse ``out/splits.json`` when present, otherwise make the split and write it."""
+    path = out / "splits.json"
+    if path.exists() and cfg.split in ("patient", "random"):
+        splits = splitting.load_splits(path)
+        logger.info("reusing %s", path)
+    else:
+        splits = splitting.make_splits(data.table, cfg.split, cfg.val_fraction,
+                                       cfg.test_fraction, cfg.seed)  # fmt: skip
+        splitting.save_splits(splits, path)
+    return splits
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1),
+                                                    pct_start=0.15)  # fmt: skip
+    elif cfg.schedule == "keras_decay":
+        decay = cfg.lr / cfg.epochs  # Keras: lr_t = lr0 / (1 + decay * iterations)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + decay * step))
+    else:
+        sched = None
+    return opt, sched
+
+
+def make_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
+    weight = None
+    if cfg.imbalance == "class_weight":
+        counts = np.bincount(train_labels, minlength=2).astype(np.float64)
+        weight = torch.tensor(len(train_labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+        logger.info("class weights %s", [round(w, 3) for w in weight.tolist()])
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> Preprocessing:
+    if cfg.pretrained or cfg.weights:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained backbone expects
+    else:
+        mean, std = channel_stats(data.images, train_rows, seed=cfg.seed)
+    return Preprocessing(mean=mean, std=std, mpp=PATCH_MPP, channels_last=cfg.channels_last)
+
+
+def validation_pass(model, data, rows, prep, cfg) -> tuple[float, np.ndarray]:
+    logits = predict_logits(model, data.images, rows, prep, precision=cfg.precision,
+                            desc="validate")  # fmt: skip
+    y = torch.from_numpy(data.labels[rows].astype(np.int64))
+    loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
+    return loss, probabilities(logits)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run the training ``cfg`` describes; returns the summary also stored in ``best.pt``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    save_config(cfg, out / "config.yaml")
+
+    data = load_patch_data(cfg.data, cfg.cache_dir)
+    data.write_skipped(out / "skipped.csv")
+    splits = resolve_splits(cfg, data, out)
+    which = splitting.assign(data.table, splits)
+    train_rows, val_rows = data.rows(which == "train"), data.rows(which == "val")
+    if len(train_rows) == 0:
+        raise IdcscopeError(f"{cfg.data}: no training patches after the split")
+    if len(np.unique(data.labels[train_rows])) < 2:
+        raise IdcscopeError(f"{cfg.data}: the training patients have only one class")
+
+    kwargs = dict(cfg.model_kwargs)
+    model = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained,
+                         weights=cfg.weights, **kwargs)  # fmt: skip
+    if getattr(model, "frozen", False) and not (cfg.pretrained or cfg.weights):
+        logger.warning("%s: the backbone is frozen but not pretrained; it will learn little "
+                       "(pass --weights/--pretrained, or fine_tune)", cfg.model)  # fmt: skip
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    prep = make_preprocessing(cfg, data, train_rows)
+    loader = PatchLoader(data.images, data.labels, train_rows, cfg.batch_size, shuffle=True,
+                         balanced=cfg.imbalance == "balanced_sampler", seed=cfg.seed,
+                         drop_last=len(train_rows) > cfg.batch_size)  # fmt: skip
+    optimizer, scheduler = make_optimizer(cfg, model, len(loader))
+    loss_fn = make_loss(cfg, data.labels[train_rows])
+    augment = create_augment(cfg.augment)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    meta = {"model": {"name": cfg.model, "kwargs": kwargs}, "config": dataclasses.asdict(cfg),
+            "class_names": list(CLASS_NAMES), "preprocessing": dataclasses.asdict(prep),
+            "splits": splits, "data_summary": data.summary()}  # fmt: skip
+    history: list[dict] = []
+    start_epoch, best_loss = 0, math.inf
+    if resume and (out / "last.pt").exists():
+        start_epoch, best_loss, history = _restore(out / "last.pt", model, optimizer, scheduler,
+                                                   generator)  # fmt: skip
+        logger.info("resuming %s at epoch %d", out, start_epoch + 1)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.epoch = epoch
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, prep, augment,
+                                generator, cfg.precision, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
+        val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg)
+        val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats,
+               "val_loss": val_loss, "val_auc": val.get("auc"),
+               "val_balanced_accuracy": val.get("balanced_accuracy"),
+               "seconds": time.perf_counter() - t0}  # fmt: skip
+        history.append({k: row.get(k) for k in HISTORY_FIELDS})
+        _write_history(out / "history.csv", history)
+        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %s  %.0f img/s",
+                    epoch + 1, cfg.epochs, stats["train_loss"], val_loss,
+                    _fmt(val.get("auc")), stats["images_per_s"])  # fmt: skip
+        improved = val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1)
+        if improved:
+            best_loss = val_loss
+            save_checkpoint(out / "best.pt", model, **meta, epoch=epoch + 1, val_loss=val_loss)
+        save_checkpoint(out / "last.pt", model, **meta, epoch=epoch + 1, best_val_loss=best_loss,
+                        history=history, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict() if scheduler else {},
+                        generator=generator.get_state(),
+                        torch_rng=torch.get_rng_state())  # fmt: skip
+    return finalize(out, model, data, val_rows, prep, cfg, history)
+
+
+def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:  # noqa: PLR0913
+    """Choose the threshold on validation with the best weights and store it in both checkpoints."""
+    best = read_checkpoint(out / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg)
+    y_val = data.labels[val_rows]
+    threshold = metrics.youden_threshold(y_val, val_prob) if len(val_rows) else 0.5
+    val = metrics.binary_metrics(y_val, val_prob, threshold) if len(val_rows) else {}
+    images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
+    summary = {"threshold": threshold, "threshold_method": "youden on validation patients",
+               "val_metrics": val, "best_epoch": best["epoch"], "images_per_s": images_per_s}  # fmt: skip
+    # The validation labels and probabilities travel with the checkpoint so that later
+    # steps (calibration, thresholds for a target sensitivity) never need the test data.
+    val_record = {"labels": torch.from_numpy(y_val.astype(np.int64)),
+                  "prob": torch.from_numpy(val_prob.astype(np.float32))}  # fmt: skip
+    for name in ("best.pt", "last.pt"):
+        update_checkpoint(out / name, **summary, validation=val_record)
+    logger.info("best epoch %d; threshold %.3f (Youden on %d validation patches)",
+                best["epoch"], threshold, len(val_rows))  # fmt: skip
+    return summary
+
+
+def _restore(path: Path, model, optimizer, scheduler, generator) -> tuple[int, float, list]:
+    ckpt = read_checkpoint(path)
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    generator.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])  # dropout draws continue as if never interrupted
+    return int(ckpt["epoch"]), float(ckpt["best_val_loss"]), list(ckpt["history"])
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

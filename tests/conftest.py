@@ -1,0 +1,54 @@
+"""Fixtures: tiny synthetic patch trees made in tmp folders, and the real sample when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "idc-sample"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep decoded-patch caches out of the user's home."""
+    monkeypatch.setenv("IDCSCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Six synthetic patients (~60 patches each) in the Kaggle layout, shared read-only."""
+    from idcscope.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(root, n_patients=6, grid=(9, 9), seed=1)
+    return root
+
+
+def write_patch(path: Path, size=(50, 50), color=(200, 120, 180), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size[1], size[0], 3), np.uint8) + np.array(color, np.uint8)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_tree(tmp_path) -> Path:
+    """Two patients, both classes, hand-made file names; one edge patch of 50x7."""
+    root = tmp_path / "data"
+    for patient in ("101", "102"):
+        for label in (0, 1):
+            for k in range(3):
+                name = f"{patient}_idx5_x{50 * k + 1}_y{50 * label + 1}_class{label}.png"
+                write_patch(root / patient / str(label) / name, color=(100 + 80 * label, 90, 150))
+    write_patch(root / "102" / "0" / "102_idx5_x151_y1_class0.png", size=(50, 7))
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip("real IDC sample not found at ../shared/data/idc-sample")
+    return REAL_SAMPLE.resolve()

@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+
+from idcscope.data.manifest import image_size, index_dataset, index_files, parse_patch_name
+from idcscope.errors import DataError
+
+from .conftest import write_patch
+
+
+def test_parse_patch_name():
+    assert parse_patch_name("8863_idx5_x51_y1251_class0.png") == {
+        "patient": "8863", "x": 51, "y": 1251, "label": 0}  # fmt: skip
+    assert parse_patch_name("some/dir/10254_idx5_x1001_y1001_class1.png")["label"] == 1
+    assert parse_patch_name("8863_idx5_x51_y1251_class2.png") is None
+    assert parse_patch_name("random.png") is None
+
+
+def test_index_kaggle_layout(tiny_tree):
+    ix = index_dataset(tiny_tree)
+    t = ix.table
+    assert ix.layout == "kaggle"
+    assert len(t) == 13
+    assert list(t.columns) == ["path", "patient", "x", "y", "label", "width", "height"]
+    assert set(t["patient"]) == {"101", "102"}
+    assert t["path"].tolist() == sorted(t["path"].tolist())  # deterministic order
+    edge = t[t["height"] < 50]
+    assert len(edge) == 1 and edge.iloc[0]["width"] == 50 and edge.iloc[0]["height"] == 7
+
+
+def test_index_accepts_kaggle_top_folder(tiny_tree, tmp_path):
+    top = tmp_path / "kaggle"
+    top.mkdir()
+    tiny_tree.rename(top / "IDC_regular_ps50_idx5")
+    ix = index_dataset(top)
+    assert ix.root.name == "IDC_regular_ps50_idx5" and len(ix.table) == 13
+
+
+def test_label_disagreement_names_the_file(tiny_tree):
+    bad = write_patch(tiny_tree / "101" / "0" / "101_idx5_x1_y999_class1.png")
+    with pytest.raises(DataError, match=bad.name):
+        index_dataset(tiny_tree)
+
+
+def test_corrupt_and_misnamed_files_are_skipped(tiny_tree):
+    (tiny_tree / "101" / "0" / "101_idx5_x9_y9_class0.png").write_bytes(b"")
+    (tiny_tree / "101" / "1" / "101_idx5_x9_y9_class1.png").write_bytes(b"not an image at all")
+    write_patch(tiny_tree / "101" / "1" / "no_coordinates.png")
+    ix = index_dataset(tiny_tree)
+    reasons = dict(ix.skipped)
+    assert len(ix.table) == 13 and len(ix.skipped) == 3
+    assert "empty" in reasons["101/0/101_idx5_x9_y9_class0.png"]
+    assert "101/1/no_coordinates.png" in reasons
+
+
+def test_plain_layout_warns_and_groups_by_file(tmp_path, caplog):
+    for label, name in ((0, "benign"), (1, "idc")):
+        for k in range(3):
+            write_patch(tmp_path / name / f"img{k}.png", color=(50 * label, 0, 0))
+    ix = index_dataset(tmp_path)
+    assert ix.layout == "plain"
+    assert ix.table["patient"].nunique() == 6
+    assert sorted(ix.table["label"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert "every image is its own group" in caplog.text
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "123" / "0").mkdir(parents=True)
+    with pytest.raises(DataError, match="no patches found"):
+        index_dataset(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        index_dataset(tmp_path / "missing")
+
+
+def test_index_files_mixes_files_and_folders(tiny_tree):
+    one = next((tiny_tree / "101" / "1").glob("*.png"))
+    ix = index_files([one, tiny_tree / "102"])
+    assert len(ix.table) == 1 + 7
+    assert ix.table.iloc[0]["label"] == 1
+
+
+def test_image_size_reads_png_header(tmp_path):
+    p = write_patch(tmp_path / "a.png", size=(37, 50))
+    assert image_size(p) == (37, 50)
+    q = tmp_path / "b.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (20, 30)).save(q)
+    assert image_size(q) == (20, 30)
+    with pytest.raises(DataError, match="truncated"):
+        Path(tmp_path / "c.png").write_bytes(p.read_bytes()[:12])
+        image_size(tmp_path / "c.png")
+
+
+def test_real_sample_index(real_sample):
+    ix = index_dataset(real_sample)
+    assert len(ix.table) == 14637 and ix.n_patients == 14
+    assert int(ix.table["label"].sum()) == 3447
+    assert ((ix.table["width"] < 50) | (ix.table["height"] < 50)).sum() > 0

@@ -1,0 +1,171 @@
+"""Training, evaluation and prediction end to end on tiny synthetic patients."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from idcscope.checkpoint import load_model, read_checkpoint
+from idcscope.config import make_config
+from idcscope.errors import CheckpointError, IdcscopeError
+from idcscope.evaluate import evaluate
+from idcscope.predict import predict
+from idcscope.train import train
+
+
+def _cfg(data, out, **kw):
+    base = {"epochs": 2, "batch_size": 32, "threads": 2, "val_fraction": 0.2,
+            "test_fraction": 0.2}  # fmt: skip
+    return make_config("default", data=str(data), out=str(out), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(_cfg(synthetic_root, out))
+    return out
+
+
+def test_run_folder_is_complete(run_dir):
+    for name in ("best.pt", "last.pt", "config.yaml", "splits.json", "history.csv", "skipped.csv"):
+        assert (run_dir / name).is_file(), name
+    with (run_dir / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[0]["images_per_s"]) > 0
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["model"] == "cancernet" and cfg["epochs"] == 2
+
+
+def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):
+    raw = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "config", "class_names", "preprocessing", "threshold",
+                "splits", "validation"):  # fmt: skip
+        assert key in raw, key
+    assert raw["class_names"] == ["no_idc", "idc"]
+    assert set(raw["preprocessing"]) >= {"mean", "std", "patch_size", "mpp"}
+    assert 0.0 <= raw["threshold"] <= 1.0
+    model, ckpt = load_model(run_dir / "best.pt")
+    assert not model.training
+    assert model(torch.zeros(1, 3, 50, 50)).shape == (1, 2)
+    assert "optimizer" in read_checkpoint(run_dir / "last.pt")
+
+
+def test_split_has_no_patient_on_two_sides(run_dir):
+    s = json.loads((run_dir / "splits.json").read_text())
+    assert s["test"] and s["val"] and s["train"]
+    assert not (set(s["train"]) & set(s["test"]) or set(s["val"]) & set(s["test"]))
+
+
+def test_evaluate_writes_metrics_plots_and_report(run_dir, synthetic_root, tmp_path):
+    m = evaluate(run_dir / "best.pt", synthetic_root, tmp_path, split="test", n_boot=50)
+    for key in ("auc", "pr_auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall",
+                "specificity", "threshold", "confusion_matrix", "n", "n_patients",
+                "majority_baseline_accuracy", "per_patient"):  # fmt: skip
+        assert key in m, key
+    ckpt = read_checkpoint(run_dir / "best.pt")
+    assert m["threshold"] == pytest.approx(ckpt["threshold"])  # from validation, not test
+    assert m["n_patients"] == len(ckpt["splits"]["test"])
+    assert sum(map(sum, m["confusion_matrix"])) == m["n"]
+    for name in ("metrics.json", "classification_report.txt", "roc.png", "pr.png",
+                 "confusion_matrix.png", "training_curves.png", "report.html",
+                 "predictions.csv"):  # fmt: skip
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == m["n"]
+
+
+def test_evaluating_training_patients_warns(run_dir, synthetic_root, tmp_path):
+    m = evaluate(run_dir / "best.pt", synthetic_root, tmp_path, n_boot=0)
+    assert any("used to train or validate" in w for w in m["warnings"])
+    assert "used to train or validate" in (tmp_path / "report.html").read_text()
+
+
+def test_predict_files_and_folders(run_dir, synthetic_root, tmp_path):
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    df = predict(run_dir / "best.pt", [patient, broken], tmp_path / "preds.csv")
+    n_files = len(list(patient.rglob("*.png")))
+    assert len(df) == n_files + 1  # every input accounted for
+    assert list(df.columns)[:6] == ["path", "patient", "x", "y", "prob_idc", "pred"]
+    good = df[df["error"] == ""]
+    assert len(good) == n_files and good["prob_idc"].between(0, 1).all()
+    assert (good["patient"] == patient.name).all() and (good["x"] >= 0).all()
+    assert df.loc[df["path"].str.endswith("broken.png"), "error"].str.len().iloc[0] > 0
+
+
+def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, monkeypatch):
+    import idcscope.train as T
+
+    train(_cfg(synthetic_root, tmp_path / "full", epochs=2))
+    real, calls = T.train_one_epoch, []
+
+    def dies_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed half-way: only epoch 1 is on disk
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synthetic_root, tmp_path / "cut", epochs=2))
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    train(_cfg(synthetic_root, tmp_path / "cut", epochs=2), resume=True)
+    with (tmp_path / "cut" / "history.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    full = read_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    cut = read_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
+    assert all(torch.allclose(full[k].float(), cut[k].float(), atol=1e-6) for k in full)
+
+
+def test_same_seed_same_weights(synthetic_root, tmp_path):
+    a = train(_cfg(synthetic_root, tmp_path / "a", epochs=1))
+    b = train(_cfg(synthetic_root, tmp_path / "b", epochs=1))
+    wa = read_checkpoint(tmp_path / "a" / "last.pt")["state_dict"]
+    wb = read_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["val_metrics"]["auc"] == b["val_metrics"]["auc"]
+
+
+def test_report_recipe_values():
+    cfg = make_config("report")
+    assert (cfg.optimizer, cfg.schedule, cfg.epochs, cfg.batch_size, cfg.augment) == (
+        "adam", "keras_decay", 20, 32, "report")  # fmt: skip
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(IdcscopeError, match="unknown recipe"):
+        make_config("fancy")
+    with pytest.raises(IdcscopeError, match="augment"):
+        make_config("default", augment="sparkles")
+    bad = tmp_path / "c.yaml"
+    bad.write_text("epochz: 3\n")
+    with pytest.raises(IdcscopeError, match="epochz"):
+        make_config("default", yaml_path=bad)
+
+
+def test_non_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "idcscope-checkpoint/1", "x": Evil()}))
+    with pytest.raises(CheckpointError, match=r"evil\.pt"):
+        read_checkpoint(path)
+
+
+def test_one_class_training_data_is_refused(tmp_path):
+    from .conftest import write_patch
+
+    for p in ("1", "2", "3", "4", "5"):
+        for k in range(4):
+            write_patch(tmp_path / "d" / p / "0" / f"{p}_idx5_x{k}_y0_class0.png",
+                        color=(np.uint8(40 * k), 50, 60))  # fmt: skip
+    with pytest.raises(IdcscopeError, match="only one class"):
+        train(_cfg(tmp_path / "d", tmp_path / "run"))
