@@ -71,6 +71,17 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     return result
 
 
+def _describe(result: dict) -> str:
+    ci = "".join(f"\n  {k}: {lo:.3f} to {hi:.3f}" for k, (lo, hi) in result["ci95"].items()
+                 if lo is not None)  # fmt: skip
+    return (f"checkpoint: {result['checkpoint']}\ndata: {result['data']}\n"
+            f"patients: {result['n_patients']} (split: {result['split']}, "
+            f"{result['split_method']}-level split)\n"
+            f"threshold: {result['threshold']:.4f} ({result['threshold_source']})\n"
+            f"test-time augmentation: {result['tta']}\n"
+            f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}")  # fmt: skip
+
+
 def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     """Patient-clustered bootstrap: resampling patients, not patches, is what new patients vary."""
     if n_boot <= 0 or len(set(patients)) < 3:
@@ -109,8 +120,10 @@ def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> Non
     names = {"ROC curve": "roc.png", "Precision-recall curve": "pr.png",
              "Confusion matrix": "confusion_matrix.png", "Per-patient AUC": "per_patient.png",
              "Reliability": "reliability.png", "Training curves": "training_curves.png"}  # fmt: skip
-    saved = {cap: plots.save_figure(fig, out / names[cap]) for cap, fig in figures.items()}
+    for caption, fig in figures.items():
+        plots.save_figure(fig, out / names[caption])
+    saved = {caption: names[caption] for caption in figures}  # relative to the report
     write_html_report(out, title="idcscope evaluation", metrics=result, figures=saved,
-                      sections={"Classification report": report_text,
+                      sections={"Evaluation": _describe(result), "Classification report": report_text,
                                 "Data": json.dumps(result["data_summary"], indent=2)},
                       warnings=result["warnings"])  # fmt: skip
