@@ -38,7 +38,7 @@ def ensure_torchvision() -> None:
         if _has_op("nms"):
             return
     logger.debug("torchvision's _C extension does not load; declaring %s schemas", _MISSING_OPS)
-    _library = torch.library.Library("torchvision", "DEF")  # noqa: TID251
+    _library = torch.library.Library("torchvision", "DEF")
     for op in _MISSING_OPS:
         _library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ def update_checkpoint(path: str | Path, **fields) -> Path:
 def _atomic_save(obj: dict, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)  # a killed run leaves the previous checkpoint intact
+    tmp.replace(path)  # a killed run leaves the previous checkpoint intact
     return path
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
         test_fraction: share of patients held out for the final test.
         seed: seeds the split, the initialisation, sampling and augmentation.
         threads: torch intra-op threads (0: all cores).
+        device: "auto" (a GPU when there is one), "cpu" or "cuda".
         cache_dir: where decoded patch arrays are kept (default ``$IDCSCOPE_CACHE``).
     """
 
@@ -72,6 +73,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     seed: int = 0
     threads: int = 0
+    device: str = "auto"
     cache_dir: str | None = None
 
 
@@ -80,9 +82,16 @@ RECIPES: dict[str, dict] = {
     "default": {},
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
     # Keras augmentation set, no imbalance handling, checkpoint on validation loss.
-    "report": {"epochs": 20, "batch_size": 32, "lr": 1e-2, "weight_decay": 0.0,
-               "optimizer": "adam", "schedule": "keras_decay", "augment": "report",
-               "imbalance": "none"},  # fmt: skip
+    "report": {
+        "epochs": 20,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "optimizer": "adam",
+        "schedule": "keras_decay",
+        "augment": "report",
+        "imbalance": "none",
+    },
 }
 
 _CHOICES = {
@@ -91,11 +100,13 @@ _CHOICES = {
     "augment": ("none", "dihedral", "report", "default"),
     "imbalance": ("class_weight", "balanced_sampler", "none"),
     "precision": ("bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
 }
 
 
-def make_config(recipe: str = "default", yaml_path: str | Path | None = None,
-                **overrides) -> TrainConfig:  # fmt: skip
+def make_config(
+    recipe: str = "default", yaml_path: str | Path | None = None, **overrides
+) -> TrainConfig:
     """Resolve defaults <- recipe <- YAML file <- ``overrides`` (None values are ignored)."""
     values: dict = {}
     if yaml_path:

@@ -44,10 +44,11 @@ class Preprocessing:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def to_float(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
+def to_float(batch: np.ndarray | torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1] on ``device``."""
     t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-    return t.permute(0, 3, 1, 2).float().div_(255.0)
+    # Move uint8 (4x fewer bytes than float) before converting.
+    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def channel_stats(images: np.ndarray, rows: np.ndarray, max_n: int = 20_000, seed: int = 0):
@@ -63,40 +64,49 @@ class PatchLoader:
 
     Each epoch draws a new order from ``(seed, epoch)``, so a resumed run sees the same
     batches as an uninterrupted one. ``balanced`` draws both classes equally often (with
-    replacement). ``rank``/``world`` give each distributed process its own shard.
+    replacement). With ``world`` processes, each global batch of ``batch_size`` is split
+    between them by ``rank``: together they see exactly the batches one process would.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-                 batch_size: int, shuffle: bool = False, balanced: bool = False, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        rows: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        balanced: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.images, self.labels, self.rows = images, labels, np.asarray(rows)
         self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
         self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
         self.epoch = 0
 
     def _order(self) -> np.ndarray:
-        rows = self.rows
         if not self.shuffle:
-            return rows[self.rank :: self.world]
+            return self.rows
         rng = np.random.default_rng([self.seed, self.epoch])
-        if self.balanced:
-            y = self.labels[rows]
-            p = np.where(y == 1, 0.5 / max((y == 1).sum(), 1), 0.5 / max((y == 0).sum(), 1))
-            rows = rng.choice(rows, size=len(rows), replace=True, p=p / p.sum())
-        else:
-            rows = rng.permutation(rows)
-        # Equal shard sizes keep distributed processes in lock-step.
-        n = len(rows) // self.world * self.world
-        return rows[:n][self.rank :: self.world]
+        if not self.balanced:
+            return rng.permutation(self.rows)
+        y = self.labels[self.rows]
+        p = np.where(y == 1, 0.5 / max((y == 1).sum(), 1), 0.5 / max((y == 0).sum(), 1))
+        return rng.choice(self.rows, size=len(self.rows), replace=True, p=p / p.sum())
 
     def __len__(self) -> int:
-        n = len(self.rows) // self.world if self.shuffle else len(self.rows[self.rank :: self.world])
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n = len(self.rows)
+        # Several processes must take the same number of steps: drop the ragged last batch.
+        if self.drop_last or self.world > 1:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         order = self._order()
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             # Sorted gathers read the memory map sequentially; the batch order does not matter.
             idx = np.sort(idx)
             yield self.images[idx], torch.from_numpy(self.labels[idx].astype(np.int64))
@@ -104,21 +114,30 @@ class PatchLoader:
 
 def autocast(precision: str, device: str = "cpu"):
     if precision == "bf16":
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def train_one_epoch(model: nn.Module, loader: PatchLoader, optimizer: torch.optim.Optimizer,
-                    scheduler, loss_fn: Callable, prep: Preprocessing, augment: Callable,
-                    generator: torch.Generator, precision: str = "bf16",
-                    device: str = "cpu", desc: str = "train") -> dict:  # fmt: skip
+def train_one_epoch(
+    model: nn.Module,
+    loader: PatchLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: Callable,
+    prep: Preprocessing,
+    augment: Callable,
+    generator: torch.Generator,
+    precision: str = "bf16",
+    device: str = "cpu",
+    desc: str = "train",
+) -> dict:
     """One pass over ``loader``; returns mean loss, accuracy and images per second."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     with progress_bar(desc, total=len(loader)) as advance:
         for batch, y in loader:
-            x = prep(augment(to_float(batch).to(device), generator))
+            x = prep(augment(to_float(batch, device), generator))
             y = y.to(device)
             with autocast(precision, device):
                 logits = model(x)
@@ -136,14 +155,26 @@ def train_one_epoch(model: nn.Module, loader: PatchLoader, optimizer: torch.opti
             seen += n
             advance(1, info=f"loss {total_loss / seen:.4f}")
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images_per_s": seen / max(elapsed, 1e-9), "train_seconds": elapsed}  # fmt: skip
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "images_per_s": seen / max(elapsed, 1e-9),
+        "train_seconds": elapsed,
+    }
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray | None,
-                   prep: Preprocessing, batch_size: int = 512, precision: str = "bf16",
-                   device: str = "cpu", tta: bool = False, desc: str = "predict") -> torch.Tensor:  # fmt: skip
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    rows: np.ndarray | None,
+    prep: Preprocessing,
+    batch_size: int = 512,
+    precision: str = "bf16",
+    device: str = "cpu",
+    tta: bool = False,
+    desc: str = "predict",
+) -> torch.Tensor:
     """Logits (float32, on CPU) of the patches at ``rows`` (all when None), in that order."""
     model.eval()
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
@@ -151,7 +182,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, rows: np.ndarray | None
     with progress_bar(desc, total=len(rows)) as advance:
         for s in range(0, len(rows), batch_size):
             idx = rows[s : s + batch_size]
-            x = to_float(images[idx]).to(device)
+            x = to_float(images[idx], device)
             with autocast(precision, device):
                 if tta:
                     from .data.augment import dihedral_all

@@ -12,8 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from . import metrics, plots
 from .checkpoint import load_model
 from .data import splits as splitting
@@ -25,9 +23,16 @@ from .report import write_html_report
 logger = logging.getLogger(__name__)
 
 
-def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
-             split: str | None = None, tta: bool = False, batch_size: int = 512,
-             cache_dir: str | None = None, n_boot: int = 500) -> dict:  # fmt: skip
+def evaluate(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    split: str | None = None,
+    tta: bool = False,
+    batch_size: int = 512,
+    cache_dir: str | None = None,
+    n_boot: int = 500,
+) -> dict:
     """Evaluate ``checkpoint`` on ``data_dir`` (all patients, or one split of the checkpoint's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,8 +48,10 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
         seen = set(ckpt_splits.get("train", [])) | set(ckpt_splits.get("val", []))
         overlap = sorted(seen & set(data.table["patient"]))
         if overlap:
-            warnings.append(f"{len(overlap)} of these patients were used to train or validate "
-                            f"this model: {', '.join(overlap[:10])}; the numbers are optimistic")  # fmt: skip
+            warnings.append(
+                f"{len(overlap)} of these patients were used to train or validate "
+                f"this model: {', '.join(overlap[:10])}; the numbers are optimistic"
+            )
     if ckpt_splits.get("method") == "random":
         warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
     if len(rows) == 0:
@@ -60,11 +67,17 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
     result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
     result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
     result["ece"] = metrics.expected_calibration_error(y, prob)
-    result.update(checkpoint=str(checkpoint), data=str(data_dir), split=split or "all",
-                  split_method=ckpt_splits.get("method", "patient"), tta=tta,
-                  threshold_source=ckpt.get("threshold_method", "default 0.5"),
-                  leaks_patients=ckpt_splits.get("method") == "random",
-                  data_summary=data.summary(), warnings=warnings)  # fmt: skip
+    result.update(
+        checkpoint=str(checkpoint),
+        data=str(data_dir),
+        split=split or "all",
+        split_method=ckpt_splits.get("method", "patient"),
+        tta=tta,
+        threshold_source=ckpt.get("threshold_method", "default 0.5"),
+        leaks_patients=ckpt_splits.get("method") == "random",
+        data_summary=data.summary(),
+        warnings=warnings,
+    )
     _write_outputs(out, result, data, rows, prob, checkpoint)
     for w in warnings:
         logger.warning(w)
@@ -72,14 +85,17 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
 
 
 def _describe(result: dict) -> str:
-    ci = "".join(f"\n  {k}: {lo:.3f} to {hi:.3f}" for k, (lo, hi) in result["ci95"].items()
-                 if lo is not None)  # fmt: skip
-    return (f"checkpoint: {result['checkpoint']}\ndata: {result['data']}\n"
-            f"patients: {result['n_patients']} (split: {result['split']}, "
-            f"{result['split_method']}-level split)\n"
-            f"threshold: {result['threshold']:.4f} ({result['threshold_source']})\n"
-            f"test-time augmentation: {result['tta']}\n"
-            f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}")  # fmt: skip
+    ci = "".join(
+        f"\n  {k}: {lo:.3f} to {hi:.3f}" for k, (lo, hi) in result["ci95"].items() if lo is not None
+    )
+    return (
+        f"checkpoint: {result['checkpoint']}\ndata: {result['data']}\n"
+        f"patients: {result['n_patients']} (split: {result['split']}, "
+        f"{result['split_method']}-level split)\n"
+        f"threshold: {result['threshold']:.4f} ({result['threshold_source']})\n"
+        f"test-time augmentation: {result['tta']}\n"
+        f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}"
+    )
 
 
 def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
@@ -90,8 +106,10 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     def at(key):
         return lambda yy, pp: metrics.binary_metrics(yy, pp, threshold)[key]
 
-    return {key: list(metrics.bootstrap_ci(y, prob, patients, at(key), n_boot=n_boot))
-            for key in ("auc", "balanced_accuracy", "f1")}  # fmt: skip
+    return {
+        key: list(metrics.bootstrap_ci(y, prob, patients, at(key), n_boot=n_boot))
+        for key in ("auc", "balanced_accuracy", "f1")
+    }
 
 
 def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> None:
@@ -104,8 +122,9 @@ def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> Non
         w = csv.writer(f)
         w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred"])
         for r, p in zip(table.itertuples(index=False), prob, strict=True):
-            w.writerow([r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}",
-                        int(p >= result["threshold"])])  # fmt: skip
+            w.writerow(
+                [r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}", int(p >= result["threshold"])]
+            )
     figures = {
         "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),
         "Precision-recall curve": plots.plot_pr(y, prob, threshold=result["threshold"]),
@@ -117,13 +136,26 @@ def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> Non
     if history.exists():
         with history.open() as f:
             figures["Training curves"] = plots.plot_history(list(csv.DictReader(f)))
-    names = {"ROC curve": "roc.png", "Precision-recall curve": "pr.png",
-             "Confusion matrix": "confusion_matrix.png", "Per-patient AUC": "per_patient.png",
-             "Reliability": "reliability.png", "Training curves": "training_curves.png"}  # fmt: skip
+    names = {
+        "ROC curve": "roc.png",
+        "Precision-recall curve": "pr.png",
+        "Confusion matrix": "confusion_matrix.png",
+        "Per-patient AUC": "per_patient.png",
+        "Reliability": "reliability.png",
+        "Training curves": "training_curves.png",
+    }
     for caption, fig in figures.items():
         plots.save_figure(fig, out / names[caption])
     saved = {caption: names[caption] for caption in figures}  # relative to the report
-    write_html_report(out, title="idcscope evaluation", metrics=result, figures=saved,
-                      sections={"Evaluation": _describe(result), "Classification report": report_text,
-                                "Data": json.dumps(result["data_summary"], indent=2)},
-                      warnings=result["warnings"])  # fmt: skip
+    write_html_report(
+        out,
+        title="idcscope evaluation",
+        metrics=result,
+        figures=saved,
+        sections={
+            "Evaluation": _describe(result),
+            "Classification report": report_text,
+            "Data": json.dumps(result["data_summary"], indent=2),
+        },
+        warnings=result["warnings"],
+    )

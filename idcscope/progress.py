@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -28,7 +29,9 @@ def progress_bar(desc: str, total: int | None) -> Iterator[Callable[..., None]]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+    # One bar per job: processes other than rank 0 of a distributed run stay quiet.
+    quiet = not console.is_terminal or int(os.environ.get("RANK", "0")) > 0
+    with Progress(*columns, console=console, disable=quiet) as progress:
         task = progress.add_task(desc, total=total, info="")
 
         def advance(n: int = 1, **fields) -> None:

@@ -25,6 +25,7 @@ from .data import splits as splitting
 from .data.augment import create_augment
 from .data.dataset import PatchData, load_patch_data
 from .data.manifest import CLASS_NAMES
+from .distributed import DistContext, init_distributed, shutdown
 from .engine import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,8 +41,17 @@ from .models import create_model
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_auc",
-                  "val_balanced_accuracy", "images_per_s", "seconds"]  # fmt: skip
+HISTORY_FIELDS = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_auc",
+    "val_balanced_accuracy",
+    "images_per_s",
+    "seconds",
+]
 
 
 def resolve_splits(cfg: TrainConfig, data: PatchData, out: Path) -> dict:
@@ -51,8 +61,9 @@ def resolve_splits(cfg: TrainConfig, data: PatchData, out: Path) -> dict:
         splits = splitting.load_splits(path)
         logger.info("reusing %s", path)
     else:
-        splits = splitting.make_splits(data.table, cfg.split, cfg.val_fraction,
-                                       cfg.test_fraction, cfg.seed)  # fmt: skip
+        splits = splitting.make_splits(
+            data.table, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.seed
+        )
         splitting.save_splits(splits, path)
     return splits
 
@@ -65,8 +76,9 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1),
-                                                    pct_start=0.15)  # fmt: skip
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.15
+        )
     elif cfg.schedule == "keras_decay":
         decay = cfg.lr / cfg.epochs  # Keras: lr_t = lr0 / (1 + decay * iterations)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + decay * step))
@@ -92,26 +104,37 @@ def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray
     return Preprocessing(mean=mean, std=std, mpp=PATCH_MPP, channels_last=cfg.channels_last)
 
 
-def validation_pass(model, data, rows, prep, cfg) -> tuple[float, np.ndarray]:
-    logits = predict_logits(model, data.images, rows, prep, precision=cfg.precision,
-                            desc="validate")  # fmt: skip
+def validation_pass(model, data, rows, prep, cfg, device="cpu") -> tuple[float, np.ndarray]:
+    logits = predict_logits(
+        model, data.images, rows, prep, precision=cfg.precision, device=device, desc="validate"
+    )
     y = torch.from_numpy(data.labels[rows].astype(np.int64))
     loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
     return loss, probabilities(logits)
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run the training ``cfg`` describes; returns the summary also stored in ``best.pt``."""
+    """Run the training ``cfg`` describes; returns the summary also stored in ``best.pt``.
+
+    Under torchrun every process trains its share of each batch (DistributedDataParallel);
+    rank 0 alone validates, logs and writes the run folder.
+    """
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, resume, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    save_config(cfg, out / "config.yaml")
-
-    data = load_patch_data(cfg.data, cfg.cache_dir)
-    data.write_skipped(out / "skipped.csv")
-    splits = resolve_splits(cfg, data, out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    data, splits = _load_data(cfg, ctx, out)
     which = splitting.assign(data.table, splits)
     train_rows, val_rows = data.rows(which == "train"), data.rows(which == "val")
     if len(train_rows) == 0:
@@ -119,85 +142,188 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if len(np.unique(data.labels[train_rows])) < 2:
         raise IdcscopeError(f"{cfg.data}: the training patients have only one class")
 
-    kwargs = dict(cfg.model_kwargs)
-    model = create_model(cfg.model, num_classes=2, pretrained=cfg.pretrained,
-                         weights=cfg.weights, **kwargs)  # fmt: skip
-    if getattr(model, "frozen", False) and not (cfg.pretrained or cfg.weights):
-        logger.warning("%s: the backbone is frozen but not pretrained; it will learn little "
-                       "(pass --weights/--pretrained, or fine_tune)", cfg.model)  # fmt: skip
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _build_model(cfg).to(ctx.device)
+    net = model
+    if ctx.enabled:
+        ids = [ctx.local_rank] if ctx.device.startswith("cuda") else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     prep = make_preprocessing(cfg, data, train_rows)
-    loader = PatchLoader(data.images, data.labels, train_rows, cfg.batch_size, shuffle=True,
-                         balanced=cfg.imbalance == "balanced_sampler", seed=cfg.seed,
-                         drop_last=len(train_rows) > cfg.batch_size)  # fmt: skip
+    loader = PatchLoader(
+        data.images,
+        data.labels,
+        train_rows,
+        cfg.batch_size,
+        shuffle=True,
+        balanced=cfg.imbalance == "balanced_sampler",
+        seed=cfg.seed,
+        drop_last=len(train_rows) > cfg.batch_size,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
-    loss_fn = make_loss(cfg, data.labels[train_rows])
+    loss_fn = make_loss(cfg, data.labels[train_rows]).to(ctx.device)
     augment = create_augment(cfg.augment)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # Each process draws its own augmentations; the single-process run is rank 0's stream.
+    generator = torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank)
 
-    meta = {"model": {"name": cfg.model, "kwargs": kwargs}, "config": dataclasses.asdict(cfg),
-            "class_names": list(CLASS_NAMES), "preprocessing": dataclasses.asdict(prep),
-            "splits": splits, "data_summary": data.summary()}  # fmt: skip
+    meta = {
+        "model": {"name": cfg.model, "kwargs": dict(cfg.model_kwargs)},
+        "config": dataclasses.asdict(cfg),
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": dataclasses.asdict(prep),
+        "splits": splits,
+        "data_summary": data.summary(),
+        "world_size": ctx.world,
+    }
     history: list[dict] = []
     start_epoch, best_loss = 0, math.inf
     if resume and (out / "last.pt").exists():
-        start_epoch, best_loss, history = _restore(out / "last.pt", model, optimizer, scheduler,
-                                                   generator)  # fmt: skip
+        start_epoch, best_loss, history = _restore(
+            out / "last.pt", model, optimizer, scheduler, generator, ctx
+        )
         logger.info("resuming %s at epoch %d", out, start_epoch + 1)
 
     for epoch in range(start_epoch, cfg.epochs):
         loader.epoch = epoch
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, prep, augment,
-                                generator, cfg.precision, desc=f"epoch {epoch + 1}/{cfg.epochs}")  # fmt: skip
-        val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg)
-        val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats,
-               "val_loss": val_loss, "val_auc": val.get("auc"),
-               "val_balanced_accuracy": val.get("balanced_accuracy"),
-               "seconds": time.perf_counter() - t0}  # fmt: skip
-        history.append({k: row.get(k) for k in HISTORY_FIELDS})
-        _write_history(out / "history.csv", history)
-        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %s  %.0f img/s",
-                    epoch + 1, cfg.epochs, stats["train_loss"], val_loss,
-                    _fmt(val.get("auc")), stats["images_per_s"])  # fmt: skip
-        improved = val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1)
-        if improved:
-            best_loss = val_loss
-            save_checkpoint(out / "best.pt", model, **meta, epoch=epoch + 1, val_loss=val_loss)
-        save_checkpoint(out / "last.pt", model, **meta, epoch=epoch + 1, best_val_loss=best_loss,
-                        history=history, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict() if scheduler else {},
-                        generator=generator.get_state(),
-                        torch_rng=torch.get_rng_state())  # fmt: skip
+        stats = train_one_epoch(
+            net,
+            loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            prep,
+            augment,
+            generator,
+            cfg.precision,
+            ctx.device,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        # Each process saw its own shard: report the whole batch, as one process would.
+        stats["train_loss"], stats["train_acc"] = map(
+            ctx.mean, (stats["train_loss"], stats["train_acc"])
+        )
+        stats["images_per_s"] *= ctx.world
+        if ctx.is_main:
+            val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg, ctx.device)
+            val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
+            row = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                **stats,
+                "val_loss": val_loss,
+                "val_auc": val.get("auc"),
+                "val_balanced_accuracy": val.get("balanced_accuracy"),
+                "seconds": time.perf_counter() - t0,
+            }
+            history.append({k: row.get(k) for k in HISTORY_FIELDS})
+            _write_history(out / "history.csv", history)
+            logger.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %s  %.0f img/s",
+                epoch + 1,
+                cfg.epochs,
+                stats["train_loss"],
+                val_loss,
+                _fmt(val.get("auc")),
+                stats["images_per_s"],
+            )
+            if val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1):
+                best_loss = val_loss
+                save_checkpoint(out / "best.pt", model, **meta, epoch=epoch + 1, val_loss=val_loss)
+            save_checkpoint(
+                out / "last.pt",
+                model,
+                **meta,
+                epoch=epoch + 1,
+                best_val_loss=best_loss,
+                history=history,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler else {},
+                generator=generator.get_state(),
+                torch_rng=torch.get_rng_state(),
+            )
+        ctx.barrier()  # nobody starts the next epoch (or resumes) before last.pt exists
+    if not ctx.is_main:
+        return {}
     return finalize(out, model, data, val_rows, prep, cfg, history)
 
 
-def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:  # noqa: PLR0913
+def _load_data(cfg: TrainConfig, ctx: DistContext, out: Path) -> tuple[PatchData, dict]:
+    """Index and decode (one process per machine builds the cache first), then split."""
+    if ctx.local_rank == 0:
+        data = load_patch_data(cfg.data, cfg.cache_dir)
+    ctx.barrier()
+    if ctx.local_rank != 0:
+        data = load_patch_data(cfg.data, cfg.cache_dir)
+    splits = None
+    if ctx.is_main:
+        data.write_skipped(out / "skipped.csv")
+        splits = resolve_splits(cfg, data, out)
+    if ctx.enabled:
+        box = [splits]
+        torch.distributed.broadcast_object_list(box, src=0)
+        splits = box[0]
+    return data, splits
+
+
+def _build_model(cfg: TrainConfig) -> nn.Module:
+    model = create_model(
+        cfg.model, num_classes=2, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.model_kwargs
+    )
+    if getattr(model, "frozen", False) and not (cfg.pretrained or cfg.weights):
+        logger.warning(
+            "%s: the backbone is frozen but not pretrained; it will learn little "
+            "(pass --weights/--pretrained, or fine_tune)",
+            cfg.model,
+        )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     """Choose the threshold on validation with the best weights and store it in both checkpoints."""
     best = read_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
-    val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg)
+    device = next(model.parameters()).device.type
+    _, val_prob = validation_pass(model, data, val_rows, prep, cfg, device)
     y_val = data.labels[val_rows]
     threshold = metrics.youden_threshold(y_val, val_prob) if len(val_rows) else 0.5
     val = metrics.binary_metrics(y_val, val_prob, threshold) if len(val_rows) else {}
     images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
-    summary = {"threshold": threshold, "threshold_method": "youden on validation patients",
-               "val_metrics": val, "best_epoch": best["epoch"], "images_per_s": images_per_s}  # fmt: skip
+    summary = {
+        "threshold": threshold,
+        "threshold_method": "youden on validation patients",
+        "val_metrics": val,
+        "best_epoch": best["epoch"],
+        "images_per_s": images_per_s,
+    }
     # The validation labels and probabilities travel with the checkpoint so that later
     # steps (calibration, thresholds for a target sensitivity) never need the test data.
-    val_record = {"labels": torch.from_numpy(y_val.astype(np.int64)),
-                  "prob": torch.from_numpy(val_prob.astype(np.float32))}  # fmt: skip
+    val_record = {
+        "labels": torch.from_numpy(y_val.astype(np.int64)),
+        "prob": torch.from_numpy(val_prob.astype(np.float32)),
+    }
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **summary, validation=val_record)
-    logger.info("best epoch %d; threshold %.3f (Youden on %d validation patches)",
-                best["epoch"], threshold, len(val_rows))  # fmt: skip
+    logger.info(
+        "best epoch %d; threshold %.3f (Youden on %d validation patches)",
+        best["epoch"],
+        threshold,
+        len(val_rows),
+    )
     return summary
 
 
-def _restore(path: Path, model, optimizer, scheduler, generator) -> tuple[int, float, list]:
+def _restore(path: Path, model, optimizer, scheduler, generator, ctx) -> tuple[int, float, list]:
     ckpt = read_checkpoint(path)
+    if ckpt.get("world_size", 1) != ctx.world:
+        logger.warning(
+            "%s was written by %d processes, resuming with %d: batches differ",
+            path,
+            ckpt.get("world_size", 1),
+            ctx.world,
+        )
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler"):

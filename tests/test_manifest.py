@@ -10,7 +10,11 @@ from .conftest import write_patch
 
 def test_parse_patch_name():
     assert parse_patch_name("8863_idx5_x51_y1251_class0.png") == {
-        "patient": "8863", "x": 51, "y": 1251, "label": 0}  # fmt: skip
+        "patient": "8863",
+        "x": 51,
+        "y": 1251,
+        "label": 0,
+    }
     assert parse_patch_name("some/dir/10254_idx5_x1001_y1001_class1.png")["label"] == 1
     assert parse_patch_name("8863_idx5_x51_y1251_class2.png") is None
     assert parse_patch_name("random.png") is None
@@ -87,8 +91,8 @@ def test_image_size_reads_png_header(tmp_path):
 
     Image.new("RGB", (20, 30)).save(q)
     assert image_size(q) == (20, 30)
+    Path(tmp_path / "c.png").write_bytes(p.read_bytes()[:12])
     with pytest.raises(DataError, match="truncated"):
-        Path(tmp_path / "c.png").write_bytes(p.read_bytes()[:12])
         image_size(tmp_path / "c.png")
 
 

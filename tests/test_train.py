@@ -17,8 +17,7 @@ from idcscope.train import train
 
 
 def _cfg(data, out, **kw):
-    base = {"epochs": 2, "batch_size": 32, "threads": 2, "val_fraction": 0.2,
-            "test_fraction": 0.2}  # fmt: skip
+    base = {"epochs": 2, "batch_size": 32, "threads": 2, "val_fraction": 0.2, "test_fraction": 0.2}
     return make_config("default", data=str(data), out=str(out), **{**base, **kw})
 
 
@@ -42,13 +41,21 @@ def test_run_folder_is_complete(run_dir):
 
 def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):
     raw = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "config", "class_names", "preprocessing", "threshold",
-                "splits", "validation"):  # fmt: skip
+    for key in (
+        "state_dict",
+        "model",
+        "config",
+        "class_names",
+        "preprocessing",
+        "threshold",
+        "splits",
+        "validation",
+    ):
         assert key in raw, key
     assert raw["class_names"] == ["no_idc", "idc"]
     assert set(raw["preprocessing"]) >= {"mean", "std", "patch_size", "mpp"}
     assert 0.0 <= raw["threshold"] <= 1.0
-    model, ckpt = load_model(run_dir / "best.pt")
+    model, _ = load_model(run_dir / "best.pt")
     assert not model.training
     assert model(torch.zeros(1, 3, 50, 50)).shape == (1, 2)
     assert "optimizer" in read_checkpoint(run_dir / "last.pt")
@@ -62,17 +69,37 @@ def test_split_has_no_patient_on_two_sides(run_dir):
 
 def test_evaluate_writes_metrics_plots_and_report(run_dir, synthetic_root, tmp_path):
     m = evaluate(run_dir / "best.pt", synthetic_root, tmp_path, split="test", n_boot=50)
-    for key in ("auc", "pr_auc", "accuracy", "balanced_accuracy", "f1", "precision", "recall",
-                "specificity", "threshold", "confusion_matrix", "n", "n_patients",
-                "majority_baseline_accuracy", "per_patient"):  # fmt: skip
+    for key in (
+        "auc",
+        "pr_auc",
+        "accuracy",
+        "balanced_accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "specificity",
+        "threshold",
+        "confusion_matrix",
+        "n",
+        "n_patients",
+        "majority_baseline_accuracy",
+        "per_patient",
+    ):
         assert key in m, key
     ckpt = read_checkpoint(run_dir / "best.pt")
     assert m["threshold"] == pytest.approx(ckpt["threshold"])  # from validation, not test
     assert m["n_patients"] == len(ckpt["splits"]["test"])
     assert sum(map(sum, m["confusion_matrix"])) == m["n"]
-    for name in ("metrics.json", "classification_report.txt", "roc.png", "pr.png",
-                 "confusion_matrix.png", "training_curves.png", "report.html",
-                 "predictions.csv"):  # fmt: skip
+    for name in (
+        "metrics.json",
+        "classification_report.txt",
+        "roc.png",
+        "pr.png",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "report.html",
+        "predictions.csv",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "metrics.json").read_text())["n"] == m["n"]
 
@@ -133,7 +160,12 @@ def test_same_seed_same_weights(synthetic_root, tmp_path):
 def test_report_recipe_values():
     cfg = make_config("report")
     assert (cfg.optimizer, cfg.schedule, cfg.epochs, cfg.batch_size, cfg.augment) == (
-        "adam", "keras_decay", 20, 32, "report")  # fmt: skip
+        "adam",
+        "keras_decay",
+        20,
+        32,
+        "report",
+    )
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -165,7 +197,9 @@ def test_one_class_training_data_is_refused(tmp_path):
 
     for p in ("1", "2", "3", "4", "5"):
         for k in range(4):
-            write_patch(tmp_path / "d" / p / "0" / f"{p}_idx5_x{k}_y0_class0.png",
-                        color=(np.uint8(40 * k), 50, 60))  # fmt: skip
+            write_patch(
+                tmp_path / "d" / p / "0" / f"{p}_idx5_x{k}_y0_class0.png",
+                color=(np.uint8(40 * k), 50, 60),
+            )
     with pytest.raises(IdcscopeError, match="only one class"):
         train(_cfg(tmp_path / "d", tmp_path / "run"))

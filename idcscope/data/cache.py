@@ -103,8 +103,12 @@ def _decode_chunk(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str], 
     return out, ok, hows, reasons
 
 
-def decode_files(paths: list[str], out: np.ndarray | None = None, workers: int | None = None,
-                 desc: str = "decoding patches") -> PatchArray:  # fmt: skip
+def decode_files(
+    paths: list[str],
+    out: np.ndarray | None = None,
+    workers: int | None = None,
+    desc: str = "decoding patches",
+) -> PatchArray:
     """Decode ``paths`` in parallel into ``out`` (allocated if None)."""
     n = len(paths)
     images = np.empty((n, PATCH_SIZE, PATCH_SIZE, 3), np.uint8) if out is None else out
@@ -120,7 +124,9 @@ def decode_files(paths: list[str], out: np.ndarray | None = None, workers: int |
         result.n_padded += hows.count("padded")
         result.n_resized += hows.count("resized")
         chunk_paths = paths[start : start + len(arr)]
-        result.errors += [(p, r) for p, r, g in zip(chunk_paths, reasons, good, strict=True) if not g]
+        result.errors += [
+            (p, r) for p, r, g in zip(chunk_paths, reasons, good, strict=True) if not g
+        ]
 
     with progress_bar(desc, total=n) as advance:
         if workers <= 1 or len(chunks) <= 1:
@@ -146,8 +152,13 @@ def manifest_key(root: Path, table: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def load_or_build(root: Path, table: pd.DataFrame, cache_dir: Path | None = None,
-                  rebuild: bool = False, workers: int | None = None) -> PatchArray:  # fmt: skip
+def load_or_build(
+    root: Path,
+    table: pd.DataFrame,
+    cache_dir: Path | None = None,
+    rebuild: bool = False,
+    workers: int | None = None,
+) -> PatchArray:
     """The decoded patches of ``table`` (paths relative to ``root``), from the cache when there."""
     folder = (cache_dir or default_cache_dir()) / manifest_key(root, table)
     data, meta_path = folder / "patches.u8", folder / "meta.json"
@@ -166,12 +177,22 @@ def load_or_build(root: Path, table: pd.DataFrame, cache_dir: Path | None = None
     result = decode_files(paths, out=images, workers=workers)
     images.flush()
     np.save(folder / "ok.npy", result.ok)
-    meta = {"n": len(table), "root": str(Path(root).resolve()), "errors": result.errors,
-            "n_padded": result.n_padded, "n_resized": result.n_resized}  # fmt: skip
+    meta = {
+        "n": len(table),
+        "root": str(Path(root).resolve()),
+        "errors": result.errors,
+        "n_padded": result.n_padded,
+        "n_resized": result.n_resized,
+    }
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(meta_path)  # the cache counts as complete only once this file exists
     result.images = np.memmap(data, dtype=np.uint8, mode="r", shape=shape)
-    logger.info("decoded %d patches into %s (%d padded, %d skipped)", len(table), folder,
-                result.n_padded, len(result.errors))  # fmt: skip
+    logger.info(
+        "decoded %d patches into %s (%d padded, %d skipped)",
+        len(table),
+        folder,
+        result.n_padded,
+        len(result.errors),
+    )
     return result

@@ -44,9 +44,13 @@ class PatchData:
 
     def summary(self) -> dict:
         """Counts that account for every file: ``n_patches + n_skipped == n_files``."""
-        return {**summarize(self.table[self.ok]), "n_files": self.n_files,
-                "n_skipped": len(self.skipped), "n_padded": self.n_padded,
-                "layout": self.layout}  # fmt: skip
+        return {
+            **summarize(self.table[self.ok]),
+            "n_files": self.n_files,
+            "n_skipped": len(self.skipped),
+            "n_padded": self.n_padded,
+            "layout": self.layout,
+        }
 
     def write_skipped(self, path: str | Path) -> Path:
         path = Path(path)
@@ -57,20 +61,41 @@ class PatchData:
         return path
 
 
-def load_patch_data(root: str | Path, cache_dir: str | Path | None = None,
-                    rebuild_cache: bool = False, workers: int | None = None) -> PatchData:  # fmt: skip
+def load_patch_data(
+    root: str | Path,
+    cache_dir: str | Path | None = None,
+    rebuild_cache: bool = False,
+    workers: int | None = None,
+) -> PatchData:
     """Index ``root`` and decode its patches (from the cache when already decoded)."""
     index = index_dataset(root)
-    decoded = load_or_build(index.root, index.table, Path(cache_dir) if cache_dir else None,
-                            rebuild=rebuild_cache, workers=workers)  # fmt: skip
+    decoded = load_or_build(
+        index.root,
+        index.table,
+        Path(cache_dir) if cache_dir else None,
+        rebuild=rebuild_cache,
+        workers=workers,
+    )
     root_path = index.root
     failures = [(str(Path(p).relative_to(root_path)), r) for p, r in decoded.errors]
-    data = PatchData(root=root_path, layout=index.layout, table=index.table,
-                     images=decoded.images, ok=decoded.ok, skipped=index.skipped + failures,
-                     n_padded=decoded.n_padded,
-                     n_files=len(index.table) + len(index.skipped))  # fmt: skip
+    data = PatchData(
+        root=root_path,
+        layout=index.layout,
+        table=index.table,
+        images=decoded.images,
+        ok=decoded.ok,
+        skipped=index.skipped + failures,
+        n_padded=decoded.n_padded,
+        n_files=len(index.table) + len(index.skipped),
+    )
     s = data.summary()
-    logger.info("%s: %d patches of %d patients (%.1f%% IDC), %d padded, %d skipped", root_path,
-                s["n_patches"], s["n_patients"], 100 * s["positive_fraction"], s["n_padded"],
-                s["n_skipped"])  # fmt: skip
+    logger.info(
+        "%s: %d patches of %d patients (%.1f%% IDC), %d padded, %d skipped",
+        root_path,
+        s["n_patches"],
+        s["n_patients"],
+        100 * s["positive_fraction"],
+        s["n_padded"],
+        s["n_skipped"],
+    )
     return data

@@ -33,9 +33,19 @@ COLUMNS = ["path", "patient", "x", "y", "label", "width", "height"]
 
 _NAME = re.compile(r"^(?P<patient>[^_/]+)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])$")
 _CLASS_ALIASES = {
-    "0": 0, "no_idc": 0, "non_idc": 0, "negative": 0, "benign": 0, "normal": 0,
-    "1": 1, "idc": 1, "positive": 1, "malignant": 1, "cancer": 1, "tumor": 1,
-}  # fmt: skip
+    "0": 0,
+    "no_idc": 0,
+    "non_idc": 0,
+    "negative": 0,
+    "benign": 0,
+    "normal": 0,
+    "1": 1,
+    "idc": 1,
+    "positive": 1,
+    "malignant": 1,
+    "cancer": 1,
+    "tumor": 1,
+}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,8 +148,8 @@ def index_files(paths: list[str | Path]) -> Index:
         label = meta.get("label", class_from_folder(f.parent.name))
         row = _row(f, str(f), meta.get("patient", f.stem), meta, -1 if label is None else label)
         _append_sized(rows, skipped, row, f)
-    _report_skipped(Path("."), skipped)
-    return Index(root=Path("."), table=_to_table(rows), layout="files", skipped=skipped)
+    _report_skipped(Path(), skipped)
+    return Index(root=Path(), table=_to_table(rows), layout="files", skipped=skipped)
 
 
 def _index_kaggle(root: Path, patient_dirs: list[Path]) -> tuple[list[dict], list]:
@@ -163,7 +173,9 @@ def _index_kaggle(root: Path, patient_dirs: list[Path]) -> tuple[list[dict], lis
                         f"{cdir.name!r} (class {folder_label}); fix the file or its folder"
                     )
                 if meta["patient"] != pdir.name:
-                    logger.warning("%s: patient %s in name, folder %s", f, meta["patient"], pdir.name)
+                    logger.warning(
+                        "%s: patient %s in name, folder %s", f, meta["patient"], pdir.name
+                    )
                 _append_sized(rows, skipped, _row(f, rel, pdir.name, meta, folder_label), f)
     return rows, skipped
 
@@ -192,8 +204,13 @@ def _walk_images(folder: Path):
 
 
 def _row(f: Path, rel: str, patient: str, meta: dict, label: int) -> dict:
-    return {"path": rel, "patient": str(patient), "x": meta.get("x", -1), "y": meta.get("y", -1),
-            "label": int(label)}  # fmt: skip
+    return {
+        "path": rel,
+        "patient": str(patient),
+        "x": meta.get("x", -1),
+        "y": meta.get("y", -1),
+        "label": int(label),
+    }
 
 
 def _append_sized(rows: list[dict], skipped: list, row: dict, f: Path) -> None:
@@ -207,8 +224,17 @@ def _append_sized(rows: list[dict], skipped: list, row: dict, f: Path) -> None:
 
 def _to_table(rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
-    return table.astype({"x": "int64", "y": "int64", "label": "int64", "width": "int64",
-                         "height": "int64", "path": str, "patient": str})  # fmt: skip
+    return table.astype(
+        {
+            "x": "int64",
+            "y": "int64",
+            "label": "int64",
+            "width": "int64",
+            "height": "int64",
+            "path": str,
+            "patient": str,
+        }
+    )
 
 
 def _report_skipped(root: Path, skipped: list[tuple[str, str]]) -> None:

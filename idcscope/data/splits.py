@@ -7,6 +7,7 @@ and every output built on it says so.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -36,7 +37,7 @@ def _patients_by_positive_fraction(table: pd.DataFrame, rng: random.Random) -> l
 def _pick_one_per_stratum(patients: list[str], n: int, rng: random.Random) -> list[str]:
     """Cut the sorted list into ``n`` contiguous strata and draw one patient from each."""
     bounds = np.linspace(0, len(patients), n + 1).round().astype(int)
-    return [rng.choice(patients[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    return [rng.choice(patients[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def patient_split(
@@ -57,8 +58,13 @@ def patient_split(
     rest = [p for p in patients if p not in test]
     val = _pick_one_per_stratum(rest, n_val, rng) if n_val else []
     train = [p for p in rest if p not in val]
-    return {"method": "patient", "seed": seed, "train": sorted(train), "val": sorted(val),
-            "test": sorted(test)}  # fmt: skip
+    return {
+        "method": "patient",
+        "seed": seed,
+        "train": sorted(train),
+        "val": sorted(val),
+        "test": sorted(test),
+    }
 
 
 def patient_folds(table: pd.DataFrame, k: int, seed: int = 0) -> list[list[str]]:
@@ -80,8 +86,13 @@ def random_split(
     table: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
 ) -> dict:
     """The leaking image-level split, stored as its recipe (seed and fractions)."""
-    return {"method": "random", "seed": seed, "val_fraction": val_fraction,
-            "test_fraction": test_fraction, "leaks_patients": True}  # fmt: skip
+    return {
+        "method": "random",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "leaks_patients": True,
+    }
 
 
 def assign(table: pd.DataFrame, splits: dict) -> np.ndarray:
@@ -99,8 +110,12 @@ def assign(table: pd.DataFrame, splits: dict) -> np.ndarray:
         members = set(map(str, splits.get(name, [])))
         missing = members - known
         if missing:
-            logger.warning("%d %s patients of the split are not in the data: %s", len(missing),
-                           name, ", ".join(sorted(missing)[:5]))  # fmt: skip
+            logger.warning(
+                "%d %s patients of the split are not in the data: %s",
+                len(missing),
+                name,
+                ", ".join(sorted(missing)[:5]),
+            )
         out[table["patient"].isin(members).to_numpy()] = name
     n_none = int((out == "").sum())
     if n_none:
@@ -139,8 +154,11 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
         train = table[table["patient"].isin(splits["train"])]
         inner = patient_split(train, val_fraction=0.15, test_fraction=0.0, seed=seed)
         splits["train"], splits["val"] = inner["train"], inner["val"]
-        logger.info("%s has no 'val' list: drew %d validation patients from 'train'", path,
-                    len(splits["val"]))  # fmt: skip
+        logger.info(
+            "%s has no 'val' list: drew %d validation patients from 'train'",
+            path,
+            len(splits["val"]),
+        )
     check_disjoint(splits)
     return splits
 
@@ -151,8 +169,9 @@ def save_splits(splits: dict, path: str | Path) -> Path:
     return path
 
 
-def make_splits(table: pd.DataFrame, method: str, val_fraction: float, test_fraction: float,
-                seed: int) -> dict:  # fmt: skip
+def make_splits(
+    table: pd.DataFrame, method: str, val_fraction: float, test_fraction: float, seed: int
+) -> dict:
     """``method`` is "patient", "random", or the path of a split file."""
     if method == "patient":
         return patient_split(table, val_fraction, test_fraction, seed)

@@ -45,8 +45,9 @@ def create_model(
         **kwargs: passed to the factory.
     """
     if name in _models:
-        return _models[name](num_classes=num_classes, pretrained=pretrained, weights=weights,
-                             **kwargs)  # fmt: skip
+        return _models[name](
+            num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs
+        )
     from .timm_models import create_timm_model, timm_has
 
     if timm_has(name):

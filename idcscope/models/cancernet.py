@@ -33,8 +33,15 @@ def _stage(cin: int, cout: int, depth: int, drop: float) -> nn.Sequential:
 class CancerNet(nn.Module):
     cam_layer = "features.2"  # last conv stage: Grad-CAM's default target
 
-    def __init__(self, num_classes: int = 2, width: int = 32, hidden: int = 256,
-                 drop: float = 0.1, head_drop: float = 0.5, in_size: int = 50):  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 2,
+        width: int = 32,
+        hidden: int = 256,
+        drop: float = 0.1,
+        head_drop: float = 0.5,
+        in_size: int = 50,
+    ):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -55,8 +62,9 @@ class CancerNet(nn.Module):
 
 
 @register_model
-def cancernet(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
-              **kwargs) -> CancerNet:  # fmt: skip
+def cancernet(
+    num_classes: int = 2, pretrained: bool = False, weights: str | None = None, **kwargs
+) -> CancerNet:
     if pretrained:
         raise ValueError("cancernet has no pretrained weights; train it or pass weights=")
     model = CancerNet(num_classes=num_classes, **kwargs)

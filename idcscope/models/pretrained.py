@@ -48,8 +48,13 @@ def load_backbone_weights(model: nn.Module, path: str | Path, strict: bool = Fal
     if not fitting:
         raise WeightsUnavailableError(f"{path}: no tensor matches the model's parameter names")
     model.load_state_dict(fitting, strict=False)
-    logger.info("loaded %d/%d tensors from %s (%d left as initialised)", len(fitting), len(own),
-                path, len(missing))  # fmt: skip
+    logger.info(
+        "loaded %d/%d tensors from %s (%d left as initialised)",
+        len(fitting),
+        len(own),
+        path,
+        len(missing),
+    )
 
 
 def hub_error(name: str, e: Exception) -> WeightsUnavailableError:

@@ -41,8 +41,9 @@ def _last_feature_module(model: nn.Module) -> str:
     return convs[-1]
 
 
-def create_timm_model(name: str, num_classes: int = 2, pretrained: bool = False,
-                      weights: str | None = None, **kwargs) -> nn.Module:  # fmt: skip
+def create_timm_model(
+    name: str, num_classes: int = 2, pretrained: bool = False, weights: str | None = None, **kwargs
+) -> nn.Module:
     model = _backbone(name, pretrained, weights, num_classes=num_classes, **kwargs)
     model.cam_layer = _last_feature_module(model)
     return model
@@ -53,8 +54,14 @@ class FrozenBackboneNet(nn.Module):
     dropout 0.5, dense. A frozen backbone stays in eval mode, so its BatchNorm statistics
     keep their ImageNet values while the head trains."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int = 2, hidden: int = 256,
-                 drop: float = 0.5, freeze: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 2,
+        hidden: int = 256,
+        drop: float = 0.5,
+        freeze: bool = True,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Sequential(
@@ -83,20 +90,27 @@ class FrozenBackboneNet(nn.Module):
 
 
 @register_model
-def resnet50(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
-             fine_tune: bool = False, **kwargs) -> FrozenBackboneNet:  # fmt: skip
+def resnet50(
+    num_classes: int = 2,
+    pretrained: bool = False,
+    weights: str | None = None,
+    fine_tune: bool = False,
+    **kwargs,
+) -> FrozenBackboneNet:
     """The study's ResNet-50: ImageNet backbone, frozen unless ``fine_tune``, new dense head."""
     backbone = _backbone("resnet50", pretrained, weights, num_classes=0, global_pool="", **kwargs)
     return FrozenBackboneNet(backbone, num_classes, freeze=not fine_tune)
 
 
 @register_model
-def resnet18(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
-             **kwargs) -> nn.Module:  # fmt: skip
+def resnet18(
+    num_classes: int = 2, pretrained: bool = False, weights: str | None = None, **kwargs
+) -> nn.Module:
     return create_timm_model("resnet18", num_classes, pretrained, weights, **kwargs)
 
 
 @register_model
-def efficientnet_b0(num_classes: int = 2, pretrained: bool = False, weights: str | None = None,
-                    **kwargs) -> nn.Module:  # fmt: skip
+def efficientnet_b0(
+    num_classes: int = 2, pretrained: bool = False, weights: str | None = None, **kwargs
+) -> nn.Module:
     return create_timm_model("efficientnet_b0", num_classes, pretrained, weights, **kwargs)

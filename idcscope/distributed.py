@@ -1,0 +1,80 @@
+"""Multi-process training on torch.distributed: gloo on CPU, nccl on GPU.
+
+Launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK::
+
+    torchrun --standalone --nproc_per_node=2 -m idcscope train DATA --out RUN
+
+Without those variables everything runs in one process and nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: rank among ``world`` processes, and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The average of ``value`` over all processes."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> str:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        return f"cuda:{local_rank}"
+    return preference
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group torchrun describes (or return the single-process context)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.startswith("cuda") else "gloo"
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if not dev.startswith("cuda"):
+            # Processes on one machine share its cores; oversubscribing them is much slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
+    return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,92 @@
+"""Two CPU processes under torchrun (gloo) train like one process."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from idcscope.checkpoint import read_checkpoint
+from idcscope.config import make_config
+from idcscope.engine import PatchLoader
+from idcscope.train import train
+
+
+def _history(run):
+    with (run / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_shards_of_a_global_batch_are_the_single_process_batch():
+    images = np.zeros((103, 2, 2, 3), np.uint8)
+    rows = np.arange(3, 103)
+
+    one = PatchLoader(images, np.arange(103), rows, 16, shuffle=True, seed=5, drop_last=True)
+    one.epoch = 2
+    shards = [
+        PatchLoader(images, np.arange(103), rows, 16, shuffle=True, seed=5, rank=r, world=2)
+        for r in (0, 1)
+    ]
+    for s in shards:
+        s.epoch = 2
+    assert len(one) == len(shards[0]) == len(shards[1]) == 6
+    for (_, whole), (_, a), (_, b) in zip(one, *shards, strict=True):
+        assert len(a) == len(b) == 8 and not set(a.tolist()) & set(b.tolist())
+        assert sorted(a.tolist() + b.tolist()) == sorted(whole.tolist())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(synthetic_root, tmp_path):
+    # No dropout and no augmentation: what remains different is batch-norm statistics,
+    # computed per process on half of each batch (SyncBatchNorm is GPU-only in torch).
+    config = tmp_path / "quiet.yaml"
+    config.write_text("model_kwargs: {drop: 0.0, head_drop: 0.0}\naugment: none\n")
+    common = {"epochs": 4, "batch_size": 32, "seed": 0, "precision": "fp32"}
+    train(
+        make_config(
+            "default",
+            yaml_path=config,
+            data=str(synthetic_root),
+            out=str(tmp_path / "one"),
+            threads=2,
+            **common,
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "idcscope",
+        "train",
+        str(synthetic_root),
+        "--out",
+        str(tmp_path / "two"),
+        "--config",
+        str(config),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--seed",
+        "0",
+        "--precision",
+        "fp32",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ckpt = read_checkpoint(tmp_path / "two" / "best.pt")
+    assert ckpt["world_size"] == 2
+    assert ckpt["splits"] == read_checkpoint(tmp_path / "one" / "best.pt")["splits"]
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert len(two) == 4  # rank 0 alone wrote the history: no duplicated rows
+    # Same global batches, so the same curve up to the batch-norm statistics.
+    for a, b in zip(one, two, strict=True):
+        assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), abs=0.1)
+    assert float(two[-1]["val_auc"]) == pytest.approx(float(one[-1]["val_auc"]), abs=0.05)
