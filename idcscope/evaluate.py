@@ -13,18 +13,17 @@ import logging
 from pathlib import Path
 
 from . import metrics, plots
-from .checkpoint import load_model
 from .data import splits as splitting
 from .data.dataset import load_patch_data
-from .engine import Preprocessing, predict_logits, probabilities
 from .errors import IdcscopeError
+from .inference import Predictor
 from .report import write_html_report
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | list,
     data_dir: str | Path,
     out_dir: str | Path,
     split: str | None = None,
@@ -33,42 +32,51 @@ def evaluate(
     cache_dir: str | None = None,
     n_boot: int = 500,
 ) -> dict:
-    """Evaluate ``checkpoint`` on ``data_dir`` (all patients, or one split of the checkpoint's)."""
+    """Evaluate a checkpoint (or an ensemble of them) on ``data_dir``.
+
+    Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, ckpt = load_model(checkpoint)
-    prep = Preprocessing(**ckpt["preprocessing"])
+    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
+    ckpt = predictor.checkpoints[0]
     data = load_patch_data(data_dir, cache_dir)
     ckpt_splits = ckpt.get("splits", {})
     warnings: list[str] = []
     if split:
         rows = data.rows(splitting.assign(data.table, ckpt_splits) == split)
+        if len(predictor.members) > 1:
+            warnings.append(
+                f"split {split!r} is the first member's; other members may have "
+                "trained on these patients"
+            )
     else:
         rows = data.rows()
-        seen = set(ckpt_splits.get("train", [])) | set(ckpt_splits.get("val", []))
-        overlap = sorted(seen & set(data.table["patient"]))
+        overlap = sorted(predictor.seen_patients & set(data.table["patient"]))
         if overlap:
             warnings.append(
                 f"{len(overlap)} of these patients were used to train or validate "
                 f"this model: {', '.join(overlap[:10])}; the numbers are optimistic"
             )
-    if ckpt_splits.get("method") == "random":
+    if any(c.get("splits", {}).get("method") == "random" for c in predictor.checkpoints):
         warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
     if len(rows) == 0:
         raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
 
-    logits = predict_logits(model, data.images, rows, prep, batch_size, tta=tta)
-    prob = probabilities(logits)
+    prob, raw = predictor.predict(data.images, rows)
+    threshold = predictor.threshold
     y, patients = data.labels[rows], data.patients[rows]
-    threshold = float(ckpt.get("threshold", 0.5))
     result = metrics.binary_metrics(y, prob, threshold)
     result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
     result["n_patients"] = len(set(patients))
     result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
     result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
     result["ece"] = metrics.expected_calibration_error(y, prob)
+    result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+    result["temperature"] = [float(c.get("temperature", 1.0)) for c in predictor.checkpoints]
     result.update(
-        checkpoint=str(checkpoint),
+        checkpoint=", ".join(map(str, predictor.paths)),
+        n_models=len(predictor.members),
         data=str(data_dir),
         split=split or "all",
         split_method=ckpt_splits.get("method", "patient"),
@@ -132,7 +140,8 @@ def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> Non
         "Per-patient AUC": plots.plot_per_patient(result["per_patient"]),
         "Reliability": plots.plot_reliability(y, prob),
     }
-    history = Path(checkpoint).parent / "history.csv"
+    first = checkpoint[0] if isinstance(checkpoint, list) else checkpoint
+    history = Path(first).parent / "history.csv"
     if history.exists():
         with history.open() as f:
             figures["Training curves"] = plots.plot_history(list(csv.DictReader(f)))

@@ -1,0 +1,87 @@
+"""The model as a user applies it: one checkpoint or an ensemble, calibrated, with a threshold.
+
+``Predictor`` turns uint8 patches into P(IDC): each member applies its own preprocessing,
+its temperature (fitted on its validation patients) and optionally the 8 dihedral views;
+an ensemble averages the members' calibrated probabilities and their thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .checkpoint import load_model
+from .engine import Preprocessing, predict_logits, probabilities
+
+logger = logging.getLogger(__name__)
+
+
+class Prediction(NamedTuple):
+    prob: np.ndarray  # calibrated, averaged over members
+    prob_uncalibrated: np.ndarray
+
+
+class Predictor:
+    """P(IDC) for patches from one or several checkpoints.
+
+    Args:
+        checkpoints: a checkpoint path, or several for an ensemble.
+        device: where the models run.
+        tta: average over the 8 dihedral transforms of each patch.
+        batch_size: patches per forward pass.
+    """
+
+    def __init__(
+        self,
+        checkpoints: str | Path | list,
+        device: str = "cpu",
+        tta: bool = False,
+        batch_size: int = 512,
+    ):
+        paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
+        self.paths = [Path(p) for p in paths]
+        self.members = []
+        for p in self.paths:
+            model, ckpt = load_model(p, device)
+            self.members.append((model, ckpt, Preprocessing(**ckpt["preprocessing"])))
+        self.device, self.tta, self.batch_size = device, tta, batch_size
+        self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))
+
+    @property
+    def checkpoints(self) -> list[dict]:
+        return [c for _, c, _ in self.members]
+
+    @property
+    def seen_patients(self) -> set[str]:
+        """Patients any member trained or validated on."""
+        seen: set[str] = set()
+        for c in self.checkpoints:
+            s = c.get("splits", {})
+            seen |= set(s.get("train", [])) | set(s.get("val", []))
+        return seen
+
+    def predict(self, images: np.ndarray, rows: np.ndarray | None = None) -> Prediction:
+        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None)."""
+        calibrated, raw = [], []
+        for i, (model, ckpt, prep) in enumerate(self.members):
+            desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
+            logits = predict_logits(
+                model,
+                images,
+                rows,
+                prep,
+                self.batch_size,
+                device=self.device,
+                tta=self.tta,
+                desc=desc,
+            )
+            calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
+            raw.append(probabilities(logits))
+        return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))
+
+    def predict_proba(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated P(IDC), averaged over the members."""
+        return self.predict(images, rows).prob

@@ -1,0 +1,47 @@
+import json
+
+from typer.testing import CliRunner
+
+from idcscope.cli import app
+from idcscope.cv import fold_splits
+from idcscope.data.manifest import index_dataset
+
+
+def test_fold_splits_never_cross_patients(synthetic_root):
+    table = index_dataset(synthetic_root).table
+    splits = fold_splits(table, 3, seed=0)
+    tests = [set(s["test"]) for s in splits]
+    assert set().union(*tests) == set(table["patient"])  # every patient tested once
+    assert sum(map(len, tests)) == table["patient"].nunique()
+    for s in splits:
+        assert not set(s["train"]) & set(s["test"])
+        assert not set(s["val"]) & set(s["test"])
+        assert not set(s["train"]) & set(s["val"])
+        assert s["val"]
+
+
+def test_cv_command_end_to_end(synthetic_root, tmp_path):
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(
+        app,
+        [
+            "cv",
+            str(synthetic_root),
+            "--out",
+            str(out),
+            "--folds",
+            "3",
+            "--epochs",
+            "1",
+            "--threads",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cv = json.loads((out / "cv.json").read_text())
+    assert len(cv["per_fold"]) == 3
+    assert cv["pooled"]["n_patients"] == 6
+    assert 0 <= cv["pooled"]["auc"] <= 1
+    lo, hi = cv["ci95"]["auc"]
+    assert lo <= cv["pooled"]["auc"] <= hi
+    assert "| default |" in (out / "cv.md").read_text()

@@ -1,0 +1,158 @@
+"""Patient heatmaps: mosaic geometry, probability grids, Dice/IoU, and a run end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from idcscope.checkpoint import read_checkpoint
+from idcscope.cli import app
+from idcscope.config import make_config
+from idcscope.errors import DataError
+from idcscope.heatmap import dice_iou, patient_heatmap, patient_mosaic, probability_grid
+from idcscope.train import train
+
+from .conftest import write_patch
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RED, BLUE = (220, 20, 30), (20, 30, 220)
+
+
+def _patches(*colours):
+    return np.stack([np.full((50, 50, 3), c, np.uint8) for c in colours])
+
+
+def test_mosaic_puts_each_patch_at_its_coordinates():
+    mosaic, origin = patient_mosaic(_patches(RED, BLUE), xs=[101, 201], ys=[201, 251])
+    assert origin == (101, 201)
+    assert mosaic.shape == (100, 150, 3)
+    assert (mosaic[0:50, 0:50] == RED).all()
+    assert (mosaic[50:100, 100:150] == BLUE).all()
+    assert (mosaic[50:100, 0:100] == 255).all()  # glass between them
+    assert (mosaic[0:50, 50:150] == 255).all()
+
+
+def test_mosaic_scales_down():
+    mosaic, origin = patient_mosaic(_patches(RED, BLUE), xs=[1, 101], ys=[1, 51], scale=0.2)
+    assert origin == (1, 1)
+    assert mosaic.shape == (20, 30, 3)
+    assert (mosaic[0:10, 0:10] == RED).all()
+    assert (mosaic[10:20, 20:30] == BLUE).all()
+    assert (mosaic[10:20, 0:20] == 255).all()
+
+
+def test_probability_grid_has_nan_where_no_patch():
+    grid, origin = probability_grid([51, 151, 151, 51], [1, 1, 101, 101], [0.2, 0.9, 0.4, 0.6])
+    assert origin == (51, 1)
+    assert grid.shape == (3, 3)
+    np.testing.assert_allclose(grid[[0, 0, 2, 2], [0, 2, 2, 0]], [0.2, 0.9, 0.4, 0.6])
+    assert np.isnan(grid[1]).all()
+    assert np.isnan(grid[:, 1]).all()
+    assert np.isnan(grid).sum() == 5
+
+
+def test_probability_grid_averages_patches_in_one_cell():
+    grid, _ = probability_grid([1, 1, 51], [1, 1, 1], [0.2, 0.6, 1.0])
+    np.testing.assert_allclose(grid, [[0.4, 1.0]])
+
+
+def test_grid_and_mosaic_errors():
+    with pytest.raises(ValueError, match="as many"):
+        probability_grid([1, 2], [1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="as many"):
+        patient_mosaic(_patches(RED), [], [])
+
+
+@pytest.mark.parametrize(
+    ("pred", "true", "dice", "iou"),
+    [
+        ([[1, 1], [0, 0]], [[1, 0], [1, 0]], 2 * 1 / 4, 1 / 3),
+        ([[1, 1], [0, 0]], [[1, 1], [0, 0]], 1.0, 1.0),
+        ([[1, 0], [0, 0]], [[0, 0], [0, 1]], 0.0, 0.0),
+        ([[0, 0], [0, 0]], [[0, 1], [1, 1]], 0.0, 0.0),  # nothing predicted, IDC missed
+        ([[1, 1, 1], [0, 0, 0]], [[1, 1, 0], [0, 0, 0]], 2 * 2 / 5, 2 / 3),
+    ],
+)
+def test_dice_iou_hand_computed(pred, true, dice, iou):
+    got = dice_iou(np.array(pred, bool), np.array(true, bool))
+    assert got["dice"] == pytest.approx(dice)
+    assert got["iou"] == pytest.approx(iou)
+
+
+def test_dice_iou_empty_masks_and_tissue():
+    empty = np.zeros((2, 2), bool)
+    assert dice_iou(empty, empty) == {"dice": None, "iou": None}
+    pred = np.array([[1, 1], [0, 0]], bool)
+    tissue = np.array([[1, 0], [1, 1]], bool)  # the second predicted cell is glass
+    assert dice_iou(pred, np.array([[1, 0], [0, 0]], bool), tissue) == {"dice": 1.0, "iou": 1.0}
+    assert dice_iou(pred, empty, ~pred) == {"dice": None, "iou": None}
+    with pytest.raises(ValueError, match="shapes"):
+        dice_iou(pred, np.zeros((3, 3), bool))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heatmap_run")
+    train(make_config("default", data=str(synthetic_root), out=str(out), epochs=1,
+                      batch_size=32, threads=2, val_fraction=0.2, test_fraction=0.2))  # fmt: skip
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def patient(synthetic_root):
+    return sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+
+
+def test_patient_heatmap_end_to_end(checkpoint, patient, tmp_path):
+    s = patient_heatmap(checkpoint, patient, tmp_path)
+    pid = patient.name
+    n_files = len(list(patient.glob("*/*.png")))
+    assert s["patient"] == pid
+    assert s["n_patches"] == n_files
+    assert s["threshold"] == pytest.approx(read_checkpoint(checkpoint)["threshold"])
+    for key in ("idc_fraction_pred", "idc_fraction_true"):
+        assert 0 <= s[key] <= 1
+    n_true = len(list(patient.glob("1/*.png")))
+    assert s["idc_fraction_true"] == pytest.approx(n_true / s["n_tissue_cells"])
+    for key in ("dice", "iou", "auc"):
+        assert s[key] is None or 0 <= s[key] <= 1
+    assert json.loads((tmp_path / f"{pid}_heatmap.json").read_text()) == s
+    for name in (f"{pid}_heatmap.png", f"{pid}_probability.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        assert len(data) < 400_000
+    with Image.open(tmp_path / f"{pid}_heatmap.png") as im:
+        assert im.width > im.height  # panels side by side
+
+    # The same patient through the dataset folder and its id; every patch above a zero
+    # threshold is predicted IDC.
+    again = patient_heatmap(checkpoint, patient.parent, tmp_path / "b", patient=pid, threshold=0)
+    assert again["n_patches"] == s["n_patches"]
+    assert again["idc_fraction_pred"] == 1.0
+    assert again["threshold"] == 0
+
+
+def test_patient_heatmap_refuses_several_patients(checkpoint, synthetic_root, tmp_path):
+    with pytest.raises(DataError, match="patients"):
+        patient_heatmap(checkpoint, synthetic_root, tmp_path)
+
+
+def test_patient_heatmap_without_coordinates(checkpoint, tmp_path):
+    write_patch(tmp_path / "p" / "0" / "a.png")
+    with pytest.raises(DataError, match="coordinates"):
+        patient_heatmap(checkpoint, tmp_path / "p", tmp_path / "out")
+
+
+def test_cli_heatmap(checkpoint, patient, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["heatmap", str(checkpoint), str(patient), "--out", str(tmp_path),
+                              "--threshold", "0.5", "--tta"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / f"{patient.name}_heatmap.json").read_text())
+    assert s["threshold"] == 0.5
+    assert s["tta"] is True
+    res = runner.invoke(app, ["heatmap", str(checkpoint), str(tmp_path / "nobody"),
+                              "--out", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 1
