@@ -38,12 +38,19 @@ class TrainConfig:
         imbalance: "class_weight" (loss weights inverse to class frequency),
             "balanced_sampler" (draw classes equally often) or "none".
         label_smoothing: cross-entropy label smoothing.
+        stain: per-patient stain normalisation at training and inference: "none",
+            "reinhard" or "macenko" (fitted on each patient's own patches, mapped to a
+            reference fitted on the training patients).
         precision: "bf16" (autocast; about 2x faster on CPUs with AVX-512 BF16/AMX) or "fp32".
         channels_last: NHWC memory layout, faster for convolutions on CPU.
         split: "patient" (stratified by patient), "random" (image-level, leaks patients), or
             the path of a split file with patient lists.
         val_fraction: share of patients held out for validation (checkpoint and threshold).
         test_fraction: share of patients held out for the final test.
+        threshold: how the decision threshold is chosen on the validation patients:
+            "youden" (max sensitivity + specificity) or "sensitivity" (reach
+            ``target_sensitivity``).
+        target_sensitivity: the sensitivity to reach with ``threshold="sensitivity"``.
         seed: seeds the split, the initialisation, sampling and augmentation.
         threads: torch intra-op threads (0: all cores).
         device: "auto" (a GPU when there is one), "cpu" or "cuda".
@@ -66,11 +73,14 @@ class TrainConfig:
     augment: str = "default"
     imbalance: str = "class_weight"
     label_smoothing: float = 0.0
+    stain: str = "none"
     precision: str = "bf16"
     channels_last: bool = True
     split: str = "patient"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    threshold: str = "youden"
+    target_sensitivity: float = 0.9
     seed: int = 0
     threads: int = 0
     device: str = "auto"
@@ -101,6 +111,8 @@ _CHOICES = {
     "imbalance": ("class_weight", "balanced_sampler", "none"),
     "precision": ("bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
+    "threshold": ("youden", "sensitivity"),
+    "stain": ("none", "reinhard", "macenko"),
 }
 
 

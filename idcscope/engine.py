@@ -35,6 +35,19 @@ class Preprocessing:
     patch_size: int = 50
     mpp: float = 4.0
     channels_last: bool = True
+    stain: str = "none"  # per-patient stain normalisation applied to the uint8 patches
+    stain_reference: dict | None = None
+
+    def normalize_stain(self, images: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
+        """Per-patient stain normalisation of uint8 patches (a no-op for "none")."""
+        if self.stain == "none":
+            return images
+        from .stain import normalize_per_patient
+
+        if patients is None:
+            logger.warning("no patient ids: normalising the stain of all patches together")
+            patients = np.zeros(len(images), dtype=np.int64)
+        return normalize_per_patient(np.asarray(images), patients, self.stain, self.stain_reference)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a float batch in [0, 1] of shape (B, 3, H, W)."""

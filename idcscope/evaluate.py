@@ -63,7 +63,7 @@ def evaluate(
     if len(rows) == 0:
         raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
 
-    prob, raw = predictor.predict(data.images, rows)
+    prob, raw = predictor.predict(data.images, rows, data.patients)
     threshold = predictor.threshold
     y, patients = data.labels[rows], data.patients[rows]
     result = metrics.binary_metrics(y, prob, threshold)

@@ -77,7 +77,9 @@ class GradCAM:
     is written.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, method: str = "gradcam"):
+    def __init__(self, model: nn.Module, layer: str | None = None, method: str | None = None):
+        # A model may name the method that suits its head (cancernet: hirescam).
+        method = method or getattr(model, "cam_method", "gradcam")
         if method not in CAM_METHODS:
             raise IdcscopeError(f"unknown CAM method {method!r}; choose {' or '.join(CAM_METHODS)}")
         self.model, self.method = model, method
@@ -154,7 +156,7 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor
 
 
 def overlay(patch: np.ndarray, heat: np.ndarray | torch.Tensor, alpha: float = 0.45,
-            cmap: str = "jet") -> np.ndarray:  # fmt: skip
+            cmap: str = "jet") -> np.ndarray:
     """Blend a colour-mapped heat map (H, W) in [0, 1] onto a uint8 (H, W, 3) patch."""
     from matplotlib import colormaps
 
@@ -167,7 +169,7 @@ def overlay(patch: np.ndarray, heat: np.ndarray | torch.Tensor, alpha: float = 0
 
 
 def explain_figure(patch: np.ndarray, cam: np.ndarray, sal: np.ndarray, title: str,
-                   upscale: int = 4, cam_name: str = "Grad-CAM") -> Figure:  # fmt: skip
+                   upscale: int = 4, cam_name: str = "Grad-CAM") -> Figure:
     """Three panels (patch, CAM overlay, saliency overlay), pixels enlarged ``upscale``x.
 
     An all-zero map is shown as the bare patch and says so: a uniformly blue overlay would
@@ -211,7 +213,7 @@ def _output_name(stem: str, used: set[str]) -> str:
 
 def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: str | Path,
                     upscale: int = 4, batch_size: int = 64,
-                    cam_method: str = "gradcam") -> list[dict]:  # fmt: skip
+                    cam_method: str | None = None) -> list[dict]:
     """Explain the model's call on each patch: P(IDC), Grad-CAM and saliency, as PNG panels.
 
     Args:
@@ -220,7 +222,7 @@ def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: st
         out_dir: Receives ``<stem>_explain.png`` per patch and ``explanations.csv``.
         upscale: Pixel enlargement of the 50 px patches in the panels.
         batch_size: Patches per forward/backward pass.
-        cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`).
+        cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's choice.
 
     Returns:
         One dict per input file, as in ``explanations.csv``: path, prob_idc, pred (0/1),
@@ -243,7 +245,7 @@ def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: st
     for f in _expand(paths):
         meta = parse_patch_name(f.name) or {}
         row = {"path": str(f), "prob_idc": None, "pred": None, "label": meta.get("label"),
-               "output": "", "error": ""}  # fmt: skip
+               "output": "", "error": ""}
         try:
             images.append(decode_patch(f)[0])
         except Exception as e:  # any unreadable file is reported in its row, never fatal
@@ -257,14 +259,15 @@ def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: st
             batch = np.stack(images[s : s + batch_size])
             x = prep(to_float(batch))
             with torch.no_grad(), _no_autocast(x):
-                prob = F.softmax(model(x.float()), 1)[:, target].numpy()
+                logits = model(x.float()) / float(ckpt.get("temperature", 1.0))
+                prob = F.softmax(logits, 1)[:, target].numpy()
             cams, sals = cam(x, target).numpy(), saliency(model, x, target).numpy()
             for i, row in enumerate(good[s : s + batch_size]):
                 p = float(prob[i])
                 row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
                 row["output"] = _output_name(Path(row["path"]).stem, used)
                 fig = explain_figure(batch[i], cams[i], sals[i], _title(row, threshold),
-                                     upscale, _CAM_NAMES[cam_method])  # fmt: skip
+                                     upscale, _CAM_NAMES[cam.method])
                 fig.savefig(out / row["output"])
     pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"pred": "Int64", "label": "Int64"}).to_csv(
         out / "explanations.csv", index=False

@@ -63,25 +63,30 @@ class Predictor:
             seen |= set(s.get("train", [])) | set(s.get("val", []))
         return seen
 
-    def predict(self, images: np.ndarray, rows: np.ndarray | None = None) -> Prediction:
-        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None)."""
+    def predict(
+        self, images: np.ndarray, rows: np.ndarray | None = None, patients: np.ndarray | None = None
+    ) -> Prediction:
+        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None).
+
+        ``patients`` (one id per image) is needed by members that normalise stains per patient.
+        """
         calibrated, raw = [], []
         for i, (model, ckpt, prep) in enumerate(self.members):
             desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
+            imgs, idx = images, rows
+            if prep.stain != "none":
+                idx = np.arange(len(images)) if rows is None else np.asarray(rows)
+                pats = None if patients is None else np.asarray(patients)[idx]
+                imgs, idx = prep.normalize_stain(images[idx], pats), None
             logits = predict_logits(
-                model,
-                images,
-                rows,
-                prep,
-                self.batch_size,
-                device=self.device,
-                tta=self.tta,
-                desc=desc,
+                model, imgs, idx, prep, self.batch_size, device=self.device, tta=self.tta, desc=desc
             )
             calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
             raw.append(probabilities(logits))
         return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))
 
-    def predict_proba(self, images: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    def predict_proba(
+        self, images: np.ndarray, rows: np.ndarray | None = None, patients: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""
-        return self.predict(images, rows).prob
+        return self.predict(images, rows, patients).prob

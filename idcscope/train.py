@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import metrics
+from .calibration import calibration_report, choose_threshold, fit_temperature
 from .checkpoint import PATCH_MPP, read_checkpoint, save_checkpoint, update_checkpoint
 from .config import TrainConfig, save_config
 from .data import splits as splitting
@@ -97,20 +98,37 @@ def make_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
 
 
 def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> Preprocessing:
+    """Fit the preprocessing on the training patients; stain-normalises ``data.images``."""
+    reference = None
+    if cfg.stain != "none":
+        from .stain import fit_reference, normalize_per_patient
+
+        reference = fit_reference(data.images[train_rows], cfg.stain, data.patients[train_rows])
+        data.images = normalize_per_patient(
+            np.asarray(data.images), data.patients, cfg.stain, reference
+        )
     if cfg.pretrained or cfg.weights:
         mean, std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained backbone expects
     else:
         mean, std = channel_stats(data.images, train_rows, seed=cfg.seed)
-    return Preprocessing(mean=mean, std=std, mpp=PATCH_MPP, channels_last=cfg.channels_last)
+    return Preprocessing(
+        mean=mean,
+        std=std,
+        mpp=PATCH_MPP,
+        channels_last=cfg.channels_last,
+        stain=cfg.stain,
+        stain_reference=reference,
+    )
 
 
-def validation_pass(model, data, rows, prep, cfg, device="cpu") -> tuple[float, np.ndarray]:
+def validation_pass(model, data, rows, prep, cfg, device="cpu") -> tuple[float, torch.Tensor]:
+    """Validation loss and logits of the patches at ``rows``."""
     logits = predict_logits(
         model, data.images, rows, prep, precision=cfg.precision, device=device, desc="validate"
     )
     y = torch.from_numpy(data.labels[rows].astype(np.int64))
     loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
-    return loss, probabilities(logits)
+    return loss, logits
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -205,7 +223,8 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         )
         stats["images_per_s"] *= ctx.world
         if ctx.is_main:
-            val_loss, val_prob = validation_pass(model, data, val_rows, prep, cfg, ctx.device)
+            val_loss, val_logits = validation_pass(model, data, val_rows, prep, cfg, ctx.device)
+            val_prob = probabilities(val_logits)
             val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
             row = {
                 "epoch": epoch + 1,
@@ -282,24 +301,34 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
-    """Choose the threshold on validation with the best weights and store it in both checkpoints."""
+    """With the best weights: fit the temperature and choose the threshold on validation.
+
+    Both are stored in both checkpoints, with the validation labels and calibrated
+    probabilities, so that nothing downstream ever needs the test data to decide anything.
+    """
     best = read_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
     device = next(model.parameters()).device.type
-    _, val_prob = validation_pass(model, data, val_rows, prep, cfg, device)
+    _, logits = validation_pass(model, data, val_rows, prep, cfg, device)
     y_val = data.labels[val_rows]
-    threshold = metrics.youden_threshold(y_val, val_prob) if len(val_rows) else 0.5
+    temperature = fit_temperature(logits, y_val) if len(val_rows) else 1.0
+    val_prob = probabilities(logits, temperature)
+    threshold = 0.5
+    if len(val_rows):
+        threshold = choose_threshold(y_val, val_prob, cfg.threshold, cfg.target_sensitivity)
     val = metrics.binary_metrics(y_val, val_prob, threshold) if len(val_rows) else {}
+    calibration = calibration_report(y_val, probabilities(logits), val_prob) if val else {}
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
     images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
     summary = {
         "threshold": threshold,
-        "threshold_method": "youden on validation patients",
+        "threshold_method": f"{method} on validation patients",
+        "temperature": temperature,
+        "calibration": calibration,
         "val_metrics": val,
         "best_epoch": best["epoch"],
         "images_per_s": images_per_s,
     }
-    # The validation labels and probabilities travel with the checkpoint so that later
-    # steps (calibration, thresholds for a target sensitivity) never need the test data.
     val_record = {
         "labels": torch.from_numpy(y_val.astype(np.int64)),
         "prob": torch.from_numpy(val_prob.astype(np.float32)),
@@ -307,9 +336,11 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **summary, validation=val_record)
     logger.info(
-        "best epoch %d; threshold %.3f (Youden on %d validation patches)",
+        "best epoch %d; temperature %.3f; threshold %.3f (%s on %d validation patches)",
         best["epoch"],
+        temperature,
         threshold,
+        method,
         len(val_rows),
     )
     return summary

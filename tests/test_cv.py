@@ -45,3 +45,31 @@ def test_cv_command_end_to_end(synthetic_root, tmp_path):
     lo, hi = cv["ci95"]["auc"]
     assert lo <= cv["pooled"]["auc"] <= hi
     assert "| default |" in (out / "cv.md").read_text()
+
+
+def test_ensemble_of_fold_models(tmp_path, synthetic_root):
+    out = tmp_path / "cv"
+    CliRunner().invoke(
+        app,
+        [
+            "cv",
+            str(synthetic_root),
+            "--out",
+            str(out),
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--threads",
+            "2",
+        ],
+    )
+    members = [str(out / f"fold{i}" / "best.pt") for i in range(2)]
+    result = CliRunner().invoke(
+        app, ["ensemble", *members, "--data", str(synthetic_root), "--out", str(tmp_path / "ens")]
+    )
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert m["n_models"] == 2 and len(m["temperature"]) == 2
+    # every patient was in some member's training or validation set: the report says so
+    assert any("used to train or validate" in w for w in m["warnings"])

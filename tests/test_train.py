@@ -203,3 +203,34 @@ def test_one_class_training_data_is_refused(tmp_path):
             )
     with pytest.raises(IdcscopeError, match="only one class"):
         train(_cfg(tmp_path / "d", tmp_path / "run"))
+
+
+def test_calibration_and_threshold_come_from_validation(run_dir):
+    ckpt = read_checkpoint(run_dir / "best.pt")
+    assert 0.05 <= ckpt["temperature"] <= 20
+    cal = ckpt["calibration"]
+    # temperature scaling minimises the validation NLL, so it cannot make it worse
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-6
+    y, p = ckpt["validation"]["labels"].numpy(), ckpt["validation"]["prob"].numpy()
+    from idcscope.metrics import youden_threshold
+
+    assert ckpt["threshold"] == pytest.approx(youden_threshold(y, p))
+
+
+def test_target_sensitivity_threshold(synthetic_root, tmp_path):
+    summary = train(
+        _cfg(synthetic_root, tmp_path, epochs=1, threshold="sensitivity", target_sensitivity=0.95)
+    )
+    assert summary["val_metrics"]["recall"] >= 0.95
+    assert summary["threshold_method"].startswith("sensitivity 0.95")
+
+
+def test_stain_normalised_training_and_inference(synthetic_root, tmp_path):
+    train(_cfg(synthetic_root, tmp_path / "run", epochs=1, stain="reinhard"))
+    ckpt = read_checkpoint(tmp_path / "run" / "best.pt")
+    prep = ckpt["preprocessing"]
+    assert prep["stain"] == "reinhard" and prep["stain_reference"]
+    m = evaluate(
+        tmp_path / "run" / "best.pt", synthetic_root, tmp_path / "eval", split="test", n_boot=0
+    )
+    assert 0.0 <= m["auc"] <= 1.0

@@ -32,6 +32,9 @@ def _stage(cin: int, cout: int, depth: int, drop: float) -> nn.Sequential:
 
 class CancerNet(nn.Module):
     cam_layer = "features.2"  # last conv stage: Grad-CAM's default target
+    # The head flattens the feature map into a dense layer, so Grad-CAM's averaged gradient
+    # weights cancel out; HiResCAM (activation x gradient per position) stays faithful.
+    cam_method = "hirescam"
 
     def __init__(
         self,

@@ -1,0 +1,117 @@
+"""Temperature scaling on logits with known miscalibration, the report, and thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from idcscope.calibration import (
+    T_BOUNDS,
+    calibration_report,
+    choose_threshold,
+    fit_temperature,
+)
+from idcscope.engine import probabilities
+from idcscope.metrics import expected_calibration_error, youden_threshold
+
+
+def _calibrated(n: int = 20_000, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Two-class logits whose softmax is the true P(y = 1): calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    margin = rng.normal(0.0, 2.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(np.int64)
+    logits = np.stack([-margin / 2, margin / 2], axis=1)
+    return torch.tensor(logits, dtype=torch.float32), y
+
+
+def test_recovers_the_temperature_of_overconfident_logits():
+    logits, y = _calibrated()
+    over = logits * 3  # overconfident: the fitted temperature should undo the factor
+    t = fit_temperature(over, y)
+    assert t == pytest.approx(3.0, rel=0.15)
+    before, after = probabilities(over), probabilities(over, temperature=t)
+    assert expected_calibration_error(y, after) < expected_calibration_error(y, before)
+
+
+def test_calibrated_logits_keep_temperature_one():
+    logits, y = _calibrated(seed=1)
+    assert fit_temperature(logits, y) == pytest.approx(1.0, rel=0.1)
+    # Arrays, tensors and positive-class margins give the same answer.
+    margin = (logits[:, 1] - logits[:, 0]).numpy()
+    assert fit_temperature(margin, y) == pytest.approx(fit_temperature(logits.numpy(), y))
+    assert fit_temperature(logits, torch.from_numpy(y)) == pytest.approx(fit_temperature(logits, y))
+
+
+def test_underconfident_logits_get_t_below_one():
+    logits, y = _calibrated(seed=2)
+    assert fit_temperature(logits / 2, y) == pytest.approx(0.5, rel=0.15)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels"),
+    [
+        (np.zeros((0, 2)), np.zeros(0)),  # empty
+        (np.array([[0.0, 2.0], [1.0, -1.0]]), np.array([1, 1])),  # one class
+        (np.array([[0.0, 2.0]]), np.array([0])),  # one sample
+    ],
+)
+def test_degenerate_inputs_give_one(logits, labels):
+    assert fit_temperature(logits, labels) == 1.0
+
+
+def test_separable_data_sharpens_within_bounds():
+    # All correct: the NLL falls as T shrinks until it underflows (at once for huge margins).
+    logits = torch.tensor([[-1.0, 1.0], [1.0, -1.0]] * 50)
+    for scale in (1.0, 5.0, 1e4):
+        t = fit_temperature(logits * scale, np.array([1, 0] * 50))
+        assert T_BOUNDS[0] <= t <= 1.0 and (t < 1.0 or scale > 100)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="labels"):
+        fit_temperature(np.zeros((3, 2)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="0/1"):
+        fit_temperature(np.zeros((2, 2)), np.array([0, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_temperature(np.array([[0.0, np.nan], [0.0, 1.0]]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="logits"):
+        fit_temperature(np.zeros((2, 3)), np.array([0, 1]))
+
+
+def test_calibration_report_improves_and_is_json_safe():
+    logits, y = _calibrated(n=5000, seed=3)
+    over = logits * 3
+    t = fit_temperature(over, y)
+    report = calibration_report(y, probabilities(over), probabilities(over, temperature=t))
+    assert set(report) == {
+        "n",
+        "ece_before",
+        "ece_after",
+        "brier_before",
+        "brier_after",
+        "nll_before",
+        "nll_after",
+    }
+    assert report["n"] == 5000
+    for metric in ("ece", "brier", "nll"):
+        assert report[f"{metric}_after"] < report[f"{metric}_before"]
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+    # Hard 0/1 probabilities keep a finite log-likelihood.
+    hard = calibration_report([0, 1], [1.0, 0.0], [0.0, 1.0])
+    assert np.isfinite(hard["nll_before"]) and hard["nll_after"] < 1e-6
+
+
+def test_choose_threshold():
+    logits, y = _calibrated(n=2000, seed=4)
+    p = probabilities(logits)
+    assert choose_threshold(y, p) == youden_threshold(y, p)
+    for target in (0.8, 0.95, 1.0):
+        t = choose_threshold(y, p, "sensitivity", target=target)
+        assert (p[y == 1] >= t).mean() >= target
+    with pytest.raises(ValueError, match="target"):
+        choose_threshold(y, p, "sensitivity")
+    with pytest.raises(ValueError, match="choose from"):
+        choose_threshold(y, p, "f1")
