@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +26,12 @@ Threads = Annotated[int, typer.Option(help="Torch CPU threads (0: all cores).")]
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        datefmt="[%X]", handlers=[RichHandler(show_path=False)])  # fmt: skip
+    level = logging.DEBUG if verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:
+        level = logging.WARNING  # rank 0 speaks for a distributed run
+    logging.basicConfig(
+        level=level, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
+    )
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -49,8 +54,11 @@ def index(
         raise _fail(e) from e
     if out:
         ix.table.to_csv(out, index=False)
-    print(json.dumps({**summarize(ix.table), "layout": ix.layout, "n_skipped": len(ix.skipped)},
-                     indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {**summarize(ix.table), "layout": ix.layout, "n_skipped": len(ix.skipped)}, indent=2
+        )
+    )
 
 
 @app.command()
@@ -65,12 +73,20 @@ def train(
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default")] = None,
-    imbalance: Annotated[str | None, typer.Option(help="class_weight|balanced_sampler|none")] = None,
+    imbalance: Annotated[
+        str | None, typer.Option(help="class_weight|balanced_sampler|none")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
     fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
     precision: Annotated[str | None, typer.Option(help="bf16|fp32")] = None,
+    threshold: Annotated[
+        str | None, typer.Option(help="youden|sensitivity, on validation.")
+    ] = None,
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="For --threshold sensitivity.")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
     threads: Threads = 0,
 ) -> None:
@@ -80,18 +96,41 @@ def train(
     from .train import train as run_training
 
     try:
-        cfg = make_config(recipe, config, data=str(data_dir), out=str(out), model=model,
-                          epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, augment=augment,
-                          imbalance=imbalance, split=split, pretrained=pretrained,
-                          weights=weights, precision=precision, threads=threads or None,
-                          model_kwargs={"fine_tune": True} if fine_tune else None)  # fmt: skip
+        cfg = make_config(
+            recipe,
+            config,
+            data=str(data_dir),
+            out=str(out),
+            model=model,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            augment=augment,
+            imbalance=imbalance,
+            split=split,
+            pretrained=pretrained,
+            weights=weights,
+            precision=precision,
+            threads=threads or None,
+            threshold=threshold,
+            target_sensitivity=target_sensitivity,
+            model_kwargs={"fine_tune": True} if fine_tune else None,
+        )
         _log_to_file(out)
         summary = run_training(cfg, resume=resume)
     except (IdcscopeError, FloatingPointError) as e:
         raise _fail(e) from e
+    if not summary:
+        return  # a distributed process other than rank 0
     val = summary["val_metrics"]
-    logger.info("done: %s/best.pt (epoch %d, val AUC %s, threshold %.3f)", out,
-                summary["best_epoch"], val.get("auc"), summary["threshold"])  # fmt: skip
+    logger.info(
+        "done: %s/best.pt (epoch %d, val AUC %s, threshold %.3f)",
+        out,
+        summary["best_epoch"],
+        val.get("auc"),
+        summary["threshold"],
+    )
 
 
 @app.command()
@@ -120,13 +159,14 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
     out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred.")],
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    engine: Annotated[str, typer.Option(help="torch|onnx (ONNX Runtime: .pt or .onnx).")] = "torch",
 ) -> None:
     """Predict P(IDC) for patches with nothing but a checkpoint."""
     from .errors import IdcscopeError
     from .predict import predict as run_prediction
 
     try:
-        df = run_prediction(checkpoint, paths, out, tta=tta)
+        df = run_prediction(checkpoint, paths, out, tta=tta, engine=engine)
     except IdcscopeError as e:
         raise _fail(e) from e
     logger.info("wrote %d rows to %s", len(df), out)
@@ -162,8 +202,14 @@ def demo(
     data = out / "data"
     if not data.exists():
         make_synthetic_dataset(data, n_patients=12, seed=0)
-    cfg = make_config("default", data=str(data), out=str(out / "run"), epochs=epochs,
-                      threads=threads or None, cache_dir=str(out / "cache"))  # fmt: skip
+    cfg = make_config(
+        "default",
+        data=str(data),
+        out=str(out / "run"),
+        epochs=epochs,
+        threads=threads or None,
+        cache_dir=str(out / "cache"),
+    )
     _log_to_file(out / "run")
     run_training(cfg)
     m = run_evaluation(out / "run" / "best.pt", data, out / "eval", split="test")
@@ -191,9 +237,140 @@ def models(timm: Annotated[bool, typer.Option(help="Also list timm's zoo.")] = F
     print("\n".join(list_models(include_timm=timm)))
 
 
+@app.command()
+def export(
+    checkpoint: Path,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Default: CHECKPOINT with .onnx.")] = None,
+) -> None:
+    """Export a checkpoint, normalisation and metadata included, for ONNX Runtime."""
+    from .errors import IdcscopeError
+    from .export import export_onnx
+
+    if not onnx:
+        raise _fail(IdcscopeError("choose an export format: --onnx"))
+    try:
+        path = export_onnx(checkpoint, out)
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    logger.info("wrote %s", path)
+
+
+@app.command()
+def explain(
+    checkpoint: Path,
+    paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
+    out: Annotated[Path, typer.Option(help="Folder for the panels and explanations.csv.")],
+    upscale: Annotated[int, typer.Option(help="Pixel enlargement of the patches.")] = 4,
+    cam: Annotated[
+        str | None, typer.Option(help="gradcam|hirescam (default: the model's).")
+    ] = None,
+) -> None:
+    """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch."""
+    from .errors import IdcscopeError
+    from .explain import explain_patches
+
+    try:
+        rows = explain_patches(checkpoint, paths, out, upscale=upscale, cam_method=cam)
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    n_bad = sum(1 for r in rows if r["error"])
+    logger.info("explained %d patches in %s (%d unreadable)", len(rows) - n_bad, out, n_bad)
+
+
+@app.command()
+def heatmap(
+    checkpoint: Path,
+    patient_dir: Annotated[Path, typer.Argument(help="One patient's folder: <patient>/<0|1>/.")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and the JSON summary.")],
+    threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+) -> None:
+    """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
+    from .errors import IdcscopeError
+    from .heatmap import patient_heatmap
+
+    try:
+        summary = patient_heatmap(checkpoint, patient_dir, out, threshold=threshold, tta=tta)
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
+    logger.info("heatmap: %s", summary["files"]["heatmap"])
+
+
+@app.command()
+def cv(
+    data_dir: Path,
+    out: Annotated[Path, typer.Option(help="Folder for the folds, cv.json and cv.md.")],
+    folds: Annotated[int, typer.Option(help="Number of patient folds.")] = 5,
+    recipe: Recipe = "default",
+    config: Annotated[Path | None, typer.Option(help="YAML file of config values.")] = None,
+    model: Annotated[str | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    threads: Threads = 0,
+) -> None:
+    """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs."""
+    from .config import make_config
+    from .cv import cross_validate
+    from .errors import IdcscopeError
+
+    try:
+        cfg = make_config(
+            recipe,
+            config,
+            data=str(data_dir),
+            out=str(out),
+            model=model,
+            epochs=epochs,
+            seed=seed,
+            threads=threads or None,
+        )
+        _log_to_file(out)
+        result = cross_validate(cfg, folds=folds, tta=tta)
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    print((out / "cv.md").read_text())
+    pooled = result["pooled"]
+    logger.info("pooled over %d patients: AUC %.4f", pooled["n_patients"], pooled["auc"])
+
+
+@app.command()
+def ensemble(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder of patients to test on.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, plots and report.html.")],
+    split: Annotated[str | None, typer.Option(help="Only this split of the first model's.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+) -> None:
+    """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
+    from .errors import IdcscopeError
+    from .evaluate import evaluate as run_evaluation
+
+    try:
+        m = run_evaluation(list(checkpoints), data, out, split=split, tta=tta)
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    _print_headline(m)
+    logger.info("report: %s", (out / "report.html").resolve())
+
+
 def _print_headline(m: dict) -> None:
-    keys = ("auc", "pr_auc", "balanced_accuracy", "f1", "precision", "recall", "specificity",
-            "accuracy", "majority_baseline_accuracy", "threshold", "n", "n_patients")  # fmt: skip
+    keys = (
+        "auc",
+        "pr_auc",
+        "balanced_accuracy",
+        "f1",
+        "precision",
+        "recall",
+        "specificity",
+        "accuracy",
+        "majority_baseline_accuracy",
+        "threshold",
+        "n",
+        "n_patients",
+    )
     for k in keys:
         v = m.get(k)
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")

@@ -155,8 +155,9 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor
     return _normalise(grad.abs().amax(1))
 
 
-def overlay(patch: np.ndarray, heat: np.ndarray | torch.Tensor, alpha: float = 0.45,
-            cmap: str = "jet") -> np.ndarray:
+def overlay(
+    patch: np.ndarray, heat: np.ndarray | torch.Tensor, alpha: float = 0.45, cmap: str = "jet"
+) -> np.ndarray:
     """Blend a colour-mapped heat map (H, W) in [0, 1] onto a uint8 (H, W, 3) patch."""
     from matplotlib import colormaps
 
@@ -168,8 +169,14 @@ def overlay(patch: np.ndarray, heat: np.ndarray | torch.Tensor, alpha: float = 0
     return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
-def explain_figure(patch: np.ndarray, cam: np.ndarray, sal: np.ndarray, title: str,
-                   upscale: int = 4, cam_name: str = "Grad-CAM") -> Figure:
+def explain_figure(
+    patch: np.ndarray,
+    cam: np.ndarray,
+    sal: np.ndarray,
+    title: str,
+    upscale: int = 4,
+    cam_name: str = "Grad-CAM",
+) -> Figure:
     """Three panels (patch, CAM overlay, saliency overlay), pixels enlarged ``upscale``x.
 
     An all-zero map is shown as the bare patch and says so: a uniformly blue overlay would
@@ -211,9 +218,14 @@ def _output_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: str | Path,
-                    upscale: int = 4, batch_size: int = 64,
-                    cam_method: str | None = None) -> list[dict]:
+def explain_patches(
+    checkpoint: str | Path,
+    paths: list[str | Path],
+    out_dir: str | Path,
+    upscale: int = 4,
+    batch_size: int = 64,
+    cam_method: str | None = None,
+) -> list[dict]:
     """Explain the model's call on each patch: P(IDC), Grad-CAM and saliency, as PNG panels.
 
     Args:
@@ -244,8 +256,14 @@ def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: st
     rows, images = [], []
     for f in _expand(paths):
         meta = parse_patch_name(f.name) or {}
-        row = {"path": str(f), "prob_idc": None, "pred": None, "label": meta.get("label"),
-               "output": "", "error": ""}
+        row = {
+            "path": str(f),
+            "prob_idc": None,
+            "pred": None,
+            "label": meta.get("label"),
+            "output": "",
+            "error": "",
+        }
         try:
             images.append(decode_patch(f)[0])
         except Exception as e:  # any unreadable file is reported in its row, never fatal
@@ -266,8 +284,14 @@ def explain_patches(checkpoint: str | Path, paths: list[str | Path], out_dir: st
                 p = float(prob[i])
                 row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
                 row["output"] = _output_name(Path(row["path"]).stem, used)
-                fig = explain_figure(batch[i], cams[i], sals[i], _title(row, threshold),
-                                     upscale, _CAM_NAMES[cam.method])
+                fig = explain_figure(
+                    batch[i],
+                    cams[i],
+                    sals[i],
+                    _title(row, threshold),
+                    upscale,
+                    _CAM_NAMES[cam.method],
+                )
                 fig.savefig(out / row["output"])
     pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"pred": "Int64", "label": "Int64"}).to_csv(
         out / "explanations.csv", index=False

@@ -28,8 +28,9 @@ CMAP = "inferno"
 DPI = 150
 
 
-def patient_mosaic(images: np.ndarray, xs, ys, patch: int = PATCH,
-                   scale: float = 1.0) -> tuple[np.ndarray, tuple[int, int]]:  # fmt: skip
+def patient_mosaic(
+    images: np.ndarray, xs, ys, patch: int = PATCH, scale: float = 1.0
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Rebuild the tissue: each patch pasted at its (x, y), on white glass.
 
     Args:
@@ -142,14 +143,28 @@ def _scale_bar(ax: Axes, mpp: float, extent) -> None:
     fits = [mm for mm in (0.1, 0.2, 0.5, 1, 2, 5, 10) if mm * 1000 / mpp <= width / 4]
     mm = fits[-1] if fits else 0.1
     label = f"{mm:g} mm" if mm >= 1 else f"{mm * 1000:g} µm"
-    bar = AnchoredSizeBar(ax.transData, mm * 1000 / mpp, label, "lower left", pad=0.4,
-                          frameon=False, size_vertical=height / 120)  # fmt: skip
+    bar = AnchoredSizeBar(
+        ax.transData,
+        mm * 1000 / mpp,
+        label,
+        "lower left",
+        pad=0.4,
+        frameon=False,
+        size_vertical=height / 120,
+    )
     ax.add_artist(bar)
 
 
-def plot_patient_heatmap(mosaic: np.ndarray, prob: np.ndarray, origin: tuple[int, int],
-                         threshold: float, truth: np.ndarray | None = None, patch: int = PATCH,
-                         mpp: float = 4.0, title: str = "") -> Figure:  # fmt: skip
+def plot_patient_heatmap(
+    mosaic: np.ndarray,
+    prob: np.ndarray,
+    origin: tuple[int, int],
+    threshold: float,
+    truth: np.ndarray | None = None,
+    patch: int = PATCH,
+    mpp: float = 4.0,
+    title: str = "",
+) -> Figure:
     """Tissue, predicted P(IDC) over it, and (when ``truth`` is given) the annotated IDC.
 
     Args:
@@ -177,8 +192,15 @@ def plot_patient_heatmap(mosaic: np.ndarray, prob: np.ndarray, origin: tuple[int
 
     cmap = colormaps[CMAP].with_extremes(bad=(0, 0, 0, 0))
     _tissue_axes(axes[1], mosaic, extent, "Predicted P(IDC)", faded=True)
-    im = axes[1].imshow(np.ma.masked_invalid(prob), cmap=cmap, vmin=0, vmax=1, alpha=0.8,
-                        extent=extent, interpolation="nearest")  # fmt: skip
+    im = axes[1].imshow(
+        np.ma.masked_invalid(prob),
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        alpha=0.8,
+        extent=extent,
+        interpolation="nearest",
+    )
     edge = {"colors": "#00e5ff", "linewidths": 1.4}
     _contour(axes[1], prob, origin, patch, threshold, **edge)
     handles = [Line2D([], [], color=edge["colors"], lw=1.4, label=f"P = {threshold:.2f}")]
@@ -203,8 +225,13 @@ def plot_patient_heatmap(mosaic: np.ndarray, prob: np.ndarray, origin: tuple[int
     return fig
 
 
-def plot_probability_map(prob: np.ndarray, origin: tuple[int, int], patch: int = PATCH,
-                         title: str = "", ax: Axes | None = None) -> Figure:  # fmt: skip
+def plot_probability_map(
+    prob: np.ndarray,
+    origin: tuple[int, int],
+    patch: int = PATCH,
+    title: str = "",
+    ax: Axes | None = None,
+) -> Figure:
     """The probability grid alone: one square per patch, glass left white, with a colour bar."""
     from matplotlib import colormaps
 
@@ -215,8 +242,14 @@ def plot_probability_map(prob: np.ndarray, origin: tuple[int, int], patch: int =
         ax = fig.add_subplot()
     fig = ax.figure.figure
     cmap = colormaps[CMAP].with_extremes(bad="white")
-    im = ax.imshow(np.ma.masked_invalid(prob), cmap=cmap, vmin=0, vmax=1, extent=extent,
-                   interpolation="nearest")  # fmt: skip
+    im = ax.imshow(
+        np.ma.masked_invalid(prob),
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        extent=extent,
+        interpolation="nearest",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or "Predicted P(IDC)", fontsize=10)
@@ -246,11 +279,14 @@ def _index_patient(path: Path, patient: str | None):
     ix = index_dataset(folder)
     table = ix.table[(ix.table["x"] >= 0) & (ix.table["y"] >= 0)]
     if table.empty:
-        raise DataError(f"{folder}: no patch names carry coordinates (<patient>_idx5_x<X>_y<Y>_"
-                        "class<C>.png); a heatmap needs them")  # fmt: skip
+        raise DataError(
+            f"{folder}: no patch names carry coordinates (<patient>_idx5_x<X>_y<Y>_"
+            "class<C>.png); a heatmap needs them"
+        )
     if len(table) < len(ix.table):
-        logger.warning("%s: %d patches without coordinates left out", folder,
-                       len(ix.table) - len(table))  # fmt: skip
+        logger.warning(
+            "%s: %d patches without coordinates left out", folder, len(ix.table) - len(table)
+        )
     ids = sorted(table["patient"].unique())
     if len(ids) > 1:
         raise DataError(
@@ -260,9 +296,15 @@ def _index_patient(path: Path, patient: str | None):
     return ix.root, table.reset_index(drop=True), ids[0]
 
 
-def patient_heatmap(checkpoint: str | Path, patient_dir: str | Path, out_dir: str | Path,
-                    threshold: float | None = None, tta: bool = False, patient: str | None = None,
-                    batch_size: int = 512) -> dict:  # fmt: skip
+def patient_heatmap(
+    checkpoint: str | Path,
+    patient_dir: str | Path,
+    out_dir: str | Path,
+    threshold: float | None = None,
+    tta: bool = False,
+    patient: str | None = None,
+    batch_size: int = 512,
+) -> dict:
     """Predict every patch of one patient and map P(IDC) back onto the tissue.
 
     Args:
@@ -282,22 +324,22 @@ def patient_heatmap(checkpoint: str | Path, patient_dir: str | Path, out_dir: st
         AUC, sensitivity and specificity (None where undefined), and the files written.
     """
     from . import metrics
-    from .checkpoint import PATCH_MPP, load_model
+    from .checkpoint import PATCH_MPP
     from .data.cache import decode_files
-    from .engine import Preprocessing, predict_logits, probabilities
+    from .inference import Predictor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, ckpt = load_model(checkpoint)
-    prep = Preprocessing(**ckpt["preprocessing"])
-    threshold = float(ckpt.get("threshold", 0.5) if threshold is None else threshold)
+    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
+    ckpt = predictor.checkpoints[0]
+    threshold = predictor.threshold if threshold is None else float(threshold)
     root, table, pid = _index_patient(Path(patient_dir), patient)
     decoded = decode_files([str(root / p) for p in table["path"]], desc=f"decoding {pid}")
     rows = np.flatnonzero(decoded.ok)
     if len(rows) == 0:
         raise DataError(f"{patient_dir}: none of the {len(table)} patches could be read")
-    prob = probabilities(predict_logits(model, decoded.images, rows, prep, batch_size, tta=tta,
-                                        desc=f"predicting {pid}"))  # fmt: skip
+    # One patient: stain normalisation (when the model uses it) fits on all its patches.
+    prob = predictor.predict_proba(decoded.images, rows, np.full(len(table), pid))
     xs, ys = table["x"].to_numpy()[rows], table["y"].to_numpy()[rows]
     labels = table["label"].to_numpy()[rows]
     known = bool((labels >= 0).all())
@@ -307,9 +349,15 @@ def patient_heatmap(checkpoint: str | Path, patient_dir: str | Path, out_dir: st
     pred_mask = tissue & (np.nan_to_num(grid, nan=-1.0) >= threshold)
     truth = probability_grid(xs, ys, labels)[0] >= 0.5 if known else None
     n_cells = int(tissue.sum())
-    summary = {"patient": pid, "n_patches": len(rows), "n_unreadable": len(table) - len(rows),
-               "threshold": threshold, "tta": tta, "n_tissue_cells": n_cells,
-               "idc_fraction_pred": int(pred_mask.sum()) / n_cells}  # fmt: skip
+    summary = {
+        "patient": pid,
+        "n_patches": len(rows),
+        "n_unreadable": len(table) - len(rows),
+        "threshold": threshold,
+        "tta": tta,
+        "n_tissue_cells": n_cells,
+        "idc_fraction_pred": int(pred_mask.sum()) / n_cells,
+    }
     if known:
         m = metrics.binary_metrics(labels, prob, threshold)
         summary |= {
@@ -329,10 +377,11 @@ def patient_heatmap(checkpoint: str | Path, patient_dir: str | Path, out_dir: st
             title += f"; Dice {summary['dice']:.2f}, IoU {summary['iou']:.2f}"
     mpp = float(ckpt["preprocessing"].get("mpp", PATCH_MPP))
     figures = {
-        "heatmap": plot_patient_heatmap(mosaic, grid, origin, threshold, truth, mpp=mpp,
-                                        title=title),
+        "heatmap": plot_patient_heatmap(
+            mosaic, grid, origin, threshold, truth, mpp=mpp, title=title
+        ),
         "probability": plot_probability_map(grid, origin, title=f"Patient {pid}: P(IDC)"),
-    }  # fmt: skip
+    }
     summary["files"] = {
         k: str(_save_png(fig, out / f"{pid}_{k}.png")) for k, fig in figures.items()
     }

@@ -32,6 +32,7 @@ class Predictor:
         device: where the models run.
         tta: average over the 8 dihedral transforms of each patch.
         batch_size: patches per forward pass.
+        precision: "bf16" (autocast) or "fp32".
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Predictor:
         device: str = "cpu",
         tta: bool = False,
         batch_size: int = 512,
+        precision: str = "bf16",
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         self.paths = [Path(p) for p in paths]
@@ -47,7 +49,7 @@ class Predictor:
         for p in self.paths:
             model, ckpt = load_model(p, device)
             self.members.append((model, ckpt, Preprocessing(**ckpt["preprocessing"])))
-        self.device, self.tta, self.batch_size = device, tta, batch_size
+        self.device, self.tta, self.batch_size, self.precision = device, tta, batch_size, precision
         self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))
 
     @property
@@ -79,7 +81,7 @@ class Predictor:
                 pats = None if patients is None else np.asarray(patients)[idx]
                 imgs, idx = prep.normalize_stain(images[idx], pats), None
             logits = predict_logits(
-                model, imgs, idx, prep, self.batch_size, device=self.device, tta=self.tta, desc=desc
+                model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )
             calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
             raw.append(probabilities(logits))

@@ -8,41 +8,87 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import load_model
 from .data.cache import decode_files
 from .data.manifest import index_files
-from .engine import Preprocessing, predict_logits, probabilities
+from .engine import probabilities
+from .errors import IdcscopeError
+from .inference import Predictor
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred", "error"]
 
 
-def predict(checkpoint: str | Path, paths: list[str | Path], out_csv: str | Path | None = None,
-            batch_size: int = 512, tta: bool = False, workers: int | None = None) -> pd.DataFrame:  # fmt: skip
-    """One row per input file; files that cannot be read keep their row, with the reason."""
-    model, ckpt = load_model(checkpoint)
-    prep = Preprocessing(**ckpt["preprocessing"])
-    threshold = float(ckpt.get("threshold", 0.5))
+def predict(
+    checkpoint: str | Path,
+    paths: list[str | Path],
+    out_csv: str | Path | None = None,
+    batch_size: int = 512,
+    tta: bool = False,
+    workers: int | None = None,
+    engine: str = "torch",
+    precision: str = "bf16",
+) -> pd.DataFrame:
+    """One row per input file; files that cannot be read keep their row, with the reason.
+
+    Args:
+        checkpoint: an idcscope checkpoint, or with ``engine="onnx"`` also an exported ``.onnx``.
+        paths: patch files and folders.
+        out_csv: also write the table here.
+        batch_size: patches per forward pass.
+        tta: average the logits of the 8 dihedral transforms.
+        workers: decoding processes (default: the cores, at most 8).
+        engine: "torch", or "onnx" for ONNX Runtime (a checkpoint is exported first).
+        precision: "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
+    """
     index = index_files(paths)
     table = index.table
     decoded = decode_files(list(table["path"]), workers=workers)
     rows = np.flatnonzero(decoded.ok)
     prob = np.full(len(table), np.nan)
-    prob[rows] = probabilities(predict_logits(model, decoded.images, rows, prep, batch_size,
-                                              tta=tta))  # fmt: skip
+    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision)
+    prob[rows] = score(decoded.images, rows, table["patient"].to_numpy())
     errors = dict(decoded.errors)
-    out = pd.DataFrame({
-        "path": table["path"], "patient": table["patient"], "x": table["x"], "y": table["y"],
-        "prob_idc": prob.round(6),
-        "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
-        "error": [errors.get(p, "") for p in table["path"]],
-    })  # fmt: skip
-    skipped = pd.DataFrame([{"path": p, "error": reason} for p, reason in index.skipped],
-                           columns=["path", "error"])  # fmt: skip
+    out = pd.DataFrame(
+        {
+            "path": table["path"],
+            "patient": table["patient"],
+            "x": table["x"],
+            "y": table["y"],
+            "prob_idc": prob.round(6),
+            "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
+            "error": [errors.get(p, "") for p in table["path"]],
+        }
+    )
+    skipped = pd.DataFrame(
+        [{"path": p, "error": reason} for p, reason in index.skipped], columns=["path", "error"]
+    )
     out = pd.concat([out, skipped], ignore_index=True)[COLUMNS] if len(skipped) else out
     n_bad = int((out["error"].fillna("") != "").sum())
     logger.info("%d files: %d predicted, %d could not be read", len(out), len(out) - n_bad, n_bad)
     if out_csv:
         out.to_csv(out_csv, index=False)
     return out
+
+
+def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str):
+    """``(function of (images, rows, patients) -> calibrated P(IDC), threshold)``."""
+    if engine == "torch":
+        predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, precision=precision)
+        return predictor.predict_proba, predictor.threshold
+    if engine == "onnx":
+        from .export import OnnxPredictor
+
+        runner = OnnxPredictor.from_path(checkpoint)
+        if runner.metadata.get("preprocessing", {}).get("stain", "none") != "none":
+            raise IdcscopeError(
+                f"{checkpoint}: per-patient stain normalisation is not in the "
+                "ONNX graph; use --engine torch"
+            )
+
+        def score(images, rows, patients):
+            logits = runner.predict_logits(images, rows, batch_size=batch_size, tta=tta)
+            return probabilities(logits, runner.temperature)
+
+        return score, runner.threshold
+    raise IdcscopeError(f"unknown engine {engine!r}; choose 'torch' or 'onnx'")

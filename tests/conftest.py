@@ -27,6 +27,27 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """One tiny training run (2 epochs on the synthetic patients), shared by the tests."""
+    from idcscope.config import make_config
+    from idcscope.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = make_config(
+        "default",
+        data=str(synthetic_root),
+        out=str(out),
+        epochs=2,
+        batch_size=32,
+        threads=2,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    train(cfg)
+    return out
+
+
 def write_patch(path: Path, size=(50, 50), color=(200, 120, 180), mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.zeros((size[1], size[0], 3), np.uint8) + np.array(color, np.uint8)

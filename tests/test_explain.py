@@ -9,11 +9,9 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 from idcscope.cli import app
-from idcscope.config import make_config
 from idcscope.errors import IdcscopeError
 from idcscope.explain import GradCAM, explain_patches, overlay, saliency
 from idcscope.models import create_model, list_models
-from idcscope.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,11 +148,8 @@ def test_overlay_blends_on_the_patch():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("explain_run")
-    train(make_config("default", data=str(synthetic_root), out=str(out), epochs=1,
-                      batch_size=32, threads=2, val_fraction=0.2, test_fraction=0.2))  # fmt: skip
-    return out / "best.pt"
+def checkpoint(trained_run):
+    return trained_run / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +190,23 @@ def test_cli_explain(checkpoint, patches, tmp_path):
     res = runner.invoke(app, ["explain", str(checkpoint), str(patches[0]), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (tmp_path / f"{patches[0].stem}_explain.png").is_file()
-    res = runner.invoke(app, ["explain", str(checkpoint), str(patches[1].parent), "--out",
-                              str(tmp_path / "hires"), "--cam", "hirescam"])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            str(checkpoint),
+            str(patches[1].parent),
+            "--out",
+            str(tmp_path / "hires"),
+            "--cam",
+            "hirescam",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "hires").glob("*_explain.png"))) == len(
         list(patches[1].parent.glob("*.png"))
     )
-    res = runner.invoke(app, ["explain", str(tmp_path / "none.pt"), str(patches[0]),
-                              "--out", str(tmp_path)])  # fmt: skip
+    res = runner.invoke(
+        app, ["explain", str(tmp_path / "none.pt"), str(patches[0]), "--out", str(tmp_path)]
+    )
     assert res.exit_code == 1

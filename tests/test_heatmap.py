@@ -9,10 +9,8 @@ from typer.testing import CliRunner
 
 from idcscope.checkpoint import read_checkpoint
 from idcscope.cli import app
-from idcscope.config import make_config
 from idcscope.errors import DataError
 from idcscope.heatmap import dice_iou, patient_heatmap, patient_mosaic, probability_grid
-from idcscope.train import train
 
 from .conftest import write_patch
 
@@ -93,11 +91,8 @@ def test_dice_iou_empty_masks_and_tissue():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("heatmap_run")
-    train(make_config("default", data=str(synthetic_root), out=str(out), epochs=1,
-                      batch_size=32, threads=2, val_fraction=0.2, test_fraction=0.2))  # fmt: skip
-    return out / "best.pt"
+def checkpoint(trained_run):
+    return trained_run / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +142,24 @@ def test_patient_heatmap_without_coordinates(checkpoint, tmp_path):
 
 def test_cli_heatmap(checkpoint, patient, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["heatmap", str(checkpoint), str(patient), "--out", str(tmp_path),
-                              "--threshold", "0.5", "--tta"])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "heatmap",
+            str(checkpoint),
+            str(patient),
+            "--out",
+            str(tmp_path),
+            "--threshold",
+            "0.5",
+            "--tta",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / f"{patient.name}_heatmap.json").read_text())
     assert s["threshold"] == 0.5
     assert s["tta"] is True
-    res = runner.invoke(app, ["heatmap", str(checkpoint), str(tmp_path / "nobody"),
-                              "--out", str(tmp_path)])  # fmt: skip
+    res = runner.invoke(
+        app, ["heatmap", str(checkpoint), str(tmp_path / "nobody"), "--out", str(tmp_path)]
+    )
     assert res.exit_code == 1

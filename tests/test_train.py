@@ -22,10 +22,8 @@ def _cfg(data, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def run_dir(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(_cfg(synthetic_root, out))
-    return out
+def run_dir(trained_run):
+    return trained_run
 
 
 def test_run_folder_is_complete(run_dir):
