@@ -14,7 +14,7 @@ from idcscope.cli import app
 from idcscope.data.cache import decode_files
 from idcscope.engine import Preprocessing, predict_logits, probabilities, to_float
 from idcscope.errors import IdcscopeError
-from idcscope.export import FORMAT, OnnxPredictor, export_onnx
+from idcscope.export import FORMAT, OnnxPredictor, export_onnx, to_float_nchw
 from idcscope.models import create_model, list_models
 from idcscope.predict import predict
 
@@ -93,6 +93,10 @@ def test_metadata_round_trips(exported):
     graph = onnx.load(path).graph
     assert [i.name for i in graph.input] == ["patches"]
     assert graph.output[0].name == "logits"
+
+
+def test_numpy_conversion_matches_to_float(patches):
+    np.testing.assert_array_equal(to_float_nchw(patches), to_float(patches).numpy())
 
 
 def test_fixed_batch_export_pads_ragged_batches(tmp_path, patches):
