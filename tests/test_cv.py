@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from idcscope.cli import app
@@ -20,23 +21,16 @@ def test_fold_splits_never_cross_patients(synthetic_root):
         assert s["val"]
 
 
-def test_cv_command_end_to_end(synthetic_root, tmp_path):
-    out = tmp_path / "cv"
-    result = CliRunner().invoke(
-        app,
-        [
-            "cv",
-            str(synthetic_root),
-            "--out",
-            str(out),
-            "--folds",
-            "3",
-            "--epochs",
-            "1",
-            "--threads",
-            "2",
-        ],
-    )
+@pytest.fixture(scope="module")
+def cv_run(synthetic_root, tmp_path_factory):
+    """One 3-fold CV through the CLI, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cv")
+    args = ["cv", str(synthetic_root), "--out", str(out), "--folds", "3", "--epochs", "1"]
+    return out, CliRunner().invoke(app, [*args, "--threads", "2"])
+
+
+def test_cv_command_end_to_end(cv_run):
+    out, result = cv_run
     assert result.exit_code == 0, result.output
     cv = json.loads((out / "cv.json").read_text())
     assert len(cv["per_fold"]) == 3
@@ -47,23 +41,8 @@ def test_cv_command_end_to_end(synthetic_root, tmp_path):
     assert "| default |" in (out / "cv.md").read_text()
 
 
-def test_ensemble_of_fold_models(tmp_path, synthetic_root):
-    out = tmp_path / "cv"
-    CliRunner().invoke(
-        app,
-        [
-            "cv",
-            str(synthetic_root),
-            "--out",
-            str(out),
-            "--folds",
-            "2",
-            "--epochs",
-            "1",
-            "--threads",
-            "2",
-        ],
-    )
+def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
+    out, _ = cv_run
     members = [str(out / f"fold{i}" / "best.pt") for i in range(2)]
     result = CliRunner().invoke(
         app, ["ensemble", *members, "--data", str(synthetic_root), "--out", str(tmp_path / "ens")]
