@@ -299,6 +299,40 @@ def heatmap(
 
 
 @app.command()
+def slide(
+    checkpoint: Path,
+    slide_path: Annotated[Path, typer.Argument(help="A slide: .svs, .ndpi, .mrxs, tiled .tif.")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlay, tile CSV and GeoJSON.")],
+    slide_mpp: Annotated[
+        float | None, typer.Option(help="µm per level-0 pixel, if the file lacks it.")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    min_tissue: Annotated[float, typer.Option(help="Tissue fraction to score a tile.")] = 0.25,
+) -> None:
+    """Tile a whole slide at the model's resolution; write the IDC heatmap and GeoJSON regions."""
+    from .errors import IdcscopeError
+    from .slide import slide_inference
+
+    try:
+        summary = slide_inference(
+            checkpoint,
+            slide_path,
+            out,
+            slide_mpp=slide_mpp,
+            threshold=threshold,
+            tta=tta,
+            min_tissue=min_tissue,
+        )
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
+    logger.info(
+        "overlay: %s; regions: %s", summary["files"]["overlay"], summary["files"]["geojson"]
+    )
+
+
+@app.command()
 def cv(
     data_dir: Path,
     out: Annotated[Path, typer.Option(help="Folder for the folds, cv.json and cv.md.")],
