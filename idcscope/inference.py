@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .checkpoint import load_model
-from .engine import Preprocessing, predict_logits, probabilities
+from .engine import Preprocessing, fuse_for_inference, predict_logits, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ class Predictor:
         self.members = []
         for p in self.paths:
             model, ckpt = load_model(p, device)
-            self.members.append((model, ckpt, Preprocessing(**ckpt["preprocessing"])))
+            prep = Preprocessing(**ckpt["preprocessing"])
+            self.members.append((fuse_for_inference(model), ckpt, prep))
         self.device, self.tta, self.batch_size, self.precision = device, tta, batch_size, precision
         self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))
 

@@ -68,3 +68,19 @@ def test_hub_download_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsUnavailableError, match="--weights"):
         create_model("resnet18", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["cancernet", "resnet18"])
+def test_batchnorm_folding_keeps_the_outputs(name):
+    from idcscope.engine import fuse_for_inference
+
+    torch.manual_seed(0)
+    model = create_model(name)
+    model.train()
+    model(torch.rand(8, 3, 50, 50))  # non-trivial running statistics
+    model.eval()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(4, 3, 50, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
