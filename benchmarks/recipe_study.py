@@ -3,8 +3,10 @@
     python benchmarks/recipe_study.py ../shared/data/idc-sample --folds 5 \
         --recipes report default default_tta default_reinhard default_macenko
 
-Each recipe trains K fold models (TTA variants re-evaluate the models of the recipe they
-extend). Writes ``<out>/<recipe>/cv.json`` and a markdown table ``<out>/RESULTS.md`` with
+Each recipe trains K fold models (TTA and ensemble variants re-evaluate the fold models of
+the recipes they name; an ensemble's training time is the sum of its members'). All recipes
+share the folds drawn by ``--seed``; a recipe with a ``cv.json`` is read back, not rerun
+(``--force`` reruns it), and an interrupted one resumes at its unfinished fold. Writes ``<out>/<recipe>/cv.json`` and a markdown table ``<out>/RESULTS.md`` with
 fold mean ± std, pooled metrics with patient-clustered bootstrap 95% CIs, and training
 minutes per fold on this machine.
 """
@@ -23,33 +25,48 @@ from idcscope.config import make_config
 from idcscope.cv import HEADLINE, cross_validate, markdown_table, summarize_folds
 from idcscope.evaluate import evaluate
 
-# name -> (recipe preset, config overrides, TTA at evaluation, recipe whose models it reuses)
-CANDIDATES: dict[str, tuple[str, dict, bool, str | None]] = {
-    "report": ("report", {}, False, None),
-    "default": ("default", {}, False, None),
-    "default_tta": ("default", {}, True, "default"),
-    "default_reinhard": ("default", {"stain": "reinhard"}, False, None),
-    "default_reinhard_tta": ("default", {"stain": "reinhard"}, True, "default_reinhard"),
-    "default_macenko": ("default", {"stain": "macenko"}, False, None),
-    "balanced_sampler": ("default", {"imbalance": "balanced_sampler"}, False, None),
-    "no_imbalance": ("default", {"imbalance": "none"}, False, None),
-    "dihedral_only": ("default", {"augment": "dihedral"}, False, None),
-    "resnet18": ("default", {"model": "resnet18"}, False, None),
-    "efficientnet_b0": ("default", {"model": "efficientnet_b0"}, False, None),
+# name -> (recipe preset, config overrides, TTA at evaluation, recipes whose fold models it
+# re-evaluates instead of training: one for TTA, several for an ensemble)
+CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
+    "report": ("report", {}, False, ()),
+    "default": ("default", {}, False, ()),
+    "default_tta": ("default", {}, True, ("default",)),
+    "default_reinhard": ("default", {"stain": "reinhard"}, False, ()),
+    "default_reinhard_tta": ("default", {"stain": "reinhard"}, True, ("default_reinhard",)),
+    "default_reinhard_seed1": ("default", {"stain": "reinhard", "seed": 1}, False, ()),
+    "default_reinhard_ens2": (
+        "default",
+        {"stain": "reinhard"},
+        False,
+        ("default_reinhard", "default_reinhard_seed1"),
+    ),
+    "default_macenko": ("default", {"stain": "macenko"}, False, ()),
+    "balanced_sampler": ("default", {"imbalance": "balanced_sampler"}, False, ()),
+    "focal": ("default", {"imbalance": "focal"}, False, ()),
+    "no_imbalance": ("default", {"imbalance": "none"}, False, ()),
+    "dihedral_only": ("default", {"augment": "dihedral"}, False, ()),
+    "resnet18": ("default", {"model": "resnet18"}, False, ()),
+    "efficientnet_b0": ("default", {"model": "efficientnet_b0"}, False, ()),
 }
 
 
-def reevaluate(base: Path, data: str, folds: int, tta: bool, seed: int) -> dict:
-    """Evaluate the fold models of an earlier run again (e.g. with TTA): no retraining."""
-    base_cv = json.loads((base / "cv.json").read_text())
+def reevaluate(bases: list[Path], data: str, folds: int, tta: bool, seed: int) -> dict:
+    """Evaluate earlier fold models again, with TTA or as an ensemble: no retraining."""
     per_fold, pooled = [], []
-    for f in base_cv["per_fold"]:
-        fold_dir = base / f"fold{f['fold']}"
-        out = fold_dir / ("eval_tta" if tta else "eval")
-        m = evaluate(fold_dir / "best.pt", data, out, split="test", tta=tta, n_boot=0)
-        per_fold.append({**f, **{k: m[k] for k in HEADLINE}, "threshold": m["threshold"]})
+    for f in json.loads((bases[0] / "cv.json").read_text())["per_fold"]:
+        members = [b / f"fold{f['fold']}" / "best.pt" for b in bases]
+        out = bases[0] / f"fold{f['fold']}" / "_".join(["eval", *[b.name for b in bases[1:]]])
+        out = out.with_name(out.name + ("_tta" if tta else ""))
+        m = evaluate(members, data, out, split="test", tta=tta, n_boot=0)
+        minutes = sum(_fold(b, f["fold"])["train_minutes"] for b in bases)
+        per_fold.append({**f, **{k: m[k] for k in HEADLINE}, "train_minutes": minutes})
+        per_fold[-1]["threshold"] = m["threshold"]
         pooled.append(pd.read_csv(out / "predictions.csv", dtype={"patient": str}))
     return summarize_folds(per_fold, pd.concat(pooled, ignore_index=True), 1000, seed)
+
+
+def _fold(run: Path, fold: int) -> dict:
+    return json.loads((run / "cv.json").read_text())["per_fold"][fold]
 
 
 def main() -> None:
@@ -60,6 +77,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipes", nargs="+", default=["report", "default", "default_tta"])
+    ap.add_argument("--force", action="store_true", help="rerun recipes that have a cv.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -67,18 +85,19 @@ def main() -> None:
     for name in args.recipes:
         preset, overrides, tta, reuse = CANDIDATES[name]
         run = out / name
-        if reuse:
-            result = reevaluate(out / reuse, args.data, args.folds, tta, args.seed)
+        if (run / "cv.json").exists() and not args.force:
+            result = json.loads((run / "cv.json").read_text())
+        elif reuse:
+            result = reevaluate([out / r for r in reuse], args.data, args.folds, tta, args.seed)
         else:
             cfg = make_config(
                 preset,
                 data=args.data,
                 out=str(run),
                 epochs=args.epochs,
-                seed=args.seed,
-                **overrides,
+                **{"seed": args.seed, **overrides},
             )
-            result = cross_validate(cfg, folds=args.folds, tta=tta)
+            result = cross_validate(cfg, folds=args.folds, tta=tta, fold_seed=args.seed)
         run.mkdir(parents=True, exist_ok=True)
         (run / "cv.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         results.append(result)

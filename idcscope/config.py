@@ -36,7 +36,8 @@ class TrainConfig:
             as Keras' ``Adam(decay=INIT_LR / EPOCHS)``) or "constant".
         augment: "none", "dihedral", "report" (rotation, zoom, shear, flips) or "default".
         imbalance: "class_weight" (loss weights inverse to class frequency),
-            "balanced_sampler" (draw classes equally often) or "none".
+            "balanced_sampler" (draw classes equally often), "focal" (focal loss, gamma 2,
+            with the class weights) or "none".
         label_smoothing: cross-entropy label smoothing.
         stain: per-patient stain normalisation at training and inference: "none",
             "reinhard" or "macenko" (fitted on each patient's own patches, mapped to a
@@ -108,7 +109,7 @@ _CHOICES = {
     "optimizer": ("adamw", "adam"),
     "schedule": ("onecycle", "keras_decay", "constant"),
     "augment": ("none", "dihedral", "report", "default"),
-    "imbalance": ("class_weight", "balanced_sampler", "none"),
+    "imbalance": ("class_weight", "balanced_sampler", "focal", "none"),
     "precision": ("bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
     "threshold": ("youden", "sensitivity"),

@@ -49,53 +49,83 @@ def fold_splits(table: pd.DataFrame, k: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def cross_validate(cfg: TrainConfig, folds: int = 5, n_boot: int = 1000, tta: bool = False) -> dict:
-    """Train and test ``cfg`` on every fold; writes ``cv.json`` and ``cv.md`` under ``cfg.out``."""
+def cross_validate(
+    cfg: TrainConfig,
+    folds: int = 5,
+    n_boot: int = 1000,
+    tta: bool = False,
+    fold_seed: int | None = None,
+) -> dict:
+    """Train and test ``cfg`` on every fold; writes ``cv.json`` and ``cv.md`` under ``cfg.out``.
+
+    A fold already finished (its ``fold.json`` written) is read back, not retrained, so a
+    killed cross-validation resumes at the fold it was in. ``fold_seed`` (default
+    ``cfg.seed``) draws the folds: runs that differ only in ``cfg.seed`` but share it test
+    the same patients, so their fold models can be ensembled.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_patch_data(cfg.data, cfg.cache_dir)
+    fold_seed = cfg.seed if fold_seed is None else fold_seed
     per_fold, pooled = [], []
-    for split in fold_splits(data.table[data.ok], folds, cfg.seed):
+    for split in fold_splits(data.table[data.ok], folds, fold_seed):
         fold_dir = out / f"fold{split['fold']}"
-        fold_dir.mkdir(exist_ok=True)
-        split_path = splitting.save_splits(split, fold_dir / "fold_split.json")
-        fold_cfg = dataclasses.replace(cfg, out=str(fold_dir), split=str(split_path))
-        start = time.perf_counter()
-        summary = train(fold_cfg)
-        minutes = (time.perf_counter() - start) / 60
-        m = evaluate(
-            fold_dir / "best.pt",
-            cfg.data,
-            fold_dir / "eval",
-            split="test",
-            tta=tta,
-            n_boot=0,
-            cache_dir=cfg.cache_dir,
-        )
-        per_fold.append(
-            {
-                "fold": split["fold"],
-                "test_patients": split["test"],
-                "train_minutes": minutes,
-                "best_epoch": summary["best_epoch"],
-                **{k: m[k] for k in HEADLINE},
-                "threshold": m["threshold"],
-            }
-        )
+        done = fold_dir / "fold.json"
+        if done.exists() and json.loads(done.read_text())["key"] == _fold_key(cfg, split, tta):
+            logger.info("fold %d: already done, read from %s", split["fold"], done)
+            per_fold.append(json.loads(done.read_text())["result"])
+        else:
+            per_fold.append(_run_fold(cfg, split, fold_dir, tta))
         pooled.append(pd.read_csv(fold_dir / "eval" / "predictions.csv", dtype={"patient": str}))
-        logger.info(
-            "fold %d: AUC %.4f, balanced accuracy %.4f, F1 %.4f (%.1f min)",
-            split["fold"],
-            m["auc"] or float("nan"),
-            m["balanced_accuracy"],
-            m["f1"],
-            minutes,
-        )
     result = summarize_folds(per_fold, pd.concat(pooled, ignore_index=True), n_boot, cfg.seed)
-    result.update(config=dataclasses.asdict(cfg), folds=folds, tta=tta)
+    result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     (out / "cv.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cv.md").write_text(markdown_table([result], [cfg.recipe]) + "\n")
     return result
+
+
+def _run_fold(cfg: TrainConfig, split: dict, fold_dir: Path, tta: bool) -> dict:
+    """Train and evaluate one fold; its summary is also written to ``fold_dir/fold.json``."""
+    fold_dir.mkdir(exist_ok=True)
+    split_path = splitting.save_splits(split, fold_dir / "fold_split.json")
+    fold_cfg = dataclasses.replace(cfg, out=str(fold_dir), split=str(split_path))
+    start = time.perf_counter()
+    summary = train(fold_cfg)
+    minutes = (time.perf_counter() - start) / 60
+    m = evaluate(
+        fold_dir / "best.pt",
+        cfg.data,
+        fold_dir / "eval",
+        split="test",
+        tta=tta,
+        n_boot=0,
+        cache_dir=cfg.cache_dir,
+    )
+    result = {
+        "fold": split["fold"],
+        "test_patients": split["test"],
+        "train_minutes": minutes,
+        "best_epoch": summary["best_epoch"],
+        **{k: m[k] for k in HEADLINE},
+        "threshold": m["threshold"],
+    }
+    logger.info(
+        "fold %d: AUC %.4f, balanced accuracy %.4f, F1 %.4f (%.1f min)",
+        split["fold"],
+        m["auc"] or float("nan"),
+        m["balanced_accuracy"],
+        m["f1"],
+        minutes,
+    )
+    done = {"key": _fold_key(cfg, split, tta), "result": result}
+    (fold_dir / "fold.json").write_text(json.dumps(done, indent=2) + "\n")
+    return result
+
+
+def _fold_key(cfg: TrainConfig, split: dict, tta: bool) -> dict:
+    """What a finished fold must match to be reused: the config, its patients, TTA."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "threads")}
+    return json.loads(json.dumps({"config": config, "split": split, "tta": tta}, default=str))
 
 
 def summarize_folds(per_fold: list[dict], pooled: pd.DataFrame, n_boot: int, seed: int) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import metrics
 from .calibration import calibration_report, choose_threshold, fit_temperature
@@ -88,12 +89,32 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     return opt, sched
 
 
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by ``(1 - p_true) ** gamma``, so
+    easy patches weigh little; ``weight`` balances the classes as in cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+        loss = -((1 - logp.exp()) ** self.gamma) * logp
+        if self.weight is None:
+            return loss.mean()
+        w = self.weight[target]
+        return (w * loss).sum() / w.sum()
+
+
 def make_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
     weight = None
-    if cfg.imbalance == "class_weight":
+    if cfg.imbalance in ("class_weight", "focal"):
         counts = np.bincount(train_labels, minlength=2).astype(np.float64)
         weight = torch.tensor(len(train_labels) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
         logger.info("class weights %s", [round(w, 3) for w in weight.tolist()])
+    if cfg.imbalance == "focal":
+        return FocalLoss(gamma=2.0, weight=weight)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
@@ -153,6 +174,11 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     data, splits = _load_data(cfg, ctx, out)
+    if len(data.rows()) == 0:
+        raise IdcscopeError(
+            f"{cfg.data}: none of the {data.n_files} files could be read; "
+            f"the reasons are in {out / 'skipped.csv'}"
+        )
     which = splitting.assign(data.table, splits)
     train_rows, val_rows = data.rows(which == "train"), data.rows(which == "val")
     if len(train_rows) == 0:
@@ -204,19 +230,24 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         loader.epoch = epoch
         t0 = time.perf_counter()
-        stats = train_one_epoch(
-            net,
-            loader,
-            optimizer,
-            scheduler,
-            loss_fn,
-            prep,
-            augment,
-            generator,
-            cfg.precision,
-            ctx.device,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        )
+        try:
+            stats = train_one_epoch(
+                net,
+                loader,
+                optimizer,
+                scheduler,
+                loss_fn,
+                prep,
+                augment,
+                generator,
+                cfg.precision,
+                ctx.device,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            )
+        except FloatingPointError as e:
+            raise _diverged(out, epoch, str(e)) from e
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise _diverged(out, epoch, "the weights became NaN or infinite")
         # Each process saw its own shard: report the whole batch, as one process would.
         stats["train_loss"], stats["train_acc"] = map(
             ctx.mean, (stats["train_loss"], stats["train_acc"])
@@ -224,6 +255,8 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         stats["images_per_s"] *= ctx.world
         if ctx.is_main:
             val_loss, val_logits = validation_pass(model, data, val_rows, prep, cfg, ctx.device)
+            if len(val_rows) and not math.isfinite(val_loss):
+                raise _diverged(out, epoch, f"the validation loss became {val_loss}")
             val_prob = probabilities(val_logits)
             val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
             row = {
@@ -265,6 +298,22 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     if not ctx.is_main:
         return {}
     return finalize(out, model, data, val_rows, prep, cfg, history)
+
+
+def _diverged(out: Path, epoch: int, why: str) -> IdcscopeError:
+    """The error that stops a run whose loss or weights stopped being finite.
+
+    It is raised before anything of the epoch is saved, so ``last.pt`` stays the last good one.
+    """
+    kept = (
+        f"{out / 'last.pt'} (epoch {epoch}) is the last good checkpoint"
+        if epoch
+        else "no checkpoint was written"
+    )
+    return IdcscopeError(
+        f"training diverged in epoch {epoch + 1}: {why}; {kept}. "
+        "Lower --lr, then --resume or start again"
+    )
 
 
 def _load_data(cfg: TrainConfig, ctx: DistContext, out: Path) -> tuple[PatchData, dict]:

@@ -52,3 +52,24 @@ def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
     assert m["n_models"] == 2 and len(m["temperature"]) == 2
     # every patient was in some member's training or validation set: the report says so
     assert any("used to train or validate" in w for w in m["warnings"])
+
+
+def test_a_killed_cv_resumes_at_its_unfinished_fold(cv_run, monkeypatch):
+    """Finished folds are read back; only a fold without fold.json trains again."""
+    import idcscope.cv as cv_module
+    from idcscope.config import config_from_dict
+
+    out, result = cv_run
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "cv.json").read_text())
+    (out / "fold1" / "fold.json").unlink()  # as if killed during fold 1
+    trained = []
+    real_train = cv_module.train
+    monkeypatch.setattr(cv_module, "train", lambda cfg: trained.append(cfg.out) or real_train(cfg))
+    cfg = config_from_dict(first["config"])
+    again = cv_module.cross_validate(cfg, folds=3)
+    assert trained == [str(out / "fold1")]
+    assert [f["test_patients"] for f in again["per_fold"]] == [
+        f["test_patients"] for f in first["per_fold"]
+    ]
+    assert again["per_fold"][0] == first["per_fold"][0]

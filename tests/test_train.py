@@ -232,3 +232,21 @@ def test_stain_normalised_training_and_inference(synthetic_root, tmp_path):
         tmp_path / "run" / "best.pt", synthetic_root, tmp_path / "eval", split="test", n_boot=0
     )
     assert 0.0 <= m["auc"] <= 1.0
+
+
+def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patches():
+    import torch
+    import torch.nn.functional as F
+
+    from idcscope.train import FocalLoss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(64, 2) * 3, torch.randint(0, 2, (64,))
+    w = torch.tensor([0.6, 2.5])
+    torch.testing.assert_close(FocalLoss(0.0, w)(logits, y), F.cross_entropy(logits, y, weight=w))
+    easy = torch.tensor([[6.0, -6.0]])  # confidently right
+    hard = torch.tensor([[-1.0, 1.0]])  # wrong
+    target = torch.tensor([0])
+    ratio_easy = FocalLoss(2.0)(easy, target) / F.cross_entropy(easy, target)
+    ratio_hard = FocalLoss(2.0)(hard, target) / F.cross_entropy(hard, target)
+    assert ratio_easy < 1e-6 < 0.5 < ratio_hard < 1
