@@ -74,7 +74,7 @@ def train(
     lr: Annotated[float | None, typer.Option()] = None,
     augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default")] = None,
     imbalance: Annotated[
-        str | None, typer.Option(help="class_weight|balanced_sampler|none")
+        str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
     ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
@@ -415,6 +415,30 @@ def _log_to_file(run_dir: Path) -> None:
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+
+
+@app.command()
+def serve(
+    checkpoint: Path,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload (one request).")] = 2048,
+    keep_jobs: Annotated[int, typer.Option(help="Finished analyses kept for download.")] = 20,
+) -> None:
+    """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps."""
+    import uvicorn
+
+    from .errors import IdcscopeError
+    from .serve import Settings, create_app
+
+    try:
+        web = create_app(checkpoint, Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs))
+    except IdcscopeError as e:
+        raise _fail(e) from e
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("no authentication: anyone who reaches %s:%d can upload files", host, port)
+    logger.info("open http://%s:%d (research use only: not a medical device)", host, port)
+    uvicorn.run(web, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":

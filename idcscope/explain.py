@@ -14,6 +14,7 @@ to the parameters.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,64 @@ def _output_name(stem: str, used: set[str]) -> str:
     return name
 
 
+@dataclass
+class Explanations:
+    """What the model says about a batch of patches, and where it looks."""
+
+    prob: np.ndarray  # calibrated P(IDC), (N,)
+    cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
+    saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
+    method: str  # "gradcam" or "hirescam"
+
+    @property
+    def cam_name(self) -> str:
+        return _CAM_NAMES[self.method]
+
+
+def explain_images(
+    model: nn.Module,
+    ckpt: dict,
+    images: np.ndarray,
+    batch_size: int = 64,
+    cam_method: str | None = None,
+    patients: np.ndarray | None = None,
+) -> Explanations:
+    """Calibrated P(IDC), CAM and saliency maps of uint8 patches, with a model already loaded.
+
+    Args:
+        model: The checkpoint's model (see :func:`idcscope.checkpoint.load_model`).
+        ckpt: The checkpoint dict: preprocessing, temperature, class names.
+        images: uint8 patches (N, H, W, 3).
+        batch_size: Patches per forward/backward pass.
+        cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's choice.
+        patients: One id per patch, for models that normalise the stain per patient.
+    """
+    from .engine import Preprocessing, to_float
+
+    prep = Preprocessing(**ckpt["preprocessing"])
+    names = list(ckpt.get("class_names", ["no_idc", "idc"]))
+    target = names.index("idc") if "idc" in names else 1
+    temperature = float(ckpt.get("temperature", 1.0))
+    images = prep.normalize_stain(np.asarray(images), patients)
+    probs, cams, sals = [], [], []
+    with GradCAM(model, method=cam_method) as cam:
+        for s in range(0, len(images), batch_size):
+            x = prep(to_float(images[s : s + batch_size]))
+            with torch.no_grad(), _no_autocast(x):
+                logits = model(x.float()) / temperature
+                probs.append(F.softmax(logits, 1)[:, target].numpy())
+            cams.append(cam(x, target).numpy())
+            sals.append(saliency(model, x, target).numpy())
+        method = cam.method
+    size = images.shape[1:3]
+    return Explanations(
+        prob=np.concatenate(probs) if probs else np.zeros(0, np.float32),
+        cam=np.concatenate(cams) if cams else np.zeros((0, *size), np.float32),
+        saliency=np.concatenate(sals) if sals else np.zeros((0, *size), np.float32),
+        method=method,
+    )
+
+
 def explain_patches(
     checkpoint: str | Path,
     paths: list[str | Path],
@@ -243,17 +302,13 @@ def explain_patches(
     """
     from .checkpoint import load_model
     from .data.cache import decode_patch
-    from .engine import Preprocessing, to_float
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, ckpt = load_model(checkpoint)
-    prep = Preprocessing(**ckpt["preprocessing"])
     threshold = float(ckpt.get("threshold", 0.5))
-    names = list(ckpt.get("class_names", ["no_idc", "idc"]))
-    target = names.index("idc") if "idc" in names else 1
 
-    rows, images = [], []
+    rows, images, patients = [], [], []
     for f in _expand(paths):
         meta = parse_patch_name(f.name) or {}
         row = {
@@ -266,33 +321,22 @@ def explain_patches(
         }
         try:
             images.append(decode_patch(f)[0])
+            patients.append(meta.get("patient", f.stem))
         except Exception as e:  # any unreadable file is reported in its row, never fatal
             row["error"] = f"{type(e).__name__}: {e}"
             logger.warning("skipped %s: %s", f, row["error"])
         rows.append(row)
     good = [r for r in rows if not r["error"]]
+    batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
+    ex = explain_images(model, ckpt, batch, batch_size, cam_method, np.asarray(patients))
     used: set[str] = set()
-    with GradCAM(model, method=cam_method) as cam:
-        for s in range(0, len(good), batch_size):
-            batch = np.stack(images[s : s + batch_size])
-            x = prep(to_float(batch))
-            with torch.no_grad(), _no_autocast(x):
-                logits = model(x.float()) / float(ckpt.get("temperature", 1.0))
-                prob = F.softmax(logits, 1)[:, target].numpy()
-            cams, sals = cam(x, target).numpy(), saliency(model, x, target).numpy()
-            for i, row in enumerate(good[s : s + batch_size]):
-                p = float(prob[i])
-                row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
-                row["output"] = _output_name(Path(row["path"]).stem, used)
-                fig = explain_figure(
-                    batch[i],
-                    cams[i],
-                    sals[i],
-                    _title(row, threshold),
-                    upscale,
-                    _CAM_NAMES[cam.method],
-                )
-                fig.savefig(out / row["output"])
+    for i, row in enumerate(good):
+        p = float(ex.prob[i])
+        row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
+        row["output"] = _output_name(Path(row["path"]).stem, used)
+        title = _title(row, threshold)
+        fig = explain_figure(batch[i], ex.cam[i], ex.saliency[i], title, upscale, ex.cam_name)
+        fig.savefig(out / row["output"])
     pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"pred": "Int64", "label": "Int64"}).to_csv(
         out / "explanations.csv", index=False
     )

@@ -13,12 +13,16 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .inference import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -273,11 +277,16 @@ def _save_png(fig: Figure, path: Path) -> Path:
 
 
 def _index_patient(path: Path, patient: str | None):
+    """One patient's patches with coordinates, and ``(path, reason)`` of every file left out."""
     from .data.manifest import find_dataset_root, index_dataset
 
     folder = find_dataset_root(path) / patient if patient else Path(path)
     ix = index_dataset(folder)
-    table = ix.table[(ix.table["x"] >= 0) & (ix.table["y"] >= 0)]
+    placed = (ix.table["x"] >= 0) & (ix.table["y"] >= 0)
+    table = ix.table[placed]
+    skipped = ix.skipped + [
+        (p, "no coordinates in the file name") for p in ix.table["path"][~placed]
+    ]
     if table.empty:
         raise DataError(
             f"{folder}: no patch names carry coordinates (<patient>_idx5_x<X>_y<Y>_"
@@ -293,11 +302,11 @@ def _index_patient(path: Path, patient: str | None):
             f"{folder} holds {len(ids)} patients ({', '.join(ids[:5])}, ...); pass one "
             "patient's folder, or the dataset folder and the patient id"
         )
-    return ix.root, table.reset_index(drop=True), ids[0]
+    return ix.root, table.reset_index(drop=True), ids[0], skipped
 
 
 def patient_heatmap(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Predictor,
     patient_dir: str | Path,
     out_dir: str | Path,
     threshold: float | None = None,
@@ -308,11 +317,14 @@ def patient_heatmap(
     """Predict every patch of one patient and map P(IDC) back onto the tissue.
 
     Args:
-        checkpoint: An idcscope checkpoint.
+        checkpoint: An idcscope checkpoint, or a :class:`~idcscope.inference.Predictor`
+            already built (a server loads its model once); ``tta`` and ``batch_size`` then
+            come from the predictor.
         patient_dir: One patient's folder (``<patient>/<0|1>/*.png``), or, with ``patient``,
             the dataset folder that holds it.
-        out_dir: Receives ``<patient>_heatmap.png``, ``<patient>_probability.png`` and
-            ``<patient>_heatmap.json``.
+        out_dir: Receives ``<patient>_heatmap.png``, ``<patient>_probability.png``,
+            ``<patient>_predictions.csv`` (one row per patch), ``<patient>_skipped.csv``
+            (every file left out, and why) and ``<patient>_heatmap.json``.
         threshold: Decision threshold; defaults to the checkpoint's (chosen on validation).
         tta: Average the 8 dihedral transforms of each patch.
         patient: Patient id inside the dataset folder ``patient_dir``.
@@ -323,6 +335,8 @@ def patient_heatmap(
         fractions of the tissue, Dice and IoU of the IDC regions (grid cells), patch-level
         AUC, sensitivity and specificity (None where undefined), and the files written.
     """
+    import pandas as pd
+
     from . import metrics
     from .checkpoint import PATCH_MPP
     from .data.cache import decode_files
@@ -330,10 +344,13 @@ def patient_heatmap(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
+    if isinstance(checkpoint, Predictor):
+        predictor = checkpoint
+    else:
+        predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
     ckpt = predictor.checkpoints[0]
     threshold = predictor.threshold if threshold is None else float(threshold)
-    root, table, pid = _index_patient(Path(patient_dir), patient)
+    root, table, pid, skipped = _index_patient(Path(patient_dir), patient)
     decoded = decode_files([str(root / p) for p in table["path"]], desc=f"decoding {pid}")
     rows = np.flatnonzero(decoded.ok)
     if len(rows) == 0:
@@ -353,8 +370,9 @@ def patient_heatmap(
         "patient": pid,
         "n_patches": len(rows),
         "n_unreadable": len(table) - len(rows),
+        "n_skipped": len(skipped),  # left out before decoding: bad headers, no coordinates
         "threshold": threshold,
-        "tta": tta,
+        "tta": predictor.tta,
         "n_tissue_cells": n_cells,
         "idc_fraction_pred": int(pred_mask.sum()) / n_cells,
     }
@@ -385,6 +403,17 @@ def patient_heatmap(
     summary["files"] = {
         k: str(_save_png(fig, out / f"{pid}_{k}.png")) for k, fig in figures.items()
     }
+    predictions = table.iloc[rows][["path", "x", "y", "label"]].assign(
+        prob_idc=np.round(prob, 6), pred=(prob >= threshold).astype(int)
+    )
+    predictions["label"] = predictions["label"].where(predictions["label"] >= 0).astype("Int64")
+    summary["files"]["predictions"] = str(out / f"{pid}_predictions.csv")
+    predictions.to_csv(summary["files"]["predictions"], index=False)
+    skipped += [(Path(p).relative_to(root).as_posix(), r) for p, r in decoded.errors]
+    summary["files"]["skipped"] = str(out / f"{pid}_skipped.csv")
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(
+        summary["files"]["skipped"], index=False
+    )
     (out / f"{pid}_heatmap.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("patient %s: heatmap in %s", pid, summary["files"]["heatmap"])
     return summary

@@ -1,0 +1,187 @@
+"""The server's analyses: blocking functions run in a worker thread, one model pass at a time.
+
+Each takes a job (the request's folder) and returns the JSON the page shows, with download
+URLs for the files it published. Bad files are reported in their own row, never raised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data.cache import decode_patch
+from ..data.manifest import parse_patch_name
+from ..inference import Predictor
+from .jobs import Job
+from .uploads import Upload, UploadError, extract_patient_zip
+
+logger = logging.getLogger(__name__)
+
+PATCH_CSV_COLUMNS = ["file", "prob_idc", "pred", "label", "error"]
+UPSCALE = 4  # 50 px patches shown at 200 px, pixels kept sharp
+_LABEL = re.compile(r"_class([01])$")
+
+
+def label_from_name(name: str) -> int | None:
+    """The label a file name carries as ``..._class<0|1>.<ext>``; None when it does not."""
+    m = _LABEL.search(Path(name).stem)
+    return int(m[1]) if m else None
+
+
+def slides_supported() -> bool:
+    """Whether whole-slide analysis can run here (idcscope.slide and openslide present)."""
+    return all(importlib.util.find_spec(m) for m in ("idcscope.slide", "openslide"))
+
+
+class Analyst:
+    """The model, loaded once, and the analyses that use it, serialised by ``lock``.
+
+    Args:
+        checkpoint: An idcscope checkpoint.
+        device: Where the model runs.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from ..checkpoint import load_model
+
+        self.predictor = Predictor(checkpoint, device=device)
+        # The predictor may fold BatchNorm into a traced copy; Grad-CAM needs the model's
+        # own layers, so explanations use the model as built.
+        self.model, self.ckpt = load_model(checkpoint, device)
+        self.lock = threading.Lock()
+
+    def describe(self) -> dict:
+        """What the page shows about the model."""
+        return {
+            "checkpoint": self.predictor.paths[0].name,
+            "model": self.ckpt["model"]["name"],
+            "threshold": round(self.predictor.threshold, 4),
+            "temperature": round(float(self.ckpt.get("temperature", 1.0)), 4),
+            "mpp": self.ckpt["preprocessing"].get("mpp"),
+        }
+
+    # ------------------------------------------------------------------------- patches
+
+    def patches(self, job: Job, uploads: list[Upload]) -> dict:
+        """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch."""
+        from ..explain import explain_images
+
+        rows, good, images, patients = [], [], [], []
+        for upload in uploads:
+            row = {
+                "file": upload.name,
+                "prob_idc": None,
+                "pred": None,
+                "label": label_from_name(upload.name),
+                "error": upload.error,
+                "images": {},
+            }
+            rows.append(row)
+            if row["error"]:
+                continue
+            try:
+                images.append(decode_patch(upload.path)[0])
+            except Exception as e:  # any unreadable file is reported in its row
+                row["error"] = f"not a readable image: {_reason(e, upload)}"
+                continue
+            meta = parse_patch_name(upload.name) or {}
+            patients.append(meta.get("patient", Path(upload.name).stem))
+            good.append(row)
+        threshold = self.predictor.threshold
+        batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
+        with self.lock:
+            ex = explain_images(self.model, self.ckpt, batch, patients=np.asarray(patients))
+        for k, row in enumerate(good):
+            prob = float(ex.prob[k])
+            row.update(prob_idc=round(prob, 6), pred=int(prob >= threshold))
+            row["images"] = _write_maps(job, k, batch[k], ex.cam[k], ex.saliency[k])
+            row["cam_empty"] = not ex.cam[k].max() > 0  # no positive evidence: bare patch
+        csv = job.folder / "predictions.csv"
+        table = pd.DataFrame(rows, columns=PATCH_CSV_COLUMNS)
+        table.astype({"pred": "Int64", "label": "Int64"}).to_csv(csv, index=False)
+        return {
+            "kind": "patches",
+            "threshold": threshold,
+            "cam": ex.cam_name,
+            "n_files": len(rows),
+            "n_predicted": len(good),
+            "rows": rows,
+            "files": {"csv": job.publish(csv)},
+        }
+
+    # ------------------------------------------------------------------------- patient
+
+    def patient(self, job: Job, archive: Path, max_members: int, max_bytes: int) -> dict:
+        """Heatmap, summary and predictions of the one patient in a zip."""
+        from ..heatmap import patient_heatmap
+
+        unpacked = extract_patient_zip(archive, job.folder / "patient", max_members, max_bytes)
+        with self.lock:
+            summary = patient_heatmap(self.predictor, unpacked.folder, job.folder / "out")
+        files = summary.pop("files")
+        predicted = {Path(p).name for p in pd.read_csv(files["predictions"])["path"]}
+        unreadable = [
+            {"file": name, "error": "not a readable image"}
+            for name in unpacked.names
+            if name not in predicted
+        ]
+        files["json"] = str(job.folder / "out" / f"{unpacked.patient}_heatmap.json")
+        return {
+            "kind": "patient",
+            "summary": summary,
+            "skipped": unpacked.skipped + unreadable,
+            "files": {
+                "heatmap": job.publish(files["heatmap"]),
+                "probability": job.publish(files["probability"]),
+                "csv": job.publish(files["predictions"]),
+                "json": job.publish(files["json"]),
+            },
+        }
+
+    # ------------------------------------------------------------------------- slide
+
+    def slide(self, job: Job, path: Path, name: str, mpp: float | None = None) -> dict:
+        """Tile a whole-slide image, score its tissue and map IDC (see idcscope.slide)."""
+        try:
+            from ..slide import slide_inference
+        except ImportError as e:
+            raise UploadError(501, f"whole-slide analysis is not available here: {e}") from e
+        with self.lock:
+            summary = slide_inference(self.predictor, path, job.folder / "out", slide_mpp=mpp)
+        files = summary.pop("files", {})
+        summary["slide"] = name
+        return {
+            "kind": "slide",
+            "summary": summary,
+            "files": {k: job.publish(p) for k, p in files.items() if p and Path(p).is_file()},
+        }
+
+
+def _reason(e: Exception, upload: Upload) -> str:
+    # The stored path means nothing to the person who sent the file: name it as they did.
+    return f"{type(e).__name__}: {e}".replace(str(upload.path), upload.name)
+
+
+def _write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.ndarray) -> dict:
+    """The patch and its CAM and saliency overlays as enlarged PNGs; returns their URLs."""
+    from PIL import Image
+
+    from ..explain import overlay
+
+    urls = {}
+    for kind, img in (
+        ("patch", patch),
+        ("cam", overlay(patch, cam) if cam.max() > 0 else patch),
+        ("saliency", overlay(patch, sal) if sal.max() > 0 else patch),
+    ):
+        path = job.folder / f"{k:04d}_{kind}.png"
+        size = (img.shape[1] * UPSCALE, img.shape[0] * UPSCALE)
+        Image.fromarray(img).resize(size, Image.Resampling.NEAREST).save(path)
+        urls[kind] = job.publish(path)
+    return urls

@@ -1,0 +1,451 @@
+"""The web app's API: patches, a patient's zip, slides, downloads, and every upload refused."""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient
+
+from idcscope.errors import DataError
+from idcscope.serve import Settings, create_app
+from idcscope.serve.uploads import UploadError, check_member_name, safe_name
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SETTINGS = Settings(
+    max_upload_mb=1, max_patch_files=8, max_zip_members=200, max_unzipped_mb=2, keep_jobs=4
+)
+
+
+def image_bytes(color=(200, 120, 180), fmt="PNG", size=(50, 50)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def files(*named: tuple[str, bytes]) -> list:
+    return [("files", (name, data, "application/octet-stream")) for name, data in named]
+
+
+def patient_members(folder: Path, top: str = "") -> dict[str, bytes]:
+    """A Kaggle patient folder as zip members (under ``top`` when given)."""
+    return {
+        top + p.relative_to(folder.parent).as_posix(): p.read_bytes() for p in folder.rglob("*.png")
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run) -> Path:
+    return trained_run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def patients(synthetic_root) -> list[Path]:
+    return sorted(p for p in synthetic_root.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def app(checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return create_app(checkpoint, Settings(**{**SETTINGS.__dict__, "temp_dir": str(root)}))
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+def get_ok(client, url: str):
+    r = client.get(url)
+    assert r.status_code == 200, (url, r.text)
+    return r
+
+
+# ----------------------------------------------------------------------------- page, health
+
+
+def test_health_describes_model_and_limits(client, app):
+    r = get_ok(client, "/api/health").json()
+    assert r["status"] == "ok"
+    assert r["busy"] is False
+    assert r["model"]["threshold"] == pytest.approx(app.state.analyst.predictor.threshold, abs=1e-4)
+    assert r["limits"]["max_upload_mb"] == 1
+    assert ".png" in r["limits"]["patch_suffixes"]
+    app.state.analyst.lock.acquire()
+    try:  # health answers, and says so, while an analysis holds the model
+        assert get_ok(client, "/api/health").json()["busy"] is True
+    finally:
+        app.state.analyst.lock.release()
+
+
+def test_page_and_its_assets_are_served(client):
+    page = get_ok(client, "/")
+    assert "text/html" in page.headers["content-type"]
+    assert "/static/app.js" in page.text
+    assert "Research use only" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "style.css", "index.html"):
+        assert get_ok(client, f"/static/{asset}").content
+    assert "http" not in get_ok(client, "/static/app.js").text.replace("XMLHttpRequest", "")
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def test_patches_are_predicted_and_explained(client, app, patients):
+    real = [sorted((patients[0] / c).glob("*.png"))[0] for c in "01"]
+    sent = [(p.name, p.read_bytes()) for p in real] + [("plain.jpg", image_bytes(fmt="JPEG"))]
+    r = client.post("/api/patches", files=files(*sent))
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["n_files"] == res["n_predicted"] == 3
+    assert res["cam"] in ("Grad-CAM", "HiResCAM")
+    rows = {row["file"]: row for row in res["rows"]}
+    assert [rows[p.name]["label"] for p in real] == [0, 1]
+    assert rows["plain.jpg"]["label"] is None
+    predictor = app.state.analyst.predictor
+    for name, data in sent:
+        row = rows[name]
+        assert row["error"] == ""
+        assert 0 <= row["prob_idc"] <= 1
+        assert row["pred"] == int(row["prob_idc"] >= res["threshold"])
+        # the same P(IDC) as the model's own inference (bf16 there, fp32 here)
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+        assert row["prob_idc"] == pytest.approx(predictor.predict_proba(image)[0], abs=0.02)
+        for kind in ("patch", "cam", "saliency"):
+            png = get_ok(client, row["images"][kind])
+            assert png.content.startswith(PNG_MAGIC)
+            assert Image.open(io.BytesIO(png.content)).size == (200, 200)
+
+
+def test_corrupt_file_is_reported_and_the_others_predicted(client):
+    good, bad = ("good_class1.png", image_bytes()), ("broken.png", b"\x89PNG\r\n\x1a\nnot really")
+    r = client.post("/api/patches", files=files(good, bad, ("notes.txt", b"hello")))
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["n_files"] == 3
+    assert res["n_predicted"] == 1
+    rows = {row["file"]: row for row in res["rows"]}
+    assert rows["good_class1.png"]["prob_idc"] is not None
+    assert "not a readable image" in rows["broken.png"]["error"]
+    assert "/" not in rows["broken.png"]["error"]  # no server path in the message
+    assert ".txt not accepted" in rows["notes.txt"]["error"]
+    assert rows["notes.txt"]["prob_idc"] is None
+    res = client.post("/api/patches", files=files(bad)).json()  # nothing left to predict
+    assert res["n_predicted"] == 0
+    assert res["rows"][0]["error"]
+
+
+def test_patch_csv_downloads(client):
+    sent = files(("a_class0.png", image_bytes()), ("b.png", image_bytes((90, 40, 160))))
+    res = client.post("/api/patches", files=sent).json()
+    r = get_ok(client, res["files"]["csv"])
+    assert r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    table = list(csv.DictReader(io.StringIO(r.text)))
+    assert [t["file"] for t in table] == ["a_class0.png", "b.png"]
+    assert list(table[0]) == ["file", "prob_idc", "pred", "label", "error"]
+    assert table[0]["label"] == "0"
+    assert table[1]["label"] == ""
+    for t, row in zip(table, res["rows"], strict=True):
+        assert float(t["prob_idc"]) == pytest.approx(row["prob_idc"])
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_wrong_extension_is_refused(client):
+    r = client.post("/api/patches", files=files(("scan.exe", b"MZ"), ("notes.txt", b"x")))
+    assert r.status_code == 415
+    body = r.json()
+    assert "accepted" in body["error"]
+    assert [f["file"] for f in body["files"]] == ["scan.exe", "notes.txt"]
+    r = client.post("/api/patient", files=files(("patient.tar", b"x")))
+    assert r.status_code == 415
+    r = client.post("/api/slide", files=files(("slide.mrxs", b"x")))
+    assert r.status_code == 415
+    assert ".mrxs" in r.json()["error"] or ".mrxs" in r.json()["files"][0]["error"]
+
+
+def test_oversize_upload_is_refused_with_413(client, app):
+    big = files(("big.png", b"\0" * (1024 * 1024 + 10)))
+    r = client.post("/api/patches", files=big)
+    assert r.status_code == 413
+    assert "limit is 1 MB" in r.json()["error"]
+    # without a Content-Length header the server counts the bytes as they come
+    boundary = "xyz"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+
+    def chunked():
+        yield head.encode()
+        for _ in range(20):
+            yield b"\0" * 100_000
+
+    r = client.post(
+        "/api/patches",
+        content=chunked(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert r.status_code == 413
+    jobs = app.state.jobs
+    assert all(job.done for job in jobs._jobs.values())  # refused jobs are gone
+
+
+def test_too_many_files_and_bad_forms_are_refused(client):
+    many = files(*[(f"p{i}.png", image_bytes()) for i in range(SETTINGS.max_patch_files + 1)])
+    assert client.post("/api/patches", files=many).status_code == 413
+    r = client.post("/api/patches", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "multipart" in r.json()["error"]
+    r = client.post("/api/patches", data={"note": "no file"})
+    assert r.status_code == 400
+    r = client.post("/api/patient", files=files(("a.zip", b"PK"), ("b.zip", b"PK")))
+    assert r.status_code == 413
+    r = client.post("/api/slide?mpp=-1", files=files(("s.svs", b"x")))
+    assert r.status_code == 422
+    assert "mpp" in r.json()["error"]
+
+
+# ----------------------------------------------------------------------------- patient zips
+
+
+def test_patient_zip_gives_heatmap_summary_and_csv(client, patients):
+    patient = patients[0]
+    members = patient_members(patient, top="IDC_regular_ps50_idx5/")
+    members["__MACOSX/._x.png"] = b"junk"
+    members["README.txt"] = b"about this patient"
+    r = client.post("/api/patient", files=files(("patient.zip", zip_bytes(members))))
+    assert r.status_code == 200, r.text
+    res = r.json()
+    s = res["summary"]
+    n = len(list(patient.rglob("*.png")))
+    assert s["patient"] == patient.name
+    assert s["n_patches"] == n
+    assert 0 <= s["idc_fraction_pred"] <= 1
+    assert 0 <= s["idc_fraction_true"] <= 1
+    assert "dice" in s
+    assert "iou" in s
+    assert [f["file"] for f in res["skipped"]] == ["README.txt"]
+    png = get_ok(client, res["files"]["heatmap"])
+    assert png.content.startswith(PNG_MAGIC)
+    assert "inline" in png.headers["content-disposition"]
+    assert get_ok(client, res["files"]["probability"]).content.startswith(PNG_MAGIC)
+    table = list(csv.DictReader(io.StringIO(get_ok(client, res["files"]["csv"]).text)))
+    assert len(table) == n
+    assert {"path", "x", "y", "label", "prob_idc", "pred"} <= set(table[0])
+    assert get_ok(client, res["files"]["json"]).json()["patient"] == patient.name
+
+
+def test_flat_patient_zip_reports_unreadable_patches(client, patients):
+    patient = patients[1]
+    members = {p.name: p.read_bytes() for p in patient.rglob("*.png")}
+    broken = f"{patient.name}_idx5_x9999_y9999_class0.png"
+    members[broken] = b"\x89PNG\r\n\x1a\ntruncated"
+    res = client.post("/api/patient", files=files(("flat.zip", zip_bytes(members)))).json()
+    assert res["summary"]["n_patches"] == len(members) - 1
+    assert res["skipped"] == [{"file": broken, "error": "not a readable image"}]
+
+
+def test_zip_slip_is_refused(client, app):
+    root = app.state.jobs.root
+    for evil in ("../evil.png", "a/../../evil.png", "/tmp/evil.png", "C:\\evil.png"):
+        data = zip_bytes({"9000_idx5_x1_y1_class0.png": image_bytes(), evil: image_bytes()})
+        r = client.post("/api/patient", files=files(("evil.zip", data)))
+        assert r.status_code == 400, evil
+        assert evil in r.json()["error"]
+    assert not list(root.parent.rglob("evil.png"))
+
+
+def test_zip_bombs_and_bad_zips_are_refused(client, patients):
+    members = {f"9000_idx5_x{i}_y1_class0.png": b"" for i in range(SETTINGS.max_zip_members + 1)}
+    r = client.post("/api/patient", files=files(("many.zip", zip_bytes(members))))
+    assert r.status_code == 413
+    assert "members" in r.json()["error"]
+    bomb = zip_bytes({"9000_idx5_x1_y1_class0.png": b"\0" * (3 * 1024 * 1024)})
+    assert len(bomb) < 100_000
+    r = client.post("/api/patient", files=files(("bomb.zip", bomb)))
+    assert r.status_code == 413
+    assert "unpacks to" in r.json()["error"]
+    r = client.post("/api/patient", files=files(("fake.zip", b"not a zip at all")))
+    assert r.status_code == 400
+    assert "zip" in r.json()["error"]
+    two = patient_members(patients[0]) | patient_members(patients[1])
+    r = client.post("/api/patient", files=files(("two.zip", zip_bytes(two))))
+    assert r.status_code == 422
+    assert "2 patients" in r.json()["error"]
+    r = client.post("/api/patient", files=files(("none.zip", zip_bytes({"a.png": b"x"}))))
+    assert r.status_code == 422
+    assert r.json()["files"] == [
+        {"file": "a.png", "error": "name is not <patient>_idx5_x<X>_y<Y>_class<C>.png"}
+    ]
+
+
+# ----------------------------------------------------------------------------- downloads, jobs
+
+
+def test_unknown_jobs_and_files_give_404(client):
+    res = client.post("/api/patches", files=files(("a.png", image_bytes()))).json()
+    job = res["job"]
+    for url in (
+        "/api/jobs/nope/files/predictions.csv",
+        f"/api/jobs/{job}/files/nope.csv",
+        f"/api/jobs/{job}/files/..%2F..%2Fetc%2Fpasswd",
+        f"/api/jobs/{job}/files/%2e%2e",
+        f"/api/jobs/..%2F{job}/files/predictions.csv",
+        f"/api/jobs/{job}/files/a.png",  # the upload itself is never served
+    ):
+        r = client.get(url)
+        assert r.status_code == 404, url
+        assert "error" in r.json()
+    assert get_ok(client, f"/api/jobs/{job}/files/predictions.csv")
+
+
+def test_old_jobs_are_removed(client, app):
+    first = client.post("/api/patches", files=files(("a.png", image_bytes()))).json()
+    folder = app.state.jobs._jobs[first["job"]].folder
+    assert folder.is_dir()
+    for _ in range(SETTINGS.keep_jobs):
+        client.post("/api/patches", files=files(("a.png", image_bytes())))
+    assert client.get(first["files"]["csv"]).status_code == 404
+    assert not folder.exists()
+    assert len(app.state.jobs._jobs) == SETTINGS.keep_jobs
+
+
+# ----------------------------------------------------------------------------- slides
+
+
+def test_slide_endpoint_wiring(client, monkeypatch):
+    """The endpoint against slide_inference's contract, with a stand-in that writes the files."""
+    slide = pytest.importorskip("idcscope.slide")
+    seen = {}
+
+    def fake(predictor, slide_path, out_dir, *, slide_mpp=None, **kw):
+        seen.update(path=Path(slide_path), mpp=slide_mpp, predictor=predictor)
+        out = Path(out_dir)
+        out.mkdir(parents=True)
+        paths = {
+            "overlay": out / "s_overlay.png",
+            "geojson": out / "s_idc.geojson",
+            "tiles_csv": out / "s_tiles.csv",
+        }
+        paths["overlay"].write_bytes(image_bytes())
+        paths["geojson"].write_text('{"type": "FeatureCollection", "features": []}')
+        paths["tiles_csv"].write_text("row,col,prob_idc\n0,0,0.9\n")
+        return {
+            "slide": str(slide_path),
+            "n_tiles": 1,
+            "idc_fraction": 1.0,
+            "tiles_per_s": 10.0,
+            "files": {k: str(v) for k, v in paths.items()},
+        }
+
+    monkeypatch.setattr(slide, "slide_inference", fake)
+    r = client.post("/api/slide?mpp=0.25", files=files(("my slide.svs", b"II*\0")))
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert seen["mpp"] == 0.25
+    assert seen["path"].read_bytes() == b"II*\0"
+    assert seen["path"].name == "my_slide.svs"
+    assert res["summary"] == {
+        "slide": "my slide.svs",
+        "n_tiles": 1,
+        "idc_fraction": 1.0,
+        "tiles_per_s": 10.0,
+    }
+    assert set(res["files"]) == {"overlay", "geojson", "tiles_csv"}
+    assert get_ok(client, res["files"]["overlay"]).content.startswith(PNG_MAGIC)
+    assert get_ok(client, res["files"]["geojson"]).json()["features"] == []
+    assert "0.9" in get_ok(client, res["files"]["tiles_csv"]).text
+
+    def failing(*a, **kw):
+        raise DataError("my_slide.svs: the slide does not record its resolution; pass mpp")
+
+    monkeypatch.setattr(slide, "slide_inference", failing)
+    r = client.post("/api/slide", files=files(("my slide.svs", b"II*\0")))
+    assert r.status_code == 422
+    assert "resolution" in r.json()["error"]
+
+
+def test_real_slide(client, patients, tmp_path):
+    slide = pytest.importorskip("idcscope.slide")
+    if not hasattr(slide, "write_tiff_slide"):
+        pytest.skip("idcscope.slide has no write_tiff_slide to make a test slide")
+    from idcscope.data.cache import decode_files
+    from idcscope.heatmap import patient_mosaic
+
+    pngs = sorted(patients[0].rglob("*.png"))
+    names = [p.name.split("_") for p in pngs]
+    decoded = decode_files([str(p) for p in pngs], workers=1)
+    xs, ys = [int(n[2][1:]) for n in names], [int(n[3][1:]) for n in names]
+    mosaic, _ = patient_mosaic(decoded.images, xs, ys)
+    path = slide.write_tiff_slide(mosaic, tmp_path / "synthetic.tif", mpp=4.0)
+    r = client.post("/api/slide", files=files(("synthetic.tif", Path(path).read_bytes())))
+    if r.status_code == 422 and "openslide" in r.json()["error"]:
+        pytest.skip(f"whole-slide reading unavailable here: {r.json()['error']}")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["summary"]["n_tiles"] > 0
+    assert get_ok(client, res["files"]["overlay"]).content.startswith(PNG_MAGIC)
+
+
+# ----------------------------------------------------------------------------- helpers, CLI
+
+
+@pytest.mark.parametrize(
+    ("raw", "safe"),
+    [
+        ("a.png", "a.png"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\Users\\x\\scan 1.svs", "scan_1.svs"),
+        (".hidden.png", "hidden.png"),
+        ("..", "upload"),
+        ("é/ü.png", "_.png"),
+        ("x" * 300 + ".png", "x" * 116 + ".png"),
+    ],
+)
+def test_safe_name(raw, safe):
+    assert safe_name(raw) == safe
+
+
+@pytest.mark.parametrize(
+    "name", ["../a.png", "a/../../b", "/etc/passwd", "\\x", "D:/x", "a\\..\\b"]
+)
+def test_check_member_name_refuses_escapes(name):
+    with pytest.raises(UploadError) as e:
+        check_member_name(name)
+    assert e.value.status == 400
+    check_member_name("patient/0/a..b.png")  # dots inside a name are fine
+
+
+def test_cli_serve_builds_the_app(checkpoint, monkeypatch):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app as cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda web, **kw: served.update(web=web, **kw))
+    res = CliRunner().invoke(cli, ["serve", str(checkpoint), "--port", "8123"])
+    assert res.exit_code == 0, res.output
+    assert served["port"] == 8123
+    assert served["host"] == "127.0.0.1"
+    served["web"].state.jobs.close()
+    res = CliRunner().invoke(cli, ["serve", "missing.pt"])
+    assert res.exit_code == 1
