@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 import zipfile
@@ -11,17 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from idcscope.serve import Settings, create_app
 
+from .conftest import serving
 from .test_serve import files, image_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +23,8 @@ def server(trained_run, tmp_path_factory):
     app = create_app(
         trained_run / "best.pt", Settings(temp_dir=str(tmp_path_factory.mktemp("e2e")))
     )
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("the server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}", app
-    srv.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
