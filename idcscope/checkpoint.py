@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "idcscope-checkpoint/1"
 # The Kaggle IDC patches are 50x50 px cut from slides scanned at 40x and downsampled to 2.5x.
 PATCH_MPP = 4.0
+REQUIRED_KEYS = ("state_dict", "model", "class_names", "preprocessing")
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, **fields) -> Path:
@@ -40,7 +42,14 @@ def update_checkpoint(path: str | Path, **fields) -> Path:
 
 def _atomic_save(obj: dict, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)  # a killed run leaves the previous checkpoint intact
     return path
 
@@ -62,13 +71,31 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
+    from .engine import Preprocessing
+    from .errors import IdcscopeError
     from .models import create_model
 
     ckpt = read_checkpoint(path)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {', '.join(missing)})")
     spec = ckpt["model"]
-    model = create_model(spec["name"], num_classes=len(ckpt["class_names"]), **spec["kwargs"])
+    try:
+        Preprocessing(**ckpt["preprocessing"])
+        # Weights come from the checkpoint alone: its arguments may not fetch or read others.
+        model = create_model(
+            spec["name"],
+            num_classes=len(ckpt["class_names"]),
+            pretrained=False,
+            weights=None,
+            **spec["kwargs"],
+        )
+    except (KeyError, TypeError, ValueError, IdcscopeError) as e:
+        raise CheckpointError(
+            f"{path}: the model it describes cannot be built ({type(e).__name__}: {e})"
+        ) from e
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit model {spec['name']!r}: {e}") from e
     return model.to(device).eval(), ckpt

@@ -123,7 +123,12 @@ def make_config(
     """Resolve defaults <- recipe <- YAML file <- ``overrides`` (None values are ignored)."""
     values: dict = {}
     if yaml_path:
-        values = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise IdcscopeError(f"{yaml_path}: not a readable YAML config: {e}") from e
+        if not isinstance(values, dict):
+            raise IdcscopeError(f"{yaml_path}: a config is a mapping of names to values")
     recipe = overrides.get("recipe") or values.get("recipe") or recipe
     if recipe not in RECIPES:
         raise IdcscopeError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")

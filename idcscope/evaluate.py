@@ -41,6 +41,12 @@ def evaluate(
     predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
     ckpt = predictor.checkpoints[0]
     data = load_patch_data(data_dir, cache_dir)
+    data.write_skipped(out / "skipped.csv")  # with predictions.csv, every file is accounted for
+    if len(data.rows()) == 0:
+        raise IdcscopeError(
+            f"{data_dir}: none of the {data.n_files} files could be read; "
+            f"the reasons are in {out / 'skipped.csv'}"
+        )
     ckpt_splits = ckpt.get("splits", {})
     warnings: list[str] = []
     if split:

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from .data.cache import decode_files
-from .data.manifest import index_files
+from .data.manifest import IMAGE_SUFFIXES, index_files
 from .engine import probabilities
-from .errors import IdcscopeError
+from .errors import DataError, IdcscopeError
 from .inference import Predictor
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def predict(
     """
     index = index_files(paths)
     table = index.table
+    if table.empty and not index.skipped:
+        raise DataError(
+            f"{', '.join(map(str, paths))}: no image files ({', '.join(IMAGE_SUFFIXES)}) to predict"
+        )
     decoded = decode_files(list(table["path"]), workers=workers)
     rows = np.flatnonzero(decoded.ok)
     prob = np.full(len(table), np.nan)

@@ -279,12 +279,16 @@ def slide_inference(
     name = path.stem
 
     t0 = time.perf_counter()
+    import openslide
+
     slide = open_slide(path)
     try:
         grid = tile_grid(slide, read_mpp(slide, path, slide_mpp), mpp)
         thumb = thumbnail(slide, grid)
         fraction = tile_tissue(tissue_mask(thumb), grid)
         tiles, rows, cols = read_tiles(slide, grid, fraction >= min_tissue)
+    except (OSError, ValueError, openslide.OpenSlideError) as e:
+        raise DataError(f"{path}: cannot read the slide's pixels (damaged file?): {e}") from e
     finally:
         slide.close()
     t_read = time.perf_counter() - t0

@@ -48,11 +48,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IDCSCOPE_CACHE", Path.home() / ".cache" / "idcscope"))
 
 
+DECODE_ERRORS = (OSError, ValueError)  # what decode_patch raises for a file it cannot use
+
+
 def decode_patch(path: str | Path, size: int = PATCH_SIZE) -> tuple[np.ndarray, str]:
     """Read one patch as (size, size, 3) uint8 RGB; returns the array and "", "padded" or "resized".
 
-    Raises ``ValueError`` or ``OSError`` with the reason when the file is not a usable image.
+    Raises:
+        OSError: the file cannot be read, is no image Pillow knows, or its pixels are
+            truncated or corrupt.
+        ValueError: the image is too large for a patch (a decompression bomb), or a decoder
+            failed in some other way; the message says how.
     """
+    from PIL import Image
+
+    try:
+        return _decode(path, size)
+    except (*DECODE_ERRORS, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"too large for a patch: {e}") from e
+    except Exception as e:  # Pillow's plugins also raise SyntaxError, EOFError, struct.error...
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from e
+
+
+def _decode(path: str | Path, size: int) -> tuple[np.ndarray, str]:
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -164,12 +184,18 @@ def load_or_build(
     data, meta_path = folder / "patches.u8", folder / "meta.json"
     shape = (len(table), PATCH_SIZE, PATCH_SIZE, 3)
     if meta_path.exists() and not rebuild:
-        meta = json.loads(meta_path.read_text())
-        images = np.memmap(data, dtype=np.uint8, mode="r", shape=shape)
-        ok = np.load(folder / "ok.npy")
-        logger.info("patch cache hit: %s", folder)
-        errors = [tuple(e) for e in meta["errors"]]
-        return PatchArray(images, ok, errors, meta["n_padded"], meta["n_resized"])
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.memmap(data, dtype=np.uint8, mode="r", shape=shape)
+            ok = np.load(folder / "ok.npy")  # no pickles: allow_pickle stays False
+            if ok.shape != (len(table),) or ok.dtype != bool:
+                raise ValueError(f"ok.npy holds {ok.shape} {ok.dtype}, not {len(table)} flags")
+            errors = [tuple(e) for e in meta["errors"]]
+            logger.info("patch cache hit: %s", folder)
+            return PatchArray(images, ok, errors, meta["n_padded"], meta["n_resized"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # A cache is only ever a copy: one that was damaged is decoded again.
+            logger.warning("patch cache %s is damaged (%s); decoding again", folder, e)
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
     images = np.memmap(data, dtype=np.uint8, mode="w+", shape=shape)

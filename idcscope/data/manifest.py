@@ -31,7 +31,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_TOP = "IDC_regular_ps50_idx5"
 COLUMNS = ["path", "patient", "x", "y", "label", "width", "height"]
 
-_NAME = re.compile(r"^(?P<patient>[^_/]+)_idx\d+_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])$")
+# The patient id is whatever precedes the last "_idx": ids may hold underscores and any script.
+# Coordinates have at most 9 ASCII digits: a longer number is no slide position, and would
+# overflow the int64 manifest columns.
+_NAME = re.compile(
+    r"(?P<patient>[^/]+?)_idx[0-9]+_x(?P<x>[0-9]{1,9})_y(?P<y>[0-9]{1,9})_class(?P<label>[01])"
+)
 _CLASS_ALIASES = {
     "0": 0,
     "no_idc": 0,
@@ -65,7 +70,7 @@ class Index:
 
 def parse_patch_name(name: str) -> dict | None:
     """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png``; None if the name does not match."""
-    m = _NAME.match(Path(name).stem)
+    m = _NAME.fullmatch(Path(name).stem)
     if m is None:
         return None
     return {"patient": m["patient"], "x": int(m["x"]), "y": int(m["y"]), "label": int(m["label"])}
@@ -85,19 +90,33 @@ def image_size(path: Path) -> tuple[int, int]:
     if len(head) == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
     if head[:8] == _PNG_MAGIC:
-        if len(head) < 24 or head[12:16] != b"IHDR":
-            raise DataError(f"{path}: truncated PNG header")
+        if len(head) < 24:
+            raise DataError(f"{path}: truncated PNG header ({len(head)} bytes)")
+        if head[12:16] != b"IHDR":
+            raise DataError(f"{path}: corrupt PNG header (no IHDR chunk)")
         w, h = struct.unpack(">II", head[16:24])
         if w == 0 or h == 0:
             raise DataError(f"{path}: PNG header says {w}x{h} pixels")
-        return int(w), int(h)
+        return _plausible(path, int(w), int(h))
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return im.size
+            w, h = im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: too large for a patch ({e})") from e
+    return _plausible(path, w, h)
+
+
+def _plausible(path: Path, w: int, h: int) -> tuple[int, int]:
+    # Refused here, from the header, rather than by a decoder that would allocate the pixels.
+    from .cache import MAX_PIXELS
+
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{path}: {w}x{h} pixels is too large for a patch (decompression bomb?)")
+    return w, h
 
 
 def find_dataset_root(root: Path) -> Path:
@@ -137,7 +156,12 @@ def index_files(paths: list[str | Path]) -> Index:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(_walk_images(p)))
+            found = sorted(_walk_images(p))
+            if not found:
+                logger.warning(
+                    "%s: no image files (%s) in this folder", p, ", ".join(IMAGE_SUFFIXES)
+                )
+            files.extend(found)
         elif p.exists():
             files.append(p)
         else:

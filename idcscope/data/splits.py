@@ -149,6 +149,8 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
         raise DataError(f"{path}: expected an object with 'train', 'val' and/or 'test' lists")
     splits.setdefault("method", "patient")
     for name in SPLITS:
+        if not isinstance(splits.get(name, []), list):
+            raise DataError(f"{path}: {name!r} must be a list of patient ids")
         splits[name] = [str(p) for p in splits.get(name, [])]
     if splits["method"] != "random" and not splits["val"] and table is not None:
         train = table[table["patient"].isin(splits["train"])]
@@ -165,7 +167,9 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
 
 def save_splits(splits: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(splits, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(splits, indent=2) + "\n")
+    tmp.replace(path)  # a run killed while writing leaves no half a split for --resume to read
     return path
 
 
