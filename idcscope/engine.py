@@ -164,6 +164,7 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``loader``; returns mean loss, accuracy and images per second."""
     model.train()
+    together = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     with progress_bar(desc, total=len(loader)) as advance:
@@ -173,7 +174,10 @@ def train_one_epoch(
             with autocast(precision, device):
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+            diverged = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
+            if together:  # all processes stop at the same batch, none waits in an all-reduce
+                torch.distributed.all_reduce(diverged)
+            if diverged.item():
                 raise FloatingPointError(f"loss became {loss.item()} at image {seen}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

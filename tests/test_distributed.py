@@ -4,6 +4,8 @@ import csv
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +92,53 @@ def test_two_processes_match_one(synthetic_root, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert float(b["train_loss"]) == pytest.approx(float(a["train_loss"]), abs=0.1)
     assert float(two[-1]["val_auc"]) == pytest.approx(float(one[-1]["val_auc"]), abs=0.05)
+
+
+def _diverge_on_rank_1(rank: int, store_path: str, out_dir: str) -> None:
+    """One process of two: rank 1 alone sees a NaN loss at its third batch."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from idcscope.engine import Preprocessing, train_one_epoch
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)))
+    images = np.random.default_rng(0).integers(0, 255, (64, 4, 4, 3), dtype=np.uint8)
+    loader = PatchLoader(images, np.arange(64) % 2, np.arange(64), 8, rank=rank, world=2)
+    calls = []
+
+    def loss_fn(logits, y):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prep = Preprocessing(mean=(0, 0, 0), std=(1, 1, 1), channels_last=False)
+    try:
+        train_one_epoch(
+            model, loader, opt, None, loss_fn, prep, lambda x, g: x, None, precision="fp32"
+        )
+        outcome = "finished"
+    except FloatingPointError:
+        outcome = f"stopped at batch {len(calls)}"
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_process_stops_every_process_at_the_same_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        _diverge_on_rank_1,
+        args=(str(tmp_path / "store"), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "a process hung after another one diverged"
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes == ["stopped at batch 3", "stopped at batch 3"]
