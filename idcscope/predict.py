@@ -10,7 +10,7 @@ import pandas as pd
 
 from .data.cache import decode_files
 from .data.manifest import IMAGE_SUFFIXES, index_files
-from .engine import probabilities
+from .engine import Preprocessing, probabilities
 from .errors import DataError, IdcscopeError
 from .inference import Predictor
 
@@ -84,13 +84,15 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str)
         from .export import OnnxPredictor
 
         runner = OnnxPredictor.from_path(checkpoint)
-        if runner.metadata.get("preprocessing", {}).get("stain", "none") != "none":
-            raise IdcscopeError(
-                f"{checkpoint}: per-patient stain normalisation is not in the "
-                "ONNX graph; use --engine torch"
-            )
+        # Per-patient stain normalisation needs all of a patient's patches: it runs in numpy
+        # on the uint8 patches, before the graph.
+        prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
         def score(images, rows, patients):
+            if prep.stain != "none":
+                rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+                pats = None if patients is None else np.asarray(patients)[rows]
+                images, rows = prep.normalize_stain(images[rows], pats), None
             logits = runner.predict_logits(images, rows, batch_size=batch_size, tta=tta)
             return probabilities(logits, runner.temperature)
 

@@ -133,6 +133,25 @@ def test_predict_onnx_equals_torch(cancernet_ckpt, synthetic_root, tmp_path, tta
         assert (df["pred"] == ref["pred"])[~tie].all()
 
 
+def test_predict_onnx_normalises_stains_per_patient_like_torch(
+    cancernet_ckpt, synthetic_root, patches, tmp_path
+):
+    """A stain-normalising checkpoint: ONNX Runtime gets the same normalised patches."""
+    from idcscope.checkpoint import update_checkpoint
+    from idcscope.stain import fit_reference
+
+    ckpt = tmp_path / "stain.pt"
+    ckpt.write_bytes(cancernet_ckpt.read_bytes())
+    reference = fit_reference(patches[..., ::-1], "reinhard")  # far off: blue for red
+    prep = dataclasses.replace(PREP, stain="reinhard", stain_reference=reference)
+    update_checkpoint(ckpt, preprocessing=dataclasses.asdict(prep))
+    ref = predict(ckpt, [synthetic_root], precision="fp32")
+    df = predict(ckpt, [synthetic_root], engine="onnx")
+    np.testing.assert_allclose(df["prob_idc"], ref["prob_idc"], atol=1e-4)
+    moved = prep.normalize_stain(patches, np.zeros(len(patches))).astype(int) - patches
+    assert np.abs(moved).mean() > 2  # the normalisation does move pixels
+
+
 def test_unknown_engine_is_refused(cancernet_ckpt, synthetic_root):
     with pytest.raises(IdcscopeError, match="engine"):
         predict(cancernet_ckpt, [synthetic_root], engine="tensorrt")
