@@ -29,8 +29,9 @@ from idcscope.evaluate import evaluate
 # re-evaluates instead of training: one for TTA, several for an ensemble)
 CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
     "report": ("report", {}, False, ()),
-    "default": ("default", {}, False, ()),
-    "default_tta": ("default", {}, True, ("default",)),
+    # Stain options are explicit, whatever the default recipe holds today.
+    "default": ("default", {"stain": "none"}, False, ()),
+    "default_tta": ("default", {"stain": "none"}, True, ("default",)),
     "default_reinhard": ("default", {"stain": "reinhard"}, False, ()),
     "default_reinhard_tta": ("default", {"stain": "reinhard"}, True, ("default_reinhard",)),
     "default_reinhard_seed1": ("default", {"stain": "reinhard", "seed": 1}, False, ()),
@@ -41,12 +42,22 @@ CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
         ("default_reinhard", "default_reinhard_seed1"),
     ),
     "default_macenko": ("default", {"stain": "macenko"}, False, ()),
-    "balanced_sampler": ("default", {"imbalance": "balanced_sampler"}, False, ()),
-    "focal": ("default", {"imbalance": "focal"}, False, ()),
-    "no_imbalance": ("default", {"imbalance": "none"}, False, ()),
-    "dihedral_only": ("default", {"augment": "dihedral"}, False, ()),
-    "resnet18": ("default", {"model": "resnet18"}, False, ()),
-    "efficientnet_b0": ("default", {"model": "efficientnet_b0"}, False, ()),
+    "reinhard_balanced_sampler": (
+        "default",
+        {"stain": "reinhard", "imbalance": "balanced_sampler"},
+        False,
+        (),
+    ),
+    "reinhard_focal": ("default", {"stain": "reinhard", "imbalance": "focal"}, False, ()),
+    "reinhard_no_imbalance": ("default", {"stain": "reinhard", "imbalance": "none"}, False, ()),
+    "reinhard_dihedral_only": ("default", {"stain": "reinhard", "augment": "dihedral"}, False, ()),
+    "reinhard_resnet18": ("default", {"stain": "reinhard", "model": "resnet18"}, False, ()),
+    "reinhard_efficientnet_b0": (
+        "default",
+        {"stain": "reinhard", "model": "efficientnet_b0"},
+        False,
+        (),
+    ),
 }
 
 

@@ -137,10 +137,25 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 
     model.eval()
     try:
-        return fuse(copy.deepcopy(model))
+        fused = fuse(copy.deepcopy(model))
     except Exception as e:  # tracing is best effort: an untraceable model still works as is
         logger.debug("BatchNorm folding skipped for %s: %s", type(model).__name__, e)
         return model
+    if _n_batchnorms(fused) == _n_batchnorms(model):  # nothing folded: keep the original
+        return model
+    # Folded weights are new tensors in the default layout: give them the model's.
+    if any(
+        p.dim() == 4
+        and p.is_contiguous(memory_format=torch.channels_last)
+        and not p.is_contiguous()
+        for p in model.parameters()
+    ):
+        fused = fused.to(memory_format=torch.channels_last)
+    return fused
+
+
+def _n_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def autocast(precision: str, device: str = "cpu"):

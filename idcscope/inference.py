@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from .checkpoint import load_model
 from .engine import Preprocessing, fuse_for_inference, predict_logits, probabilities
@@ -49,6 +50,8 @@ class Predictor:
         for p in self.paths:
             model, ckpt = load_model(p, device)
             prep = Preprocessing(**ckpt["preprocessing"])
+            if prep.channels_last:  # the layout the batches come in
+                model = model.to(memory_format=torch.channels_last)
             self.members.append((fuse_for_inference(model), ckpt, prep))
         self.device, self.tta, self.batch_size, self.precision = device, tta, batch_size, precision
         self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))

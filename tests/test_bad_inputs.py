@@ -384,3 +384,33 @@ def test_slide_truncated_in_half(checkpoint, slide_image, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=re.escape(str(path))):
         _slide(checkpoint, path, tmp_path / "out", slide_mpp=1.0)
+
+
+# ----------------------------------------------------------------------------- web upload
+
+
+def test_web_upload_of_the_corpus_reports_every_file(corpus, checkpoint, tmp_path):
+    """Every file of the bad patient, uploaded at once: a row each, predicted or explained."""
+    from fastapi.testclient import TestClient
+
+    from idcscope.serve import Settings, create_app
+
+    sent = {s.kind: corpus.root / corpus.paths[s.kind] for s in SPECS if s.data is not None}
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sent.values()]
+    app = create_app(checkpoint, Settings(temp_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        r = client.post("/api/patches", files=files)
+        assert r.status_code == 200, r.text
+        health = client.get("/api/health")
+    res = r.json()
+    rows = {row["file"]: row for row in res["rows"]}
+    assert res["n_files"] == len(rows) == len(sent)  # nothing lost, nothing invented
+    for kind, path in sent.items():
+        row = rows[path.name]
+        if corpus.spec(kind).decodes:
+            assert not row["error"] and 0 <= row["prob_idc"] <= 1, (kind, row)
+        else:
+            assert row["error"] and row["prob_idc"] is None, (kind, row)
+            assert str(tmp_path) not in row["error"]  # no server paths in messages
+    assert res["n_predicted"] == sum(corpus.spec(k).decodes for k in sent)
+    assert health.json()["status"] == "ok"
