@@ -249,7 +249,7 @@ def hed_jitter(
     offset = beta @ _RGB_FROM_HED
     m, offset = m.to(x.device, torch.float32), offset.to(x.device, torch.float32)
     # Contiguous NCHW first: on a channels_last batch the same ops run about 4x slower.
-    od = x.float().contiguous().clamp_(min=1e-6).log_().neg_().flatten(2)  # black: inf density
+    od = x.float().clamp(min=1e-6).contiguous().log_().neg_().flatten(2)  # black: inf density
     od = torch.baddbmm(offset[:, :, None], m.transpose(1, 2), od)
     return od.neg_().exp_().clamp_(0, 1).view_as(x).to(x.dtype)
 
