@@ -156,3 +156,19 @@ def test_otsu_separates_two_populations():
     thumb[10:30, 10:30] = (150, 80, 160)
     mask = tissue_mask(thumb)
     assert mask[12:28, 12:28].all() and not mask[:8].any()
+
+
+def test_cli_slide(trained_run, slide_2mpp, tmp_path):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+
+    ckpt = str(trained_run / "best.pt")
+    res = CliRunner().invoke(app, ["slide", ckpt, str(slide_2mpp), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout[res.stdout.index("{") :])["n_tiles"] > 0
+    assert (tmp_path / f"{PATIENT}_idc.geojson").exists()
+    res = CliRunner().invoke(
+        app, ["slide", ckpt, str(tmp_path / "none.svs"), "--out", str(tmp_path)]
+    )
+    assert res.exit_code == 1
