@@ -49,6 +49,19 @@ class Preprocessing:
             patients = np.zeros(len(images), dtype=np.int64)
         return normalize_per_patient(np.asarray(images), patients, self.stain, self.stain_reference)
 
+    def stain_rows(
+        self, images: np.ndarray, rows, patients
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(images, rows)`` for the model: ``images[rows]`` stain-normalised per patient.
+
+        ``patients`` holds one id per image. Without stain normalisation both come back as is.
+        """
+        if self.stain == "none":
+            return images, rows
+        rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+        pats = None if patients is None else np.asarray(patients)[rows]
+        return self.normalize_stain(images[rows], pats), None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a float batch in [0, 1] of shape (B, 3, H, W)."""
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)

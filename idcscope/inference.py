@@ -79,11 +79,7 @@ class Predictor:
         calibrated, raw = [], []
         for i, (model, ckpt, prep) in enumerate(self.members):
             desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
-            imgs, idx = images, rows
-            if prep.stain != "none":
-                idx = np.arange(len(images)) if rows is None else np.asarray(rows)
-                pats = None if patients is None else np.asarray(patients)[idx]
-                imgs, idx = prep.normalize_stain(images[idx], pats), None
+            imgs, idx = prep.stain_rows(images, rows, patients)
             logits = predict_logits(
                 model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )

@@ -89,10 +89,7 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str)
         prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
         def score(images, rows, patients):
-            if prep.stain != "none":
-                rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-                pats = None if patients is None else np.asarray(patients)[rows]
-                images, rows = prep.normalize_stain(images[rows], pats), None
+            images, rows = prep.stain_rows(images, rows, patients)
             logits = runner.predict_logits(images, rows, batch_size=batch_size, tta=tta)
             return probabilities(logits, runner.temperature)
 
