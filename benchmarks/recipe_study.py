@@ -29,34 +29,78 @@ from idcscope.evaluate import evaluate
 # re-evaluates instead of training: one for TTA, several for an ensemble)
 CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
     "report": ("report", {}, False, ()),
-    # Stain options are explicit, whatever the default recipe holds today.
-    "default": ("default", {"stain": "none"}, False, ()),
-    "default_tta": ("default", {"stain": "none"}, True, ("default",)),
-    "default_reinhard": ("default", {"stain": "reinhard"}, False, ()),
-    "default_reinhard_tta": ("default", {"stain": "reinhard"}, True, ("default_reinhard",)),
-    "default_reinhard_seed1": ("default", {"stain": "reinhard", "seed": 1}, False, ()),
+    # Stain and context options are explicit, whatever the default recipe holds today.
+    "default": ("default", {"stain": "none", "context": "none"}, False, ()),
+    "default_tta": ("default", {"stain": "none", "context": "none"}, True, ("default",)),
+    "default_reinhard": ("default", {"stain": "reinhard", "context": "none"}, False, ()),
+    "default_reinhard_tta": (
+        "default",
+        {"stain": "reinhard", "context": "none"},
+        True,
+        ("default_reinhard",),
+    ),
+    "default_reinhard_seed1": (
+        "default",
+        {"stain": "reinhard", "context": "none", "seed": 1},
+        False,
+        (),
+    ),
     "default_reinhard_ens2": (
         "default",
-        {"stain": "reinhard"},
+        {"stain": "reinhard", "context": "none"},
         False,
         ("default_reinhard", "default_reinhard_seed1"),
     ),
-    "default_macenko": ("default", {"stain": "macenko"}, False, ()),
+    "default_macenko": ("default", {"stain": "macenko", "context": "none"}, False, ()),
     "reinhard_balanced_sampler": (
         "default",
-        {"stain": "reinhard", "imbalance": "balanced_sampler"},
+        {"stain": "reinhard", "context": "none", "imbalance": "balanced_sampler"},
         False,
         (),
     ),
-    "reinhard_focal": ("default", {"stain": "reinhard", "imbalance": "focal"}, False, ()),
-    "reinhard_no_imbalance": ("default", {"stain": "reinhard", "imbalance": "none"}, False, ()),
-    "reinhard_dihedral_only": ("default", {"stain": "reinhard", "augment": "dihedral"}, False, ()),
-    "reinhard_resnet18": ("default", {"stain": "reinhard", "model": "resnet18"}, False, ()),
-    "reinhard_efficientnet_b0": (
+    "context_epochs24": (
         "default",
-        {"stain": "reinhard", "model": "efficientnet_b0"},
+        {"stain": "reinhard", "context": "grid", "epochs": 24},
         False,
         (),
+    ),
+    "reinhard_focal": (
+        "default",
+        {"stain": "reinhard", "context": "none", "imbalance": "focal"},
+        False,
+        (),
+    ),
+    "reinhard_no_imbalance": (
+        "default",
+        {"stain": "reinhard", "context": "none", "imbalance": "none"},
+        False,
+        (),
+    ),
+    "reinhard_dihedral_only": (
+        "default",
+        {"stain": "reinhard", "context": "none", "augment": "dihedral"},
+        False,
+        (),
+    ),
+    "reinhard_resnet18": (
+        "default",
+        {"stain": "reinhard", "context": "none", "model": "resnet18"},
+        False,
+        (),
+    ),
+    "reinhard_efficientnet_b0": (
+        "default",
+        {"stain": "reinhard", "context": "none", "model": "efficientnet_b0"},
+        False,
+        (),
+    ),
+    # Spatial context: each patch's logits averaged with its neighbours' on the patient grid.
+    "reinhard_context": ("default", {"stain": "reinhard", "context": "grid"}, False, ()),
+    "reinhard_context_tta": (
+        "default",
+        {"stain": "reinhard", "context": "grid"},
+        True,
+        ("reinhard_context",),
     ),
 }
 
@@ -105,8 +149,7 @@ def main() -> None:
                 preset,
                 data=args.data,
                 out=str(run),
-                epochs=args.epochs,
-                **{"seed": args.seed, **overrides},
+                **{"seed": args.seed, "epochs": args.epochs, **overrides},
             )
             result = cross_validate(cfg, folds=args.folds, tta=tta, fold_seed=args.seed)
         run.mkdir(parents=True, exist_ok=True)

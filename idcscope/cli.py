@@ -20,6 +20,14 @@ logger = logging.getLogger("idcscope")
 
 Recipe = Annotated[str, typer.Option(help="Preset: 'default' (ours) or 'report' (the study's).")]
 Threads = Annotated[int, typer.Option(help="Torch CPU threads (0: all cores).")]
+Context = Annotated[
+    bool,
+    typer.Option(
+        "--context/--no-context",
+        help="Average each patch's logits with its neighbours' (from the coordinates in the "
+        "file names) as the checkpoint was fitted to; --no-context scores patches alone.",
+    ),
+]
 
 
 @app.callback()
@@ -76,6 +84,10 @@ def train(
     imbalance: Annotated[
         str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
     ] = None,
+    stain: Annotated[str | None, typer.Option(help="none|reinhard|macenko, per patient.")] = None,
+    context: Annotated[
+        str | None, typer.Option(help="grid (neighbours' scores, width fitted) | none.")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
@@ -108,6 +120,8 @@ def train(
             lr=lr,
             augment=augment,
             imbalance=imbalance,
+            stain=stain,
+            context=context,
             split=split,
             pretrained=pretrained,
             weights=weights,
@@ -140,13 +154,14 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, plots and report.html.")],
     split: Annotated[str | None, typer.Option(help="Only this split of the checkpoint's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    context: Context = True,
 ) -> None:
     """Evaluate a checkpoint on held-out patients; writes metrics, plots and an HTML report."""
     from .errors import IdcscopeError
     from .evaluate import evaluate as run_evaluation
 
     try:
-        m = run_evaluation(checkpoint, data_dir, out, split=split, tta=tta)
+        m = run_evaluation(checkpoint, data_dir, out, split=split, tta=tta, context=context)
     except IdcscopeError as e:
         raise _fail(e) from e
     _print_headline(m)
@@ -160,13 +175,14 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred.")],
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
     engine: Annotated[str, typer.Option(help="torch|onnx (ONNX Runtime: .pt or .onnx).")] = "torch",
+    context: Context = True,
 ) -> None:
     """Predict P(IDC) for patches with nothing but a checkpoint."""
     from .errors import IdcscopeError
     from .predict import predict as run_prediction
 
     try:
-        df = run_prediction(checkpoint, paths, out, tta=tta, engine=engine)
+        df = run_prediction(checkpoint, paths, out, tta=tta, engine=engine, context=context)
     except IdcscopeError as e:
         raise _fail(e) from e
     logger.info("wrote %d rows to %s", len(df), out)
@@ -301,13 +317,14 @@ def ensemble(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, plots and report.html.")],
     split: Annotated[str | None, typer.Option(help="Only this split of the first model's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    context: Context = True,
 ) -> None:
     """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
     from .errors import IdcscopeError
     from .evaluate import evaluate as run_evaluation
 
     try:
-        m = run_evaluation(list(checkpoints), data, out, split=split, tta=tta)
+        m = run_evaluation(list(checkpoints), data, out, split=split, tta=tta, context=context)
     except IdcscopeError as e:
         raise _fail(e) from e
     _print_headline(m)

@@ -31,14 +31,16 @@ def evaluate(
     batch_size: int = 512,
     cache_dir: str | None = None,
     n_boot: int = 500,
+    context: bool = True,
 ) -> dict:
     """Evaluate a checkpoint (or an ensemble of them) on ``data_dir``.
 
     Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
+    ``context=False`` scores every patch alone, without its neighbours (see ``context``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size)
+    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, context=context)
     ckpt = predictor.checkpoints[0]
     data = load_patch_data(data_dir, cache_dir)
     data.write_skipped(out / "skipped.csv")  # with predictions.csv, every file is accounted for
@@ -69,7 +71,8 @@ def evaluate(
     if len(rows) == 0:
         raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
 
-    prob, raw = predictor.predict(data.images, rows, data.patients)
+    coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
+    prob, raw = predictor.predict(data.images, rows, data.patients, coords)
     threshold = predictor.threshold
     y, patients = data.labels[rows], data.patients[rows]
     result = metrics.binary_metrics(y, prob, threshold)
@@ -87,6 +90,7 @@ def evaluate(
         split=split or "all",
         split_method=ckpt_splits.get("method", "patient"),
         tta=tta,
+        context_sigma=predictor.context_sigma,
         threshold_source=ckpt.get("threshold_method", "default 0.5"),
         leaks_patients=ckpt_splits.get("method") == "random",
         data_summary=data.summary(),
@@ -108,6 +112,7 @@ def _describe(result: dict) -> str:
         f"{result['split_method']}-level split)\n"
         f"threshold: {result['threshold']:.4f} ({result['threshold_source']})\n"
         f"test-time augmentation: {result['tta']}\n"
+        f"spatial context (Gaussian sigma, grid cells): {result['context_sigma']}\n"
         f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}"
     )
 

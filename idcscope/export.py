@@ -39,6 +39,7 @@ _META_FIELDS = (
     "threshold",
     "threshold_method",
     "temperature",
+    "context",
     "preprocessing",
     "epoch",
 )

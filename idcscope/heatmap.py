@@ -356,8 +356,9 @@ def patient_heatmap(
     if len(rows) == 0:
         raise DataError(f"{patient_dir}: none of the {len(table)} patches could be read")
     # One patient: stain normalisation (when the model uses it) fits on all its patches.
-    prob = predictor.predict_proba(decoded.images, rows, np.full(len(table), pid))
-    xs, ys = table["x"].to_numpy()[rows], table["y"].to_numpy()[rows]
+    xs, ys = table["x"].to_numpy(), table["y"].to_numpy()
+    prob = predictor.predict_proba(decoded.images, rows, np.full(len(table), pid), (xs, ys))
+    xs, ys = xs[rows], ys[rows]
     labels = table["label"].to_numpy()[rows]
     known = bool((labels >= 0).all())
 
@@ -373,6 +374,7 @@ def patient_heatmap(
         "n_skipped": len(skipped),  # left out before decoding: bad headers, no coordinates
         "threshold": threshold,
         "tta": predictor.tta,
+        "context_sigma": predictor.context_sigma,
         "n_tissue_cells": n_cells,
         "idc_fraction_pred": int(pred_mask.sum()) / n_cells,
     }

@@ -1,8 +1,10 @@
 """The model as a user applies it: one checkpoint or an ensemble, calibrated, with a threshold.
 
 ``Predictor`` turns uint8 patches into P(IDC): each member applies its own preprocessing,
-its temperature (fitted on its validation patients) and optionally the 8 dihedral views;
-an ensemble averages the members' calibrated probabilities and their thresholds.
+optionally the 8 dihedral views, its spatial context (each patch's logits averaged with
+its neighbours' on the patient's grid, when the patches' coordinates are given; see
+``context``) and its temperature (both fitted on its validation patients); an ensemble
+averages the members' calibrated probabilities and their thresholds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
+from .context import smooth_rows
 from .engine import Preprocessing, fuse_for_inference, predict_logits, probabilities
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ class Predictor:
         tta: average over the 8 dihedral transforms of each patch.
         batch_size: patches per forward pass.
         precision: "bf16" (autocast) or "fp32".
+        context: use the checkpoints' spatial context when coordinates are given; False
+            scores every patch alone.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class Predictor:
         tta: bool = False,
         batch_size: int = 512,
         precision: str = "bf16",
+        context: bool = True,
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         self.paths = [Path(p) for p in paths]
@@ -54,11 +60,19 @@ class Predictor:
                 model = model.to(memory_format=torch.channels_last)
             self.members.append((fuse_for_inference(model), ckpt, prep))
         self.device, self.tta, self.batch_size, self.precision = device, tta, batch_size, precision
+        self.context = context
         self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))
 
     @property
     def checkpoints(self) -> list[dict]:
         return [c for _, c, _ in self.members]
+
+    @property
+    def context_sigma(self) -> float:
+        """Width of the spatial context in use, in grid cells (the members' mean; 0: off)."""
+        if not self.context:
+            return 0.0
+        return float(np.mean([c.get("context", {}).get("sigma", 0.0) for c in self.checkpoints]))
 
     @property
     def seen_patients(self) -> set[str]:
@@ -70,11 +84,18 @@ class Predictor:
         return seen
 
     def predict(
-        self, images: np.ndarray, rows: np.ndarray | None = None, patients: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        rows: np.ndarray | None = None,
+        patients: np.ndarray | None = None,
+        coords: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Prediction:
         """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None).
 
-        ``patients`` (one id per image) is needed by members that normalise stains per patient.
+        ``patients`` (one id per image) is needed by members that normalise stains per
+        patient; ``coords`` (``(xs, ys)``, each patch's top-left corner in slide pixels, one
+        per image, NaN where unknown) by members with spatial context. Without them, those
+        members score each patch alone.
         """
         calibrated, raw = [], []
         for i, (model, ckpt, prep) in enumerate(self.members):
@@ -83,12 +104,19 @@ class Predictor:
             logits = predict_logits(
                 model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )
+            if self.context and coords is not None and ckpt.get("context"):
+                smoothed = smooth_rows(logits.numpy(), rows, patients, coords, ckpt["context"])
+                logits = torch.from_numpy(smoothed).float()
             calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
             raw.append(probabilities(logits))
         return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))
 
     def predict_proba(
-        self, images: np.ndarray, rows: np.ndarray | None = None, patients: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        rows: np.ndarray | None = None,
+        patients: np.ndarray | None = None,
+        coords: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""
-        return self.predict(images, rows, patients).prob
+        return self.predict(images, rows, patients, coords).prob

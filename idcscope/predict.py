@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from .context import smooth_rows
 from .data.cache import decode_files
 from .data.manifest import IMAGE_SUFFIXES, index_files
 from .engine import Preprocessing, probabilities
@@ -28,6 +30,7 @@ def predict(
     workers: int | None = None,
     engine: str = "torch",
     precision: str = "bf16",
+    context: bool = True,
 ) -> pd.DataFrame:
     """One row per input file; files that cannot be read keep their row, with the reason.
 
@@ -40,6 +43,9 @@ def predict(
         workers: decoding processes (default: the cores, at most 8).
         engine: "torch", or "onnx" for ONNX Runtime (a checkpoint is exported first).
         precision: "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
+        context: smooth each patch's logits with its neighbours' (patches of one patient,
+            placed by the coordinates in their names) when the checkpoint has a spatial
+            context; False scores every patch alone.
     """
     index = index_files(paths)
     table = index.table
@@ -50,8 +56,9 @@ def predict(
     decoded = decode_files(list(table["path"]), workers=workers)
     rows = np.flatnonzero(decoded.ok)
     prob = np.full(len(table), np.nan)
-    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision)
-    prob[rows] = score(decoded.images, rows, table["patient"].to_numpy())
+    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision, context)
+    coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
+    prob[rows] = score(decoded.images, rows, table["patient"].to_numpy(), coords)
     errors = dict(decoded.errors)
     out = pd.DataFrame(
         {
@@ -75,10 +82,12 @@ def predict(
     return out
 
 
-def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str):
-    """``(function of (images, rows, patients) -> calibrated P(IDC), threshold)``."""
+def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str, context: bool):
+    """``(function of (images, rows, patients, coords) -> calibrated P(IDC), threshold)``."""
     if engine == "torch":
-        predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, precision=precision)
+        predictor = Predictor(
+            checkpoint, tta=tta, batch_size=batch_size, precision=precision, context=context
+        )
         return predictor.predict_proba, predictor.threshold
     if engine == "onnx":
         from .export import OnnxPredictor
@@ -88,9 +97,14 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str)
         # on the uint8 patches, before the graph.
         prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
-        def score(images, rows, patients):
-            images, rows = prep.stain_rows(images, rows, patients)
-            logits = runner.predict_logits(images, rows, batch_size=batch_size, tta=tta)
+        def score(images, rows, patients, coords):
+            stained, idx = prep.stain_rows(images, rows, patients)
+            logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
+            if context and runner.metadata.get("context"):  # smoothing on the grid, after the graph
+                smoothed = smooth_rows(
+                    logits.numpy(), rows, patients, coords, runner.metadata["context"]
+                )
+                logits = torch.from_numpy(smoothed).float()
             return probabilities(logits, runner.temperature)
 
         return score, runner.threshold

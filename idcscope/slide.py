@@ -293,8 +293,9 @@ def slide_inference(
         slide.close()
     t_read = time.perf_counter() - t0
     prob = np.full((grid.rows, grid.cols), np.nan)
-    if len(tiles):  # one slide is one patient for per-patient stain normalisation
-        prob[rows, cols] = predictor.predict_proba(tiles, None, np.full(len(tiles), name))
+    if len(tiles):  # one slide is one patient for stain normalisation and spatial context
+        where = (cols * PATCH, rows * PATCH)  # the tile grid in model-resolution pixels
+        prob[rows, cols] = predictor.predict_proba(tiles, None, np.full(len(tiles), name), where)
     elapsed = time.perf_counter() - t0
 
     n, hot = len(tiles), int((prob[rows, cols] >= threshold).sum())
@@ -308,6 +309,7 @@ def slide_inference(
         "tile_px_level0": round(grid.tile, 3),
         "threshold": threshold,
         "tta": predictor.tta,
+        "context_sigma": predictor.context_sigma,
         "n_tiles": n,
         "n_idc_tiles": hot,
         "idc_fraction": hot / n if n else None,

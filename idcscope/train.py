@@ -23,6 +23,7 @@ from . import metrics
 from .calibration import calibration_report, choose_threshold, fit_temperature
 from .checkpoint import PATCH_MPP, read_checkpoint, save_checkpoint, update_checkpoint
 from .config import TrainConfig, save_config
+from .context import STEP, fit_sigma, smooth_logits
 from .data import splits as splitting
 from .data.augment import create_augment
 from .data.dataset import PatchData, load_patch_data
@@ -350,9 +351,10 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
-    """With the best weights: fit the temperature and choose the threshold on validation.
+    """With the best weights, on validation: fit the spatial context, the temperature, then
+    choose the threshold.
 
-    Both are stored in both checkpoints, with the validation labels and calibrated
+    All are stored in both checkpoints, with the validation labels and calibrated
     probabilities, so that nothing downstream ever needs the test data to decide anything.
     """
     best = read_checkpoint(out / "best.pt")
@@ -360,6 +362,12 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     device = next(model.parameters()).device.type
     _, logits = validation_pass(model, data, val_rows, prep, cfg, device)
     y_val = data.labels[val_rows]
+    context = {"sigma": 0.0, "step": STEP}
+    if cfg.context == "grid" and len(val_rows):
+        where = (data.patients[val_rows], *(data.table[c].to_numpy()[val_rows] for c in "xy"))
+        sigma, losses = fit_sigma(logits.numpy(), y_val, *where, step=STEP)
+        context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
+        logits = torch.from_numpy(smooth_logits(logits.numpy(), *where, sigma, STEP)).float()
     temperature = fit_temperature(logits, y_val) if len(val_rows) else 1.0
     val_prob = probabilities(logits, temperature)
     threshold = 0.5
@@ -373,6 +381,7 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
         "threshold": threshold,
         "threshold_method": f"{method} on validation patients",
         "temperature": temperature,
+        "context": context,
         "calibration": calibration,
         "val_metrics": val,
         "best_epoch": best["epoch"],
@@ -385,8 +394,10 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **summary, validation=val_record)
     logger.info(
-        "best epoch %d; temperature %.3f; threshold %.3f (%s on %d validation patches)",
+        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s on %d "
+        "validation patches)",
         best["epoch"],
+        context["sigma"],
         temperature,
         threshold,
         method,

@@ -59,6 +59,15 @@ def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):
     assert "optimizer" in read_checkpoint(run_dir / "last.pt")
 
 
+def test_default_recipe_fits_the_spatial_context_on_validation(run_dir):
+    from idcscope.context import SIGMAS
+
+    ctx = read_checkpoint(run_dir / "best.pt")["context"]
+    losses = {float(k): v for k, v in ctx["val_log_loss"].items()}
+    assert set(losses) == set(SIGMAS) and ctx["step"] == 50
+    assert ctx["sigma"] in SIGMAS and losses[ctx["sigma"]] == min(losses.values())
+
+
 def test_split_has_no_patient_on_two_sides(run_dir):
     s = json.loads((run_dir / "splits.json").read_text())
     assert s["test"] and s["val"] and s["train"]

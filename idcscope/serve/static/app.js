@@ -33,7 +33,8 @@ async function loadHealth() {
     const m = health.model;
     box.replaceChildren(
       el("span", { className: "pill" + (health.busy ? " busy" : "") }, health.busy ? "busy" : "ready"),
-      ` ${m.model} · ${m.checkpoint} · threshold ${fixed(m.threshold)} · T ${fixed(m.temperature, 2)}`,
+      ` ${m.model} · ${m.checkpoint} · threshold ${fixed(m.threshold)} · T ${fixed(m.temperature, 2)}` +
+        (m.context_sigma ? ` · context σ ${fixed(m.context_sigma, 2)}` : ""),
     );
     const noSlides = !health.slides;
     $(".slide-unavailable").hidden = !noSlides;
@@ -198,6 +199,7 @@ function renderPatient(result) {
     ["Patient", s.patient],
     ["Patches", s.n_patches + (s.n_unreadable ? ` (${s.n_unreadable} unreadable)` : "")],
     ["Threshold", fixed(s.threshold)],
+    ["Spatial context", s.context_sigma ? `σ ${fixed(s.context_sigma, 2)} patches` : "off"],
     ["Predicted IDC area", percent(s.idc_fraction_pred)],
     ["Annotated IDC area", known ? percent(s.idc_fraction_true) : undefined],
     ["Dice", known ? fixed(s.dice) : undefined],

@@ -1,0 +1,123 @@
+"""Spatial context: each patch's score averaged with its neighbours' on the patient's grid.
+
+IDC is annotated as regions many patches across, so a patch's label is almost always its
+neighbours' label, while a 50x50 patch alone is a noisy view of it. Every patch comes with
+its place on the slide (the Kaggle file names carry it; slide tiles have theirs), so the
+grid of a patient's patches can be rebuilt and each patch's logits replaced by a Gaussian
+average over the grid: the Gaussian is normalised over the cells that hold a patch, so
+glass and the edge of the tissue do not pull scores towards either class. Only images are
+used, never labels. The width (in grid cells) is chosen on the validation patients at
+training time and stored in the checkpoint; width 0 is the patch alone, and so is a patch
+without coordinates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .calibration import fit_temperature
+
+STEP = 50  # grid step of the Kaggle patches, in slide pixels: their size
+SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
+TRUNCATE = 3.0  # the Gaussian reaches 3 sigma: 9 cells at sigma 3
+
+
+def smooth_logits(
+    logits: np.ndarray,
+    groups: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    sigma: float,
+    step: int = STEP,
+) -> np.ndarray:
+    """Gaussian average of each row's logits over the neighbouring patches of its group.
+
+    Args:
+        logits: (N, C) or (N,) scores, averaged linearly (logits, not probabilities: a
+            confident neighbour counts for more than a hesitant one).
+        groups: (N,) patient (or slide) of each row; grids never mix groups.
+        xs, ys: (N,) top-left corner of each patch in slide pixels; NaN or negative where
+            unknown (the manifest writes -1): such rows keep their own logits.
+        sigma: Gaussian width in grid cells; 0 returns ``logits`` unchanged.
+        step: grid step in slide pixels (the patch size of the Kaggle data, the tile size
+            of a slide).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if sigma <= 0 or len(logits) == 0:
+        return logits.copy()
+    flat = logits.reshape(len(logits), -1)
+    out = flat.copy()
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    groups = np.asarray(groups)
+    with np.errstate(invalid="ignore"):
+        placed = (xs >= 0) & (ys >= 0)  # False for NaN too
+    for g in np.unique(groups[placed]):
+        idx = np.flatnonzero(placed & (groups == g))
+        col = ((xs[idx] - xs[idx].min()) // step).astype(np.int64)
+        row = ((ys[idx] - ys[idx].min()) // step).astype(np.int64)
+        shape = (row.max() + 1, col.max() + 1)
+        weight = np.zeros(shape)
+        np.add.at(weight, (row, col), 1.0)
+        w = ndimage.gaussian_filter(weight, sigma, mode="constant", truncate=TRUNCATE)
+        for c in range(flat.shape[1]):
+            total = np.zeros(shape)
+            np.add.at(total, (row, col), flat[idx, c])
+            s = ndimage.gaussian_filter(total, sigma, mode="constant", truncate=TRUNCATE)
+            out[idx, c] = s[row, col] / w[row, col]
+    return out.reshape(logits.shape)
+
+
+def fit_sigma(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    step: int = STEP,
+    sigmas: tuple[float, ...] = SIGMAS,
+) -> tuple[float, dict[float, float]]:
+    """The width whose smoothed, temperature-scaled logits give the lowest log-loss.
+
+    Each candidate gets its own temperature (smoothing changes how confident the logits
+    are), so widths are compared at their best calibration. Returns the width and the
+    log-loss of every candidate.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    losses = {}
+    for sigma in sigmas:
+        z = smooth_logits(logits, groups, xs, ys, sigma, step)
+        t = fit_temperature(z, labels)
+        losses[float(sigma)] = _log_loss(z / t, labels)
+    best = min(losses, key=lambda s: (losses[s], s))
+    return best, losses
+
+
+def _log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def smooth_rows(
+    logits: np.ndarray,
+    rows: np.ndarray | None,
+    patients: np.ndarray | None,
+    coords: tuple[np.ndarray, np.ndarray],
+    context: dict,
+) -> np.ndarray:
+    """:func:`smooth_logits` for the logits of ``images[rows]``, with per-image arrays.
+
+    Args:
+        logits: (len(rows), C) logits, in the order of ``rows``.
+        rows: indices into the per-image arrays (all images when None).
+        patients: one id per image (None: all one patient).
+        coords: ``(xs, ys)``, one top-left corner per image, in slide pixels (negative or
+            NaN where unknown).
+        context: a checkpoint's ``context`` field, ``{"sigma", "step"}``.
+    """
+    sigma, step = float(context.get("sigma", 0.0)), int(context.get("step", STEP))
+    rows = slice(None) if rows is None else np.asarray(rows)
+    xs, ys = (np.asarray(c, dtype=np.float64)[rows] for c in coords)
+    groups = np.zeros(len(xs)) if patients is None else np.asarray(patients)[rows]
+    return smooth_logits(logits, groups, xs, ys, sigma, step)

@@ -1,0 +1,186 @@
+"""Spatial context: logits averaged over the patient's patch grid, width fitted on validation."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from idcscope.context import fit_sigma, smooth_logits, smooth_rows
+
+
+def blob_patients(n_patients=2, side=24, noise=2.0, seed=0, shuffle_labels=False):
+    """Patients on a side x side grid with one round IDC region each, and noisy logits."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:side, :side]
+    xs, ys, groups, labels = [], [], [], []
+    for p in range(n_patients):
+        centre = rng.uniform(side * 0.3, side * 0.7, 2)
+        label = ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 < (side / 4) ** 2).ravel()
+        xs.append(cols.ravel() * 50 + 1)  # Kaggle coordinates: 1, 51, 101, ...
+        ys.append(rows.ravel() * 50 + 1)
+        groups.append(np.full(side * side, f"p{p}"))
+        labels.append(rng.permutation(label) if shuffle_labels else label)
+    xs, ys, groups = np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+    y = np.concatenate(labels).astype(int)
+    margin = (2 * y - 1) + rng.normal(0, noise, len(y))
+    logits = np.stack([-margin / 2, margin / 2], axis=1)
+    return logits, y, groups, xs.astype(float), ys.astype(float)
+
+
+def test_width_zero_is_the_patch_alone():
+    logits, _, groups, xs, ys = blob_patients()
+    np.testing.assert_array_equal(smooth_logits(logits, groups, xs, ys, 0.0), logits)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_a_constant_map_stays_constant_up_to_the_tissue_edge(sigma):
+    """Weights are normalised over cells with a patch: glass and edges pull nothing."""
+    _, _, groups, xs, ys = blob_patients(n_patients=1)
+    keep = np.random.default_rng(1).random(len(xs)) < 0.6  # ragged tissue with holes
+    values = np.full((int(keep.sum()), 2), [-0.7, 2.5])
+    out = smooth_logits(values, groups[keep], xs[keep], ys[keep], sigma)
+    np.testing.assert_allclose(out, values)
+
+
+def test_patients_never_mix_and_unplaced_patches_keep_their_own_score():
+    # Two patients on the same coordinates, opposite scores: each stays its own.
+    xs, ys = np.array([1.0, 51, 1, 51, -1, np.nan]), np.array([1.0, 1, 1, 1, -1, 5])
+    groups = np.array(["a", "a", "b", "b", "a", "a"])
+    values = np.array([3.0, 1.0, -3.0, -1.0, 9.0, 7.0])
+    out = smooth_logits(values, groups, xs, ys, 1.0)
+    assert 1.0 < out[1] < out[0] < 3.0 and out[0] + out[1] == pytest.approx(4.0)  # pulled
+    assert -3.0 < out[2] < out[3] < -1.0 and out[2] + out[3] == pytest.approx(-4.0)
+    assert out[4] == 9.0 and out[5] == 7.0  # no coordinates: the patch alone
+
+
+def test_far_apart_patches_do_not_reach_each_other():
+    values = np.array([[0.0, 1.0], [0.0, -1.0]])
+    xs, ys = np.array([1.0, 1 + 50 * 20]), np.array([1.0, 1.0])  # 20 cells apart
+    np.testing.assert_array_equal(smooth_logits(values, np.zeros(2), xs, ys, 2.0), values)
+
+
+def test_smoothing_recovers_regions_from_noisy_patch_scores():
+    logits, y, groups, xs, ys = blob_patients(noise=2.0)
+    before = roc_auc_score(y, logits[:, 1])
+    sigma, losses = fit_sigma(logits, y, groups, xs, ys)
+    after = roc_auc_score(y, smooth_logits(logits, groups, xs, ys, sigma)[:, 1])
+    assert sigma >= 1.0 and losses[sigma] < losses[0.0]
+    assert before < 0.8 and after > 0.95
+
+
+def test_fit_keeps_the_patch_alone_when_neighbours_carry_no_information():
+    # Labels shuffled over the grid: a neighbour's label says nothing about a patch's.
+    logits, y, groups, xs, ys = blob_patients(noise=0.5, shuffle_labels=True)
+    sigma, losses = fit_sigma(logits, y, groups, xs, ys)
+    assert sigma == 0.0 and losses[0.0] == min(losses.values())
+
+
+def test_smooth_rows_indexes_per_image_arrays_by_rows():
+    logits, _, groups, xs, ys = blob_patients(n_patients=2)
+    rows = np.arange(0, len(xs), 3)[::-1]  # a subset, in any order
+    out = smooth_rows(logits[rows], rows, groups, (xs, ys), {"sigma": 1.0, "step": 50})
+    expected = smooth_logits(logits[rows], groups[rows], xs[rows], ys[rows], 1.0)
+    np.testing.assert_allclose(out, expected)
+    same = smooth_rows(logits, None, groups, (xs, ys), {"sigma": 0.0, "step": 50})
+    np.testing.assert_array_equal(same, logits)
+
+
+# ----------------------------------------------------------------------------- in use
+
+
+@pytest.fixture(scope="module")
+def context_ckpt(trained_run, tmp_path_factory):
+    """The shared run's checkpoint with a known context width and temperature 1."""
+    from idcscope.checkpoint import update_checkpoint
+
+    path = tmp_path_factory.mktemp("context") / "best.pt"
+    path.write_bytes((trained_run / "best.pt").read_bytes())
+    return update_checkpoint(path, context={"sigma": 1.5, "step": 50}, temperature=1.0)
+
+
+def smoothed_from_alone(prob, groups, xs, ys, sigma=1.5):
+    """What context must give: the patch-alone logits smoothed (temperature scaling commutes
+    with the smoothing, so probabilities suffice)."""
+    from scipy.special import expit, logit
+
+    return expit(smooth_logits(logit(np.asarray(prob, np.float64)), groups, xs, ys, sigma))
+
+
+def assert_smoothed(with_context, alone, groups, xs, ys, atol=1e-5):
+    expected = smoothed_from_alone(alone, groups, xs, ys)
+    np.testing.assert_allclose(with_context, expected, atol=atol)
+    assert np.abs(np.asarray(with_context) - alone).max() > 50 * atol  # it does move scores
+    assert np.std(with_context) < np.std(alone)  # and evens out patch-to-patch noise
+
+
+def test_predictor_smooths_each_patients_logits_over_its_grid(context_ckpt, synthetic_root):
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.inference import Predictor
+
+    data = load_patch_data(synthetic_root)
+    rows, t = data.rows(), data.table
+    coords = (t["x"].to_numpy(), t["y"].to_numpy())
+    with_context = Predictor(context_ckpt, precision="fp32")
+    alone = Predictor(context_ckpt, precision="fp32", context=False)
+    assert (with_context.context_sigma, alone.context_sigma) == (1.5, 0.0)
+    p_alone = alone.predict_proba(data.images, rows, data.patients, coords)
+    p_ctx = with_context.predict_proba(data.images, rows, data.patients, coords)
+    assert_smoothed(p_ctx, p_alone, data.patients[rows], coords[0][rows], coords[1][rows], 1e-6)
+    no_places = with_context.predict_proba(data.images, rows, data.patients)
+    np.testing.assert_array_equal(no_places, p_alone)
+
+
+def test_evaluate_predict_and_heatmap_use_the_patches_places(
+    context_ckpt, synthetic_root, tmp_path
+):
+    import pandas as pd
+
+    from idcscope.evaluate import evaluate
+    from idcscope.heatmap import patient_heatmap
+    from idcscope.inference import Predictor
+    from idcscope.predict import predict
+
+    runs = {}
+    for context in (True, False):
+        m = evaluate(
+            context_ckpt, synthetic_root, tmp_path / f"{context}", n_boot=0, context=context
+        )
+        assert m["context_sigma"] == (1.5 if context else 0.0)
+        runs[context] = pd.read_csv(
+            tmp_path / f"{context}" / "predictions.csv", dtype={"patient": str}
+        )
+    ev, alone = runs[True], runs[False]
+    assert_smoothed(ev["prob_idc"], alone["prob_idc"], ev["patient"], ev["x"], ev["y"])
+
+    for engine in ("torch", "onnx"):
+        ctx, alone = (
+            predict(context_ckpt, [synthetic_root], engine=engine, context=c) for c in (True, False)
+        )
+        assert_smoothed(ctx["prob_idc"], alone["prob_idc"], ctx["patient"], ctx["x"], ctx["y"])
+
+    patient = synthetic_root / ev["patient"][0]
+    ctx = patient_heatmap(context_ckpt, patient, tmp_path / "hm")
+    alone = patient_heatmap(Predictor(context_ckpt, context=False), patient, tmp_path / "hm0")
+    assert (ctx["context_sigma"], alone["context_sigma"]) == (1.5, 0.0)
+    ctx, alone = (pd.read_csv(s["files"]["predictions"]) for s in (ctx, alone))
+    assert_smoothed(ctx["prob_idc"], alone["prob_idc"], np.zeros(len(ctx)), ctx["x"], ctx["y"])
+
+
+def test_slide_tiles_are_smoothed_over_the_tile_grid(context_ckpt, synthetic_root, tmp_path):
+    import pandas as pd
+
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.heatmap import patient_mosaic
+    from idcscope.inference import Predictor
+    from idcscope.slide import slide_inference, write_tiff_slide
+
+    data = load_patch_data(synthetic_root)
+    one = data.rows(data.patients == data.patients[0])
+    t = data.table.iloc[one]
+    mosaic, _ = patient_mosaic(data.images[one], t["x"], t["y"])
+    slide = write_tiff_slide(mosaic, tmp_path / "s.tif", mpp=4.0)
+    alone = slide_inference(Predictor(context_ckpt, context=False), slide, tmp_path / "a")
+    ctx = slide_inference(context_ckpt, slide, tmp_path / "c")
+    assert ctx["context_sigma"] == 1.5
+    a, c = (pd.read_csv(s["files"]["tiles_csv"]) for s in (alone, ctx))
+    assert (a[["row", "col"]] == c[["row", "col"]]).all().all()
+    assert_smoothed(c["prob_idc"], a["prob_idc"], np.zeros(len(a)), a["col"] * 50, a["row"] * 50)
