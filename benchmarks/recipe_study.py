@@ -96,6 +96,18 @@ CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
     ),
     # Spatial context: each patch's logits averaged with its neighbours' on the patient grid.
     "reinhard_context": ("default", {"stain": "reinhard", "context": "grid"}, False, ()),
+    "reinhard_context_seed1": (
+        "default",
+        {"stain": "reinhard", "context": "grid", "seed": 1},
+        False,
+        (),
+    ),
+    "reinhard_context_ens2": (
+        "default",
+        {"stain": "reinhard", "context": "grid"},
+        False,
+        ("reinhard_context", "reinhard_context_seed1"),
+    ),
     "reinhard_context_tta": (
         "default",
         {"stain": "reinhard", "context": "grid"},

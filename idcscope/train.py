@@ -20,10 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import metrics
-from .calibration import calibration_report, choose_threshold, fit_temperature
 from .checkpoint import PATCH_MPP, read_checkpoint, save_checkpoint, update_checkpoint
 from .config import TrainConfig, save_config
-from .context import STEP, fit_sigma, smooth_logits
 from .data import splits as splitting
 from .data.augment import create_augment
 from .data.dataset import PatchData, load_patch_data
@@ -41,6 +39,7 @@ from .engine import (
 )
 from .errors import IdcscopeError
 from .models import create_model
+from .posthoc import fit_on_validation
 
 logger = logging.getLogger(__name__)
 
@@ -351,56 +350,31 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
-    """With the best weights, on validation: fit the spatial context, the temperature, then
-    choose the threshold.
+    """With the best weights, fit what the validation patients decide (``posthoc``).
 
-    All are stored in both checkpoints, with the validation labels and calibrated
+    It is stored in both checkpoints, with the validation labels and calibrated
     probabilities, so that nothing downstream ever needs the test data to decide anything.
     """
     best = read_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
     device = next(model.parameters()).device.type
     _, logits = validation_pass(model, data, val_rows, prep, cfg, device)
-    y_val = data.labels[val_rows]
-    context = {"sigma": 0.0, "step": STEP}
-    if cfg.context == "grid" and len(val_rows):
-        where = (data.patients[val_rows], *(data.table[c].to_numpy()[val_rows] for c in "xy"))
-        sigma, losses = fit_sigma(logits.numpy(), y_val, *where, step=STEP)
-        context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
-        logits = torch.from_numpy(smooth_logits(logits.numpy(), *where, sigma, STEP)).float()
-    temperature = fit_temperature(logits, y_val) if len(val_rows) else 1.0
-    val_prob = probabilities(logits, temperature)
-    threshold = 0.5
-    if len(val_rows):
-        threshold = choose_threshold(y_val, val_prob, cfg.threshold, cfg.target_sensitivity)
-    val = metrics.binary_metrics(y_val, val_prob, threshold) if len(val_rows) else {}
-    calibration = calibration_report(y_val, probabilities(logits), val_prob) if val else {}
-    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    fitted, val_prob = fit_on_validation(logits, data, val_rows, cfg)
     images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
-    summary = {
-        "threshold": threshold,
-        "threshold_method": f"{method} on validation patients",
-        "temperature": temperature,
-        "context": context,
-        "calibration": calibration,
-        "val_metrics": val,
-        "best_epoch": best["epoch"],
-        "images_per_s": images_per_s,
-    }
+    summary = {**fitted, "best_epoch": best["epoch"], "images_per_s": images_per_s}
     val_record = {
-        "labels": torch.from_numpy(y_val.astype(np.int64)),
+        "labels": torch.from_numpy(data.labels[val_rows].astype(np.int64)),
         "prob": torch.from_numpy(val_prob.astype(np.float32)),
     }
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **summary, validation=val_record)
     logger.info(
-        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s on %d "
-        "validation patches)",
+        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s, %d patches)",
         best["epoch"],
-        context["sigma"],
-        temperature,
-        threshold,
-        method,
+        summary["context"]["sigma"],
+        summary["temperature"],
+        summary["threshold"],
+        summary["threshold_method"],
         len(val_rows),
     )
     return summary

@@ -1,0 +1,54 @@
+"""What the validation patients decide after training: spatial context, temperature, threshold.
+
+In that order: the context width changes how confident the logits are, so the temperature
+is fitted on the smoothed logits, and the threshold on the calibrated probabilities the
+model will output. Nothing here ever sees test patients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import metrics
+from .calibration import calibration_report, choose_threshold, fit_temperature
+from .config import TrainConfig
+from .context import STEP, fit_sigma, smooth_logits
+from .data.dataset import PatchData
+from .engine import probabilities
+
+
+def fit_on_validation(
+    logits: torch.Tensor, data: PatchData, val_rows: np.ndarray, cfg: TrainConfig
+) -> tuple[dict, np.ndarray]:
+    """Checkpoint fields fitted on ``logits`` of ``data``'s ``val_rows``, and the calibrated
+    validation probabilities.
+
+    The fields: ``context`` (``{"sigma", "step"}``, plus each candidate width's validation
+    log-loss with ``cfg.context == "grid"``), ``temperature``, ``threshold``,
+    ``threshold_method``, ``calibration`` (ECE, Brier, NLL before and after) and
+    ``val_metrics``. Without validation patients: no context, T = 1, threshold 0.5.
+    """
+    y = data.labels[val_rows]
+    context: dict = {"sigma": 0.0, "step": STEP}
+    if cfg.context == "grid" and len(val_rows):
+        where = (data.patients[val_rows], *(data.table[c].to_numpy()[val_rows] for c in "xy"))
+        sigma, losses = fit_sigma(logits.numpy(), y, *where, step=STEP)
+        context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
+        logits = torch.from_numpy(smooth_logits(logits.numpy(), *where, sigma, STEP)).float()
+    temperature = fit_temperature(logits, y) if len(val_rows) else 1.0
+    prob = probabilities(logits, temperature)
+    threshold = 0.5
+    if len(val_rows):
+        threshold = choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity)
+    val = metrics.binary_metrics(y, prob, threshold) if len(val_rows) else {}
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    fields = {
+        "context": context,
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_method": f"{method} on validation patients",
+        "calibration": calibration_report(y, probabilities(logits), prob) if val else {},
+        "val_metrics": val,
+    }
+    return fields, prob
