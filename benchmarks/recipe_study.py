@@ -108,6 +108,12 @@ CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
         False,
         ("reinhard_context", "reinhard_context_seed1"),
     ),
+    "reinhard_context_strong_aug": (
+        "default",
+        {"stain": "reinhard", "context": "grid", "augment": "strong"},
+        False,
+        (),
+    ),
     "reinhard_context_tta": (
         "default",
         {"stain": "reinhard", "context": "grid"},

@@ -80,7 +80,7 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML file of config values.")] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
-    augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default")] = None,
+    augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default|strong")] = None,
     imbalance: Annotated[
         str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
     ] = None,

@@ -34,7 +34,8 @@ class TrainConfig:
         optimizer: "adamw" or "adam".
         schedule: "onecycle" (warm-up then cosine), "keras_decay" (lr / (1 + lr/epochs * step),
             as Keras' ``Adam(decay=INIT_LR / EPOCHS)``) or "constant".
-        augment: "none", "dihedral", "report" (rotation, zoom, shear, flips) or "default".
+        augment: "none", "dihedral", "report" (rotation, zoom, shear, flips), "default" or
+            "strong" (more stain and colour jitter).
         imbalance: "class_weight" (loss weights inverse to class frequency),
             "balanced_sampler" (draw classes equally often), "focal" (focal loss, gamma 2,
             with the class weights) or "none".
@@ -116,7 +117,7 @@ RECIPES: dict[str, dict] = {
 _CHOICES = {
     "optimizer": ("adamw", "adam"),
     "schedule": ("onecycle", "keras_decay", "constant"),
-    "augment": ("none", "dihedral", "report", "default"),
+    "augment": ("none", "dihedral", "report", "default", "strong"),
     "imbalance": ("class_weight", "balanced_sampler", "focal", "none"),
     "precision": ("bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),

@@ -29,6 +29,7 @@ RANDOM_OPS = {
     "hed": hed_jitter,
     "default": create_augment("default"),
     "report": create_augment("report"),
+    "strong": create_augment("strong"),
 }
 
 
@@ -215,5 +216,7 @@ def test_presets():
     assert default.color > 0
     assert not default.affine
     assert create_augment("default", hed=0.1).hed == 0.1
+    strong = create_augment("strong")
+    assert strong.dihedral and strong.hed > default.hed and strong.color > default.color
     with pytest.raises(ValueError, match="dihedral"):
         create_augment("nope")
