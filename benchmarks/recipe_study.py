@@ -114,6 +114,12 @@ CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
         False,
         (),
     ),
+    "reinhard_context_keep_last": (
+        "default",
+        {"stain": "reinhard", "context": "grid", "keep": "last"},
+        False,
+        (),
+    ),
     "reinhard_context_tta": (
         "default",
         {"stain": "reinhard", "context": "grid"},

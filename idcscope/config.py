@@ -34,6 +34,9 @@ class TrainConfig:
         optimizer: "adamw" or "adam".
         schedule: "onecycle" (warm-up then cosine), "keras_decay" (lr / (1 + lr/epochs * step),
             as Keras' ``Adam(decay=INIT_LR / EPOCHS)``) or "constant".
+        keep: which epoch becomes ``best.pt``: "val_loss" (the lowest validation loss, as
+            the original study checkpointed) or "last" (the end of the schedule; the loss of
+            a few validation patients is a noisy guide to the next patient).
         augment: "none", "dihedral", "report" (rotation, zoom, shear, flips), "default" or
             "strong" (more stain and colour jitter).
         imbalance: "class_weight" (loss weights inverse to class frequency),
@@ -76,6 +79,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "onecycle"
+    keep: str = "val_loss"
     augment: str = "default"
     imbalance: str = "class_weight"
     label_smoothing: float = 0.0
@@ -117,6 +121,7 @@ RECIPES: dict[str, dict] = {
 _CHOICES = {
     "optimizer": ("adamw", "adam"),
     "schedule": ("onecycle", "keras_decay", "constant"),
+    "keep": ("val_loss", "last"),
     "augment": ("none", "dihedral", "report", "default", "strong"),
     "imbalance": ("class_weight", "balanced_sampler", "focal", "none"),
     "precision": ("bf16", "fp32"),

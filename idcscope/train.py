@@ -1,8 +1,9 @@
 """Train a patch classifier: data, split, loop, checkpoints, history, validation threshold.
 
 A run folder holds ``config.yaml``, ``splits.json``, ``history.csv``, ``skipped.csv``,
-``best.pt`` (lowest validation loss) and ``last.pt`` (resumable). The decision threshold is
-chosen on the validation patients and stored in both checkpoints.
+``best.pt`` (lowest validation loss, or the last epoch with ``keep="last"``) and ``last.pt``
+(resumable). The decision threshold is chosen on the validation patients and stored in both
+checkpoints.
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
                 _fmt(val.get("auc")),
                 stats["images_per_s"],
             )
-            if val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1):
-                best_loss = val_loss
+            improved = val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1)
+            best_loss = val_loss if improved else best_loss
+            if improved or cfg.keep == "last":
                 save_checkpoint(out / "best.pt", model, **meta, epoch=epoch + 1, val_loss=val_loss)
             save_checkpoint(
                 out / "last.pt",

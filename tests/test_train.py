@@ -59,6 +59,18 @@ def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):
     assert "optimizer" in read_checkpoint(run_dir / "last.pt")
 
 
+def test_keep_last_makes_the_final_epoch_the_model(synthetic_root, tmp_path):
+    import pandas as pd
+
+    train(_cfg(synthetic_root, tmp_path, epochs=3, keep="last"))
+    assert read_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+    torch.testing.assert_close(
+        read_checkpoint(tmp_path / "best.pt")["state_dict"],
+        read_checkpoint(tmp_path / "last.pt")["state_dict"],
+    )
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 3
+
+
 def test_default_recipe_fits_the_spatial_context_on_validation(run_dir):
     from idcscope.context import SIGMAS
 
