@@ -120,6 +120,12 @@ CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
         False,
         (),
     ),
+    "reinhard_context_strong_last": (
+        "default",
+        {"stain": "reinhard", "context": "grid", "augment": "strong", "keep": "last"},
+        False,
+        (),
+    ),
     "reinhard_context_tta": (
         "default",
         {"stain": "reinhard", "context": "grid"},
