@@ -85,6 +85,9 @@ def train(
         str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
     ] = None,
     stain: Annotated[str | None, typer.Option(help="none|reinhard|macenko, per patient.")] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="last|val_loss: the epoch best.pt holds.")
+    ] = None,
     context: Annotated[
         str | None, typer.Option(help="grid (neighbours' scores, width fitted) | none.")
     ] = None,
@@ -121,6 +124,7 @@ def train(
             augment=augment,
             imbalance=imbalance,
             stain=stain,
+            keep=keep,
             context=context,
             split=split,
             pretrained=pretrained,

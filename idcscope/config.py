@@ -99,10 +99,10 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    # Ours: balanced loss, dihedral + stain/colour augmentation, one-cycle AdamW, bf16, and
-    # per-patient Reinhard stain normalisation: the recipe study's winner under patient-level
-    # CV (benchmarks/RECIPES.md).
-    "default": {"stain": "reinhard", "context": "grid"},
+    # Ours: balanced loss, dihedral + stain/colour augmentation, one-cycle AdamW to its end,
+    # bf16, per-patient Reinhard stain normalisation and spatial context: the recipe study's
+    # winner under patient-level CV (benchmarks/RECIPES.md).
+    "default": {"stain": "reinhard", "context": "grid", "keep": "last"},
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
     # Keras augmentation set, no imbalance handling, checkpoint on validation loss.
     "report": {
