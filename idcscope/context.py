@@ -14,6 +14,7 @@ without coordinates.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .calibration import fit_temperature
@@ -100,13 +101,16 @@ def _log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def smooth_rows(
-    logits: np.ndarray,
+    logits: np.ndarray | torch.Tensor,
     rows: np.ndarray | None,
     patients: np.ndarray | None,
-    coords: tuple[np.ndarray, np.ndarray],
-    context: dict,
-) -> np.ndarray:
+    coords: tuple[np.ndarray, np.ndarray] | None,
+    context: dict | None,
+) -> np.ndarray | torch.Tensor:
     """:func:`smooth_logits` for the logits of ``images[rows]``, with per-image arrays.
+
+    ``logits`` come back as they are without ``coords`` or ``context``; a float32 tensor in
+    gives a float32 tensor out.
 
     Args:
         logits: (len(rows), C) logits, in the order of ``rows``.
@@ -116,6 +120,12 @@ def smooth_rows(
             NaN where unknown).
         context: a checkpoint's ``context`` field, ``{"sigma", "step"}``.
     """
+    if coords is None or not context:
+        return logits
+    if isinstance(logits, torch.Tensor):
+        return torch.from_numpy(
+            smooth_rows(logits.numpy(), rows, patients, coords, context)
+        ).float()
     sigma, step = float(context.get("sigma", 0.0)), int(context.get("step", STEP))
     rows = slice(None) if rows is None else np.asarray(rows)
     xs, ys = (np.asarray(c, dtype=np.float64)[rows] for c in coords)

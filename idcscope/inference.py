@@ -104,9 +104,8 @@ class Predictor:
             logits = predict_logits(
                 model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )
-            if self.context and coords is not None and ckpt.get("context"):
-                smoothed = smooth_rows(logits.numpy(), rows, patients, coords, ckpt["context"])
-                logits = torch.from_numpy(smoothed).float()
+            if self.context:
+                logits = smooth_rows(logits, rows, patients, coords, ckpt.get("context"))
             calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
             raw.append(probabilities(logits))
         return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))

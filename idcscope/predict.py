@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .context import smooth_rows
 from .data.cache import decode_files
@@ -100,11 +99,8 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str,
         def score(images, rows, patients, coords):
             stained, idx = prep.stain_rows(images, rows, patients)
             logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
-            if context and runner.metadata.get("context"):  # smoothing on the grid, after the graph
-                smoothed = smooth_rows(
-                    logits.numpy(), rows, patients, coords, runner.metadata["context"]
-                )
-                logits = torch.from_numpy(smoothed).float()
+            if context:  # smoothing on the grid, after the graph
+                logits = smooth_rows(logits, rows, patients, coords, runner.metadata.get("context"))
             return probabilities(logits, runner.temperature)
 
         return score, runner.threshold
