@@ -213,7 +213,7 @@ def plot_history(history: Sequence[Mapping[str, Any]], ax: Axes | None = None) -
     if auc_ax is not None:
         best = int(np.nanargmax(auc))
         auc_ax.plot(epoch, auc, marker="o", ms=3, color="tab:green", label="Validation AUC")
-        auc_ax.axvline(epoch[best], ls=":", color="0.5", label=f"Best epoch {epoch[best]:g}")
+        auc_ax.axvline(epoch[best], ls=":", color="0.5", label=f"Highest, epoch {epoch[best]:g}")
         auc_ax.set_ylabel("Validation AUC")
         if ax is None:
             auc_ax.set_xlabel("Epoch")

@@ -137,7 +137,7 @@ def test_history_from_csv_strings():
     assert len(loss_ax.lines) == 2
     assert np.allclose(loss_ax.lines[0].get_ydata(), [0.9, 0.5, 0.3])
     assert np.allclose(auc_ax.lines[0].get_ydata(), [0.80, 0.85, 0.83])
-    assert "Best epoch 2" in _legend_texts(auc_ax)
+    assert "Highest, epoch 2" in _legend_texts(auc_ax)
 
 
 def test_history_without_auc():
