@@ -95,7 +95,7 @@ def train(
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
     fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
-    precision: Annotated[str | None, typer.Option(help="bf16|fp32")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp32")] = None,
     threshold: Annotated[
         str | None, typer.Option(help="youden|sensitivity, on validation.")
     ] = None,

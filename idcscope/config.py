@@ -50,7 +50,9 @@ class TrainConfig:
             patch grid (rebuilt from the coordinates in the file names), over a Gaussian
             whose width is fitted on the validation patients (0: no smoothing); "none"
             scores every patch alone.
-        precision: "bf16" (autocast; about 2x faster on CPUs with AVX-512 BF16/AMX) or "fp32".
+        precision: "bf16" (autocast; about 2x faster on CPUs with AVX-512 BF16 or AMX, ten
+            times slower where bf16 is emulated), "fp32", or "auto": bf16 where the
+            hardware computes it natively, fp32 elsewhere.
         channels_last: NHWC memory layout, faster for convolutions on CPU.
         split: "patient" (stratified by patient), "random" (image-level, leaks patients), or
             the path of a split file with patient lists.
@@ -85,7 +87,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     stain: str = "none"
     context: str = "none"
-    precision: str = "bf16"
+    precision: str = "auto"
     channels_last: bool = True
     split: str = "patient"
     val_fraction: float = 0.15
@@ -100,7 +102,7 @@ class TrainConfig:
 
 RECIPES: dict[str, dict] = {
     # Ours: balanced loss, dihedral + stain/colour augmentation, one-cycle AdamW to its end,
-    # bf16, per-patient Reinhard stain normalisation and spatial context: the recipe study's
+    # bf16 where native, per-patient Reinhard stain normalisation and spatial context: the recipe study's
     # winner under patient-level CV (benchmarks/RECIPES.md).
     "default": {"stain": "reinhard", "context": "grid", "keep": "last"},
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
@@ -124,7 +126,7 @@ _CHOICES = {
     "keep": ("val_loss", "last"),
     "augment": ("none", "dihedral", "report", "default", "strong"),
     "imbalance": ("class_weight", "balanced_sampler", "focal", "none"),
-    "precision": ("bf16", "fp32"),
+    "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
     "threshold": ("youden", "sensitivity"),
     "stain": ("none", "reinhard", "macenko"),

@@ -56,7 +56,7 @@ def extract_features(
     rows: np.ndarray | None,
     prep: Preprocessing,
     batch_size: int = 512,
-    precision: str = "bf16",
+    precision: str = "auto",
     views: int = 1,
     dtype: torch.dtype = torch.float16,
     device: str = "cpu",
@@ -69,7 +69,7 @@ def extract_features(
         rows: which patches, in this order.
         prep: the normalisation the model was built for.
         batch_size: patches per forward pass.
-        precision: "bf16" (autocast) or "fp32".
+        precision: "auto" (bf16 where the hardware has it), "bf16" (autocast) or "fp32".
         views: 1 (the patches as they are) or 8 (every dihedral transform, identity first).
         dtype: storage type of the features.
         device: where the backbone runs.

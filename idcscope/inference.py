@@ -36,7 +36,7 @@ class Predictor:
         device: where the models run.
         tta: average over the 8 dihedral transforms of each patch.
         batch_size: patches per forward pass.
-        precision: "bf16" (autocast) or "fp32".
+        precision: "auto" (bf16 where the hardware has it), "bf16" (autocast) or "fp32".
         context: use the checkpoints' spatial context when coordinates are given; False
             scores every patch alone.
     """
@@ -47,7 +47,7 @@ class Predictor:
         device: str = "cpu",
         tta: bool = False,
         batch_size: int = 512,
-        precision: str = "bf16",
+        precision: str = "auto",
         context: bool = True,
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)

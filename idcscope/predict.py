@@ -28,7 +28,7 @@ def predict(
     tta: bool = False,
     workers: int | None = None,
     engine: str = "torch",
-    precision: str = "bf16",
+    precision: str = "auto",
     context: bool = True,
 ) -> pd.DataFrame:
     """One row per input file; files that cannot be read keep their row, with the reason.
@@ -41,7 +41,7 @@ def predict(
         tta: average the logits of the 8 dihedral transforms.
         workers: decoding processes (default: the cores, at most 8).
         engine: "torch", or "onnx" for ONNX Runtime (a checkpoint is exported first).
-        precision: "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
+        precision: "auto", "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
         context: smooth each patch's logits with its neighbours' (patches of one patient,
             placed by the coordinates in their names) when the checkpoint has a spatial
             context; False scores every patch alone.

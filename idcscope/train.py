@@ -36,6 +36,7 @@ from .engine import (
     channel_stats,
     predict_logits,
     probabilities,
+    resolve_precision,
     train_one_epoch,
 )
 from .errors import IdcscopeError
@@ -208,6 +209,7 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
     loss_fn = make_loss(cfg, data.labels[train_rows]).to(ctx.device)
     augment = create_augment(cfg.augment)
+    logger.info("%s precision on %s", resolve_precision(cfg.precision, ctx.device), ctx.device)
     # Each process draws its own augmentations; the single-process run is rank 0's stream.
     generator = torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank)
 

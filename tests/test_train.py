@@ -271,3 +271,22 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patc
     ratio_easy = FocalLoss(2.0)(easy, target) / F.cross_entropy(easy, target)
     ratio_hard = FocalLoss(2.0)(hard, target) / F.cross_entropy(hard, target)
     assert ratio_easy < 1e-6 < 0.5 < ratio_hard < 1
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from idcscope import engine
+
+    assert make_config("default").precision == "auto"
+    for caps, expected in [
+        ({"avx2": True}, "fp32"),  # bf16 would be emulated: ten times slower than fp32
+        ({"avx512_bf16": True}, "bf16"),
+        ({"amx_bf16": True}, "bf16"),
+    ]:
+        engine._native_bf16.cache_clear()
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=caps: c)
+        assert engine.resolve_precision("auto", "cpu") == expected
+        assert engine.resolve_precision("fp32", "cpu") == "fp32"
+        assert engine.resolve_precision("bf16", "cpu") == "bf16"
+        autocasting = isinstance(engine.autocast("auto"), torch.autocast)
+        assert autocasting == (expected == "bf16")
+    engine._native_bf16.cache_clear()
