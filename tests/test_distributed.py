@@ -124,7 +124,11 @@ def _diverge_on_rank_1(rank: int, store_path: str, out_dir: str) -> None:
     except FloatingPointError:
         outcome = f"stopped at batch {len(calls)}"
     (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
-    dist.destroy_process_group()
+    # Exit without tearing the process group down: in torch 2.13, freeing the DDP model
+    # right after a collective can deadlock (the Reducer joins gloo's worker thread while
+    # holding the GIL that thread waits for to release the collective's tensors). The
+    # outcome is written; the test is about where training stopped, not about teardown.
+    os._exit(0)
 
 
 def test_a_nan_on_one_process_stops_every_process_at_the_same_batch(tmp_path):
