@@ -259,7 +259,7 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patc
     import torch
     import torch.nn.functional as F
 
-    from idcscope.train import FocalLoss
+    from idcscope.objective import FocalLoss
 
     torch.manual_seed(0)
     logits, y = torch.randn(64, 2) * 3, torch.randint(0, 2, (64,))
