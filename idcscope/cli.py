@@ -91,6 +91,9 @@ def train(
     context: Annotated[
         str | None, typer.Option(help="grid (neighbours' scores, width fitted) | none.")
     ] = None,
+    neighbourhood: Annotated[
+        int | None, typer.Option(help="0|1|2: the block of neighbours the model also sees.")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
@@ -126,6 +129,7 @@ def train(
             stain=stain,
             keep=keep,
             context=context,
+            neighbourhood=neighbourhood,
             split=split,
             pretrained=pretrained,
             weights=weights,

@@ -50,6 +50,9 @@ class TrainConfig:
             patch grid (rebuilt from the coordinates in the file names), over a Gaussian
             whose width is fitted on the validation patients (0: no smoothing); "none"
             scores every patch alone.
+        neighbourhood: 0, or the radius in patches of the block around each patch that the
+            model also sees (1: the 3x3 block, averaged down to the patch's size as three
+            more input channels; see ``data.neighbourhood``).
         precision: "bf16" (autocast; about 2x faster on CPUs with AVX-512 BF16 or AMX, ten
             times slower where bf16 is emulated), "fp32", or "auto": bf16 where the
             hardware computes it natively, fp32 elsewhere.
@@ -87,6 +90,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     stain: str = "none"
     context: str = "none"
+    neighbourhood: int = 0
     precision: str = "auto"
     channels_last: bool = True
     split: str = "patient"
@@ -131,6 +135,7 @@ _CHOICES = {
     "threshold": ("youden", "sensitivity"),
     "stain": ("none", "reinhard", "macenko"),
     "context": ("none", "grid"),
+    "neighbourhood": (0, 1, 2),
 }
 
 

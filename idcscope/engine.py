@@ -38,6 +38,9 @@ class Preprocessing:
     channels_last: bool = True
     stain: str = "none"  # per-patient stain normalisation applied to the uint8 patches
     stain_reference: dict | None = None
+    # > 0: the model also sees the block of neighbouring patches this many cells around each
+    # patch, averaged down to its size, as three more channels (``data.neighbourhood``).
+    neighbourhood: int = 0
 
     def normalize_stain(self, images: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
         """Per-patient stain normalisation of uint8 patches (a no-op for "none")."""
@@ -63,16 +66,37 @@ class Preprocessing:
         pats = None if patients is None else np.asarray(patients)[rows]
         return self.normalize_stain(images[rows], pats), None
 
+    def model_input(self, images: np.ndarray, rows, patients, coords=None) -> tuple:
+        """``(array, rows)`` the model reads: :meth:`stain_rows`, then, with a
+        ``neighbourhood``, each patch beside its block of neighbours.
+
+        ``patients`` and ``coords`` (``(xs, ys)``, NaN where unknown) hold one entry per
+        image; without coordinates every patch is seen alone, on glass.
+        """
+        imgs, idx = self.stain_rows(images, rows, patients)
+        if not self.neighbourhood:
+            return imgs, idx
+        from .data.neighbourhood import neighbourhood_view
+
+        if idx is not None:
+            imgs = imgs[idx]
+        if rows is not None:
+            rows = np.asarray(rows)
+            patients = None if patients is None else np.asarray(patients)[rows]
+            coords = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
+        return neighbourhood_view(imgs, patients, coords, self.neighbourhood), None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise a float batch in [0, 1] of shape (B, 3, H, W)."""
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        """Normalise a float batch in [0, 1] of shape (B, C, H, W), C = len(mean)."""
+        c = len(self.mean)
+        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
         x = (x - mean) / std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def to_float(batch: np.ndarray | torch.Tensor, device: str = "cpu") -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1] on ``device``."""
+    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1] on ``device``."""
     t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
     # Move uint8 (4x fewer bytes than float) before converting.
     return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
@@ -82,7 +106,7 @@ def channel_stats(images: np.ndarray, rows: np.ndarray, max_n: int = 20_000, see
     """Per-channel mean and std of the patches at ``rows`` (a seeded sample of at most max_n)."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(rows, size=min(max_n, len(rows)), replace=False))
-    x = images[pick].reshape(-1, 3).astype(np.float64) / 255.0
+    x = images[pick].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
     return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
 
 

@@ -144,7 +144,8 @@ class GradCAM:
 
 
 def saliency(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor:
-    """Vanilla gradient saliency: max |d logit / d input| over channels, (B, H, W) in [0, 1]."""
+    """Vanilla gradient saliency: max |d logit / d input| over the patch's RGB channels,
+    (B, H, W) in [0, 1]."""
     modes = _modes(model)
     model.eval()
     try:
@@ -153,7 +154,7 @@ def saliency(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor
             (grad,) = torch.autograd.grad(model(xg)[:, target].sum(), xg)
     finally:
         _restore_modes(modes)
-    return _normalise(grad.abs().amax(1))
+    return _normalise(grad[:, :3].abs().amax(1))  # the patch's channels, not its neighbours'
 
 
 def overlay(
@@ -240,6 +241,7 @@ def explain_images(
     batch_size: int = 64,
     cam_method: str | None = None,
     patients: np.ndarray | None = None,
+    coords: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Explanations:
     """Calibrated P(IDC), CAM and saliency maps of uint8 patches, with a model already loaded.
 
@@ -250,6 +252,8 @@ def explain_images(
         batch_size: Patches per forward/backward pass.
         cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's choice.
         patients: One id per patch, for models that normalise the stain per patient.
+        coords: ``(xs, ys)`` per patch, for models that see each patch's neighbours;
+            without them every patch is seen alone.
     """
     from .engine import Preprocessing, to_float
 
@@ -257,7 +261,7 @@ def explain_images(
     names = list(ckpt.get("class_names", ["no_idc", "idc"]))
     target = names.index("idc") if "idc" in names else 1
     temperature = float(ckpt.get("temperature", 1.0))
-    images = prep.normalize_stain(np.asarray(images), patients)
+    images, _ = prep.model_input(np.asarray(images), None, patients, coords)
     probs, cams, sals = [], [], []
     with GradCAM(model, method=cam_method) as cam:
         for s in range(0, len(images), batch_size):
@@ -308,7 +312,7 @@ def explain_patches(
     model, ckpt = load_model(checkpoint)
     threshold = float(ckpt.get("threshold", 0.5))
 
-    rows, images, patients = [], [], []
+    rows, images, patients, places = [], [], [], []
     for f in _expand(paths):
         meta = parse_patch_name(f.name) or {}
         row = {
@@ -322,13 +326,15 @@ def explain_patches(
         try:
             images.append(decode_patch(f)[0])
             patients.append(meta.get("patient", f.stem))
+            places.append((meta.get("x", np.nan), meta.get("y", np.nan)))
         except Exception as e:  # any unreadable file is reported in its row, never fatal
             row["error"] = f"{type(e).__name__}: {e}"
             logger.warning("skipped %s: %s", f, row["error"])
         rows.append(row)
     good = [r for r in rows if not r["error"]]
     batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
-    ex = explain_images(model, ckpt, batch, batch_size, cam_method, np.asarray(patients))
+    coords = tuple(np.asarray(places, dtype=np.float64).reshape(-1, 2).T)
+    ex = explain_images(model, ckpt, batch, batch_size, cam_method, np.asarray(patients), coords)
     used: set[str] = set()
     for i, row in enumerate(good):
         p = float(ex.prob[i])

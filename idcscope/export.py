@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 FORMAT = "idcscope-onnx/1"
 MIN_OPSET = 18  # the torch.export-based exporter writes no older opset
 INPUT_CONTRACT = "float32 (B, 3, H, W) RGB in [0, 1]; normalisation is inside the graph"
+NEIGHBOURHOOD_CONTRACT = (
+    "float32 (B, 6, H, W) in [0, 1]: the RGB patch, then the RGB block of its neighbours "
+    "averaged down to (H, W) (idcscope.data.neighbourhood); normalisation is inside the graph"
+)
 # Checkpoint fields copied into the ONNX metadata when present.
 _META_FIELDS = (
     "model",
@@ -51,8 +55,8 @@ class _Normalised(nn.Module):
     def __init__(self, model: nn.Module, mean, std):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.model((patches - self.mean) / self.std)
@@ -87,7 +91,9 @@ def export_onnx(
     wrapped = _Normalised(model, prep["mean"], prep["std"]).eval()
     size = int(prep.get("patch_size", 50))
     # torch.export specialises sizes 0 and 1, so the example batch for a dynamic one is 2.
-    example = torch.rand(batch_size or 2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # Three channels, or six for a model that sees each patch's neighbourhood too.
+    shape = (batch_size or 2, len(prep["mean"]), size, size)
+    example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     dynamic = None if batch_size else {"patches": {0: torch.export.Dim("batch")}}
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -107,7 +113,8 @@ def export_onnx(
             external_data=False,
         )
     proto = onnx.load(out)
-    meta = {"format": FORMAT, "input": INPUT_CONTRACT, "source": checkpoint.name}
+    contract = NEIGHBOURHOOD_CONTRACT if prep.get("neighbourhood") else INPUT_CONTRACT
+    meta = {"format": FORMAT, "input": contract, "source": checkpoint.name}
     meta.update({k: ckpt[k] for k in _META_FIELDS if k in ckpt})
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
     proto.doc_string = f"idcscope {ckpt['model']['name']}: P(IDC) logits of 50x50 H&E patches"
@@ -207,7 +214,7 @@ class OnnxPredictor:
         tta: bool = False,
         desc: str = "predict (onnx)",
     ) -> torch.Tensor:
-        """As ``engine.predict_logits``: logits of uint8 patches (N, H, W, 3) at ``rows``."""
+        """As ``engine.predict_logits``: logits of uint8 patches (N, H, W, C) at ``rows``."""
         from .data.augment import dihedral_all
 
         rows = np.arange(len(images)) if rows is None else np.asarray(rows)
@@ -226,7 +233,7 @@ class OnnxPredictor:
 
 
 def to_float_nchw(batch: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> C-contiguous (B, 3, H, W) float32 in [0, 1], as ``engine.to_float``.
+    """(B, H, W, C) uint8 -> C-contiguous (B, C, H, W) float32 in [0, 1], as ``engine.to_float``.
 
     One numpy pass straight into the layout ONNX Runtime reads: about 5x faster than
     ``to_float`` followed by the copy that makes its channels-last result contiguous.

@@ -100,7 +100,7 @@ class Predictor:
         calibrated, raw = [], []
         for i, (model, ckpt, prep) in enumerate(self.members):
             desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
-            imgs, idx = prep.stain_rows(images, rows, patients)
+            imgs, idx = prep.model_input(images, rows, patients, coords)
             logits = predict_logits(
                 model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )

@@ -97,7 +97,7 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str,
         prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
         def score(images, rows, patients, coords):
-            stained, idx = prep.stain_rows(images, rows, patients)
+            stained, idx = prep.model_input(images, rows, patients, coords)
             logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
             if context:  # smoothing on the grid, after the graph
                 logits = smooth_rows(logits, rows, patients, coords, runner.metadata.get("context"))

@@ -73,7 +73,8 @@ def resolve_splits(cfg: TrainConfig, data: PatchData, out: Path) -> dict:
 
 
 def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> Preprocessing:
-    """Fit the preprocessing on the training patients; stain-normalises ``data.images``."""
+    """Fit the preprocessing on the training patients; stain-normalises ``data.images``,
+    and with a ``neighbourhood`` makes it the view of each patch with its neighbours."""
     reference = None
     if cfg.stain != "none":
         from .stain import fit_reference, normalize_per_patient
@@ -82,8 +83,14 @@ def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray
         data.images = normalize_per_patient(
             np.asarray(data.images), data.patients, cfg.stain, reference
         )
-    if cfg.pretrained or cfg.weights:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained backbone expects
+    if cfg.neighbourhood:
+        from .data.neighbourhood import neighbourhood_view
+
+        coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
+        data.images = neighbourhood_view(data.images, data.patients, coords, cfg.neighbourhood)
+    if cfg.pretrained or cfg.weights:  # what the pretrained backbone expects
+        views = data.images.shape[-1] // 3
+        mean, std = IMAGENET_MEAN * views, IMAGENET_STD * views
     else:
         mean, std = channel_stats(data.images, train_rows, seed=cfg.seed)
     return Preprocessing(
@@ -93,6 +100,7 @@ def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray
         channels_last=cfg.channels_last,
         stain=cfg.stain,
         stain_reference=reference,
+        neighbourhood=cfg.neighbourhood,
     )
 
 
@@ -166,7 +174,7 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank)
 
     meta = {
-        "model": {"name": cfg.model, "kwargs": dict(cfg.model_kwargs)},
+        "model": {"name": cfg.model, "kwargs": model_kwargs(cfg)},
         "config": dataclasses.asdict(cfg),
         "class_names": list(CLASS_NAMES),
         "preprocessing": dataclasses.asdict(prep),
@@ -290,9 +298,19 @@ def _load_data(cfg: TrainConfig, ctx: DistContext, out: Path) -> tuple[PatchData
     return data, splits
 
 
+def model_kwargs(cfg: TrainConfig) -> dict:
+    """The model factory's arguments: the config's, and six input channels with a
+    neighbourhood (the patch, then its block of neighbours)."""
+    return {**cfg.model_kwargs, **({"in_chans": 6} if cfg.neighbourhood else {})}
+
+
 def _build_model(cfg: TrainConfig) -> nn.Module:
     model = create_model(
-        cfg.model, num_classes=2, pretrained=cfg.pretrained, weights=cfg.weights, **cfg.model_kwargs
+        cfg.model,
+        num_classes=2,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        **model_kwargs(cfg),
     )
     if getattr(model, "frozen", False) and not (cfg.pretrained or cfg.weights):
         logger.warning(

@@ -273,15 +273,22 @@ class Augment:
     hed: float = 0.0
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augments (B, 3, H, W), or (B, 3k, H, W): k views of each sample (a patch and
+        its neighbourhood) get the same geometry and the same stain and colour jitter."""
         if self.affine:
             x = random_affine(x, generator)
         if self.dihedral:
             x = dihedral(x, generator)
+        views = x.shape[1] // 3
+        if views > 1 and (self.hed or self.color):  # side by side: one colour draw per sample
+            x = torch.cat(x.split(3, dim=1), dim=-1)
         if self.hed:
             x = hed_jitter(x, generator, sigma=self.hed, bias=self.hed)
         if self.color:
             c = self.color
             x = color_jitter(x, generator, brightness=c, contrast=c, saturation=c, hue=c / 5)
+        if views > 1 and (self.hed or self.color):
+            x = torch.cat(x.split(x.shape[-1] // views, dim=-1), dim=1)
         return x
 
 

@@ -44,11 +44,12 @@ class CancerNet(nn.Module):
         drop: float = 0.1,
         head_drop: float = 0.5,
         in_size: int = 50,
+        in_chans: int = 3,
     ):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _stage(3, w, 1, drop), _stage(w, 2 * w, 2, drop), _stage(2 * w, 4 * w, 3, drop)
+            _stage(in_chans, w, 1, drop), _stage(w, 2 * w, 2, drop), _stage(2 * w, 4 * w, 3, drop)
         )
         side = in_size // 8
         self.head = nn.Sequential(

@@ -74,7 +74,7 @@ class Analyst:
         """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch."""
         from ..explain import explain_images
 
-        rows, good, images, patients = [], [], [], []
+        rows, good, images, patients, places = [], [], [], [], []
         for upload in uploads:
             row = {
                 "file": upload.name,
@@ -94,11 +94,15 @@ class Analyst:
                 continue
             meta = parse_patch_name(upload.name) or {}
             patients.append(meta.get("patient", Path(upload.name).stem))
+            places.append((meta.get("x", np.nan), meta.get("y", np.nan)))
             good.append(row)
         threshold = self.predictor.threshold
         batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
         with self.lock:
-            ex = explain_images(self.model, self.ckpt, batch, patients=np.asarray(patients))
+            coords = tuple(np.asarray(places, dtype=np.float64).reshape(-1, 2).T)
+            ex = explain_images(
+                self.model, self.ckpt, batch, patients=np.asarray(patients), coords=coords
+            )
         for k, row in enumerate(good):
             prob = float(ex.prob[k])
             row.update(prob_idc=round(prob, 6), pred=int(prob >= threshold))

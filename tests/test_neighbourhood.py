@@ -1,0 +1,201 @@
+"""The model's view of a patch with its neighbours: lookup, the block, augmentation, training."""
+
+import numpy as np
+import pytest
+import torch
+
+from idcscope.data.augment import create_augment
+from idcscope.data.neighbourhood import GLASS, NeighbourhoodView, neighbour_rows
+from idcscope.engine import Preprocessing
+
+# Patient "a": an L of five patches and one without a place; patient "b": one patch at the
+# same coordinates as a's first.
+XS = np.array([0, 50, 100, 0, 0, np.nan, 0])
+YS = np.array([0, 0, 0, 50, 100, 0, 0])
+GROUPS = np.array(["a", "a", "a", "a", "a", "a", "b"])
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+
+
+def test_neighbours_are_found_on_the_patients_grid():
+    nb = neighbour_rows(GROUPS, XS, YS)
+    assert nb.shape == (7, 9)
+    assert (nb[:, 4] == np.arange(7)).all()  # the middle of every block is the patch itself
+    # Patch 0 at (0, 0): right is 1, below is 3; nothing above or to the left.
+    assert nb[0].tolist() == [-1, -1, -1, -1, 0, 1, -1, 3, -1]
+    assert nb[3].tolist() == [-1, 0, 1, -1, 3, -1, -1, 4, -1]
+    # No place, or another patient at the same coordinates: the patch alone.
+    assert nb[5].tolist() == [-1] * 4 + [5] + [-1] * 4
+    assert nb[6].tolist() == [-1] * 4 + [6] + [-1] * 4
+    assert neighbour_rows(GROUPS, XS, YS, radius=2).shape == (7, 25)
+
+
+def test_the_view_is_the_patch_then_its_block_averaged_down():
+    images = _images(7)
+    view = NeighbourhoodView(images, neighbour_rows(GROUPS, XS, YS))
+    out = view[np.array([3, 5])]
+    assert out.shape == (2, 6, 6, 6) and out.dtype == np.uint8 and view.shape == (7, 6, 6, 6)
+    assert (out[..., :3] == images[[3, 5]]).all()
+    # The 3x3 block around patch 3, glass where there is no patch, averaged over 3x3 pixels.
+    block = np.full((18, 18, 3), GLASS, dtype=np.float64)
+    for cell, row in enumerate([-1, 0, 1, -1, 3, -1, -1, 4, -1]):
+        if row >= 0:
+            r, c = divmod(cell, 3)
+            block[6 * r : 6 * r + 6, 6 * c : 6 * c + 6] = images[row]
+    expected = block.reshape(6, 3, 6, 3, 3).mean(axis=(1, 3))
+    assert np.abs(out[0, ..., 3:] - expected).max() <= 0.5
+    # A patch alone sits in the middle of glass.
+    assert (out[1, 2:4, 2:4, 3:] != GLASS).any() and (out[1, 0, 0, 3:] == GLASS).all()
+
+
+def test_a_subset_sees_the_same_neighbours_as_the_whole():
+    images = _images(7, seed=1)
+    prep = Preprocessing(mean=(0.5,) * 6, std=(0.2,) * 6, neighbourhood=1)
+    whole, rows = prep.model_input(images, None, GROUPS, (XS, YS))
+    assert rows is None
+    # Neighbours are looked up among the rows given: patient b alone, or a without the
+    # patch that has no place, see what they see among all patches.
+    for rows in ([6], [0, 1, 2, 3, 4]):
+        part, _ = prep.model_input(images, np.array(rows), GROUPS, (XS, YS))
+        assert (part[np.arange(len(rows))] == whole[np.array(rows)]).all()
+    # Without coordinates every patch is alone.
+    alone, _ = prep.model_input(images, None, GROUPS, None)
+    assert (alone[np.array([0])][0, 0, 0, 3:] == GLASS).all()
+
+
+@pytest.mark.parametrize("preset", ["default", "strong", "report"])
+def test_both_views_get_the_same_augmentation(preset):
+    x = torch.rand(16, 3, 12, 12)
+    both = create_augment(preset)(torch.cat([x, x], 1), torch.Generator().manual_seed(3))
+    assert both.shape == (16, 6, 12, 12)
+    torch.testing.assert_close(both[:, :3], both[:, 3:])
+    # The same draws as the patch alone would get.
+    alone = create_augment(preset)(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(both[:, :3], alone)
+
+
+@pytest.fixture(scope="module")
+def nbhd_ckpt(synthetic_root, tmp_path_factory):
+    """A model that sees each patch's 3x3 neighbourhood (no logit smoothing on top)."""
+    from idcscope.config import make_config
+    from idcscope.train import train
+
+    out = tmp_path_factory.mktemp("nbhd")
+    cfg = make_config(
+        "default",
+        data=str(synthetic_root),
+        out=str(out),
+        epochs=2,
+        batch_size=32,
+        threads=2,
+        neighbourhood=1,
+        context="none",
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    train(cfg)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(nbhd_ckpt, synthetic_root):
+    """P(IDC) of every patch by path, each patient's patches seen together on their grid:
+    in fp32 (ONNX Runtime, explain) and at the precision the torch entry points pick."""
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.inference import Predictor
+
+    data = load_patch_data(synthetic_root)
+    rows = data.rows()
+    coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
+    ref = {}
+    for precision in ("fp32", "auto"):
+        predictor = Predictor(nbhd_ckpt, precision=precision)
+        prob = predictor.predict_proba(data.images, rows, data.patients, coords)
+        ref[precision] = dict(zip(data.table["path"].to_numpy()[rows], prob, strict=True))
+    return data, rows, coords, ref
+
+
+def test_the_checkpoint_describes_its_neighbourhood(nbhd_ckpt, reference):
+    from idcscope.checkpoint import read_checkpoint
+    from idcscope.inference import Predictor
+
+    ckpt = read_checkpoint(nbhd_ckpt)
+    assert ckpt["model"]["kwargs"]["in_chans"] == 6
+    assert ckpt["preprocessing"]["neighbourhood"] == 1 and len(ckpt["preprocessing"]["mean"]) == 6
+    data, rows, coords, ref = reference
+    ref = ref["fp32"]
+    predictor = Predictor(nbhd_ckpt, precision="fp32")
+    # One patient alone gives its patches the scores they get among all patients.
+    first = data.patients[rows] == data.patients[rows[0]]
+    alone = predictor.predict_proba(data.images, rows[first], data.patients, coords)
+    expected = np.array([ref[p] for p in data.table["path"].to_numpy()[rows[first]]])
+    np.testing.assert_allclose(alone, expected, atol=1e-5)
+    # Without their places the patches lose their neighbours, and their scores change.
+    lost = predictor.predict_proba(data.images, rows, data.patients, None)
+    assert np.abs(lost - np.array(list(ref.values()))).max() > 1e-3
+
+
+def _assert_matches(paths, probs, ref, atol=1e-4):
+    """Scores by file name (Kaggle names are unique: they carry the patient) match ``ref``."""
+    from pathlib import Path
+
+    by_name = {Path(p).name: v for p, v in ref.items()}
+    expected = [by_name[Path(p).name] for p in paths]
+    np.testing.assert_allclose(np.asarray(probs, dtype=np.float64), expected, atol=atol)
+
+
+def test_every_entry_point_shows_the_model_the_neighbours(
+    nbhd_ckpt, reference, synthetic_root, tmp_path
+):
+    import pandas as pd
+
+    from idcscope.evaluate import evaluate
+    from idcscope.explain import explain_patches
+    from idcscope.heatmap import patient_heatmap
+    from idcscope.predict import predict
+
+    data, rows, _, ref = reference
+    evaluate(nbhd_ckpt, synthetic_root, tmp_path / "ev", n_boot=0)
+    ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    _assert_matches(ev["path"], ev["prob_idc"], ref["auto"])
+    for engine, precision in (("torch", "auto"), ("onnx", "fp32")):
+        out = predict(nbhd_ckpt, [synthetic_root], engine=engine)
+        _assert_matches(out["path"], out["prob_idc"], ref[precision])
+
+    patient = synthetic_root / str(data.patients[rows[0]])
+    hm = patient_heatmap(nbhd_ckpt, patient, tmp_path / "hm")
+    hm = pd.read_csv(hm["files"]["predictions"])
+    _assert_matches(hm["path"], hm["prob_idc"], ref["auto"])
+    # explain reads the places in the file names: a patient's patches see each other.
+    files = sorted(patient.rglob("*.png"))
+    shown = pd.DataFrame(explain_patches(nbhd_ckpt, files, tmp_path / "ex"))
+    _assert_matches(shown["path"], shown["prob_idc"], ref["fp32"], atol=1e-3)
+
+
+def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path):
+    import pandas as pd
+
+    from idcscope.heatmap import patient_mosaic
+    from idcscope.slide import slide_inference, write_tiff_slide
+
+    data, rows, _, ref = reference
+    one = rows[data.patients[rows] == data.patients[rows[0]]]
+    t = data.table.iloc[one]
+    mosaic, _ = patient_mosaic(data.images[one], t["x"], t["y"])
+    slide = write_tiff_slide(mosaic, tmp_path / "s.tif", mpp=4.0)
+    tiles = pd.read_csv(slide_inference(nbhd_ckpt, slide, tmp_path / "s")["files"]["tiles_csv"])
+    # A tile whose block holds the same patches as its patch's block scores as the patch
+    # (up to the stain statistics, fitted on the slide's tiles rather than the patches).
+    col = (t["x"].to_numpy() - t["x"].min()) // 50
+    row = (t["y"].to_numpy() - t["y"].min()) // 50
+    patch_at = {(r, c): p for r, c, p in zip(row, col, t["path"], strict=True)}
+    tile_at = set(zip(tiles["row"], tiles["col"], strict=True))
+    same = 0
+    for r, c, prob in zip(tiles["row"], tiles["col"], tiles["prob_idc"], strict=True):
+        block = [(r + dy, c + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        if (r, c) in patch_at and all((b in tile_at) == (b in patch_at) for b in block):
+            np.testing.assert_allclose(prob, ref["auto"][patch_at[(r, c)]], atol=1e-3)
+            same += 1
+    assert same >= len(t) // 2
