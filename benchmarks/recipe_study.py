@@ -25,110 +25,126 @@ from idcscope.config import make_config
 from idcscope.cv import HEADLINE, cross_validate, markdown_table, summarize_folds
 from idcscope.evaluate import evaluate
 
+# The model sees the patch alone: the candidates from before the neighbourhood input.
+ALONE = {"neighbourhood": 0}
+# Reinhard, spatial context, the last epoch, and the 3x3 neighbourhood as model input.
+NBHD1 = {"stain": "reinhard", "context": "grid", "keep": "last", "neighbourhood": 1}
+
 # name -> (recipe preset, config overrides, TTA at evaluation, recipes whose fold models it
 # re-evaluates instead of training: one for TTA, several for an ensemble)
 CANDIDATES: dict[str, tuple[str, dict, bool, tuple[str, ...]]] = {
     "report": ("report", {}, False, ()),
     # Stain and context options are explicit, whatever the default recipe holds today.
-    "default": ("default", {"stain": "none", "context": "none"}, False, ()),
-    "default_tta": ("default", {"stain": "none", "context": "none"}, True, ("default",)),
-    "default_reinhard": ("default", {"stain": "reinhard", "context": "none"}, False, ()),
+    "default": ("default", {**ALONE, "stain": "none", "context": "none"}, False, ()),
+    "default_tta": ("default", {**ALONE, "stain": "none", "context": "none"}, True, ("default",)),
+    "default_reinhard": ("default", {**ALONE, "stain": "reinhard", "context": "none"}, False, ()),
     "default_reinhard_tta": (
         "default",
-        {"stain": "reinhard", "context": "none"},
+        {**ALONE, "stain": "reinhard", "context": "none"},
         True,
         ("default_reinhard",),
     ),
     "default_reinhard_seed1": (
         "default",
-        {"stain": "reinhard", "context": "none", "seed": 1},
+        {**ALONE, "stain": "reinhard", "context": "none", "seed": 1},
         False,
         (),
     ),
     "default_reinhard_ens2": (
         "default",
-        {"stain": "reinhard", "context": "none"},
+        {**ALONE, "stain": "reinhard", "context": "none"},
         False,
         ("default_reinhard", "default_reinhard_seed1"),
     ),
-    "default_macenko": ("default", {"stain": "macenko", "context": "none"}, False, ()),
+    "default_macenko": ("default", {**ALONE, "stain": "macenko", "context": "none"}, False, ()),
     "reinhard_balanced_sampler": (
         "default",
-        {"stain": "reinhard", "context": "none", "imbalance": "balanced_sampler"},
+        {**ALONE, "stain": "reinhard", "context": "none", "imbalance": "balanced_sampler"},
         False,
         (),
     ),
     "context_epochs24": (
         "default",
-        {"stain": "reinhard", "context": "grid", "epochs": 24},
+        {**ALONE, "stain": "reinhard", "context": "grid", "epochs": 24},
         False,
         (),
     ),
     "reinhard_focal": (
         "default",
-        {"stain": "reinhard", "context": "none", "imbalance": "focal"},
+        {**ALONE, "stain": "reinhard", "context": "none", "imbalance": "focal"},
         False,
         (),
     ),
     "reinhard_no_imbalance": (
         "default",
-        {"stain": "reinhard", "context": "none", "imbalance": "none"},
+        {**ALONE, "stain": "reinhard", "context": "none", "imbalance": "none"},
         False,
         (),
     ),
     "reinhard_dihedral_only": (
         "default",
-        {"stain": "reinhard", "context": "none", "augment": "dihedral"},
+        {**ALONE, "stain": "reinhard", "context": "none", "augment": "dihedral"},
         False,
         (),
     ),
     "reinhard_resnet18": (
         "default",
-        {"stain": "reinhard", "context": "none", "model": "resnet18"},
+        {**ALONE, "stain": "reinhard", "context": "none", "model": "resnet18"},
         False,
         (),
     ),
     "reinhard_efficientnet_b0": (
         "default",
-        {"stain": "reinhard", "context": "none", "model": "efficientnet_b0"},
+        {**ALONE, "stain": "reinhard", "context": "none", "model": "efficientnet_b0"},
         False,
         (),
     ),
     # Spatial context: each patch's logits averaged with its neighbours' on the patient grid.
-    "reinhard_context": ("default", {"stain": "reinhard", "context": "grid"}, False, ()),
+    "reinhard_context": ("default", {**ALONE, "stain": "reinhard", "context": "grid"}, False, ()),
     "reinhard_context_seed1": (
         "default",
-        {"stain": "reinhard", "context": "grid", "seed": 1},
+        {**ALONE, "stain": "reinhard", "context": "grid", "seed": 1},
         False,
         (),
     ),
     "reinhard_context_ens2": (
         "default",
-        {"stain": "reinhard", "context": "grid"},
+        {**ALONE, "stain": "reinhard", "context": "grid"},
         False,
         ("reinhard_context", "reinhard_context_seed1"),
     ),
     "reinhard_context_strong_aug": (
         "default",
-        {"stain": "reinhard", "context": "grid", "augment": "strong"},
+        {**ALONE, "stain": "reinhard", "context": "grid", "augment": "strong"},
         False,
         (),
     ),
     "reinhard_context_keep_last": (
         "default",
-        {"stain": "reinhard", "context": "grid", "keep": "last"},
+        {**ALONE, "stain": "reinhard", "context": "grid", "keep": "last"},
         False,
         (),
     ),
     "reinhard_context_strong_last": (
         "default",
-        {"stain": "reinhard", "context": "grid", "augment": "strong", "keep": "last"},
+        {**ALONE, "stain": "reinhard", "context": "grid", "augment": "strong", "keep": "last"},
         False,
         (),
     ),
+    # The model also sees each patch's 3x3 block of neighbours (three more input channels).
+    "reinhard_context_last_nbhd1": ("default", {**NBHD1}, False, ()),
+    "nbhd1_seed1": ("default", {**NBHD1, "seed": 1}, False, ()),
+    "nbhd1_ens2": ("default", NBHD1, False, ("reinhard_context_last_nbhd1", "nbhd1_seed1")),
+    "nbhd1_tta": ("default", NBHD1, True, ("reinhard_context_last_nbhd1",)),
+    "nbhd1_balanced_sampler": ("default", {**NBHD1, "imbalance": "balanced_sampler"}, False, ()),
+    "nbhd1_focal": ("default", {**NBHD1, "imbalance": "focal"}, False, ()),
+    "nbhd1_no_imbalance": ("default", {**NBHD1, "imbalance": "none"}, False, ()),
+    "nbhd2": ("default", {**NBHD1, "neighbourhood": 2}, False, ()),
+    "nbhd1_resnet18": ("default", {**NBHD1, "model": "resnet18"}, False, ()),
+    "nbhd1_efficientnet_b0": ("default", {**NBHD1, "model": "efficientnet_b0"}, False, ()),
     "reinhard_context_tta": (
         "default",
-        {"stain": "reinhard", "context": "grid"},
+        {**ALONE, "stain": "reinhard", "context": "grid"},
         True,
         ("reinhard_context",),
     ),

@@ -106,9 +106,10 @@ class TrainConfig:
 
 RECIPES: dict[str, dict] = {
     # Ours: balanced loss, dihedral + stain/colour augmentation, one-cycle AdamW to its end,
-    # bf16 where native, per-patient Reinhard stain normalisation and spatial context: the recipe study's
-    # winner under patient-level CV (benchmarks/RECIPES.md).
-    "default": {"stain": "reinhard", "context": "grid", "keep": "last"},
+    # per-patient Reinhard stain normalisation, the 3x3 neighbourhood as model input and
+    # spatial context on the scores: the recipe study's winner under patient-level CV
+    # (benchmarks/RECIPES.md).
+    "default": {"stain": "reinhard", "context": "grid", "keep": "last", "neighbourhood": 1},
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
     # Keras augmentation set, no imbalance handling, checkpoint on validation loss.
     "report": {
