@@ -3,7 +3,8 @@
 Per model, in one run and on the same N real 50x50 patches:
 
 * (a) bare step: forward, loss, backward and AdamW step on pre-made, normalised
-  channels_last batches under bf16 autocast; no data work at all.
+  channels_last batches at the "auto" precision (bf16 autocast where the CPU computes bf16
+  natively, fp32 elsewhere); no data work at all.
 * (b) idcscope: ``train_one_epoch`` over a ``PatchLoader`` on the memory-mapped uint8 decode
   cache, batched "default" augmentation, normalisation, the same step as (a).
 * (c) naive: a torch ``DataLoader`` over the PNG files, PIL decoding and per-sample
@@ -66,12 +67,12 @@ def bare_pass(name: str, images, labels, batch: int, steps: int):
         for s in range(0, 4 * batch, batch)
     ]
     for x, y in batches[:2]:  # warm-up: oneDNN builds its kernels on first use
-        step(model, opt, loss_fn, x, y, "bf16")
+        step(model, opt, loss_fn, x, y, "auto")
 
     def one_pass() -> float:
         start = time.perf_counter()
         for x, y in itertools.islice(itertools.cycle(batches), steps):
-            step(model, opt, loss_fn, x, y, "bf16")
+            step(model, opt, loss_fn, x, y, "auto")
         return steps * batch / (time.perf_counter() - start)
 
     return one_pass

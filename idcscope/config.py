@@ -53,6 +53,9 @@ class TrainConfig:
         neighbourhood: 0, or the radius in patches of the block around each patch that the
             model also sees (1: the 3x3 block, averaged down to the patch's size as three
             more input channels; see ``data.neighbourhood``).
+        drop_neighbours: with a neighbourhood, the share of training patches shown
+            without their neighbours, so that a patch that comes alone (no coordinates)
+            is still scored from the patch itself.
         precision: "bf16" (autocast; about 2x faster on CPUs with AVX-512 BF16 or AMX, ten
             times slower where bf16 is emulated), "fp32", or "auto": bf16 where the
             hardware computes it natively, fp32 elsewhere.
@@ -91,6 +94,7 @@ class TrainConfig:
     stain: str = "none"
     context: str = "none"
     neighbourhood: int = 0
+    drop_neighbours: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
     split: str = "patient"
@@ -166,6 +170,8 @@ def config_from_dict(values: dict) -> TrainConfig:
     if unknown:
         raise IdcscopeError(f"unknown config keys: {', '.join(sorted(unknown))}")
     cfg = TrainConfig(**values)
+    if not 0.0 <= cfg.drop_neighbours <= 1.0:
+        raise IdcscopeError(f"drop_neighbours={cfg.drop_neighbours!r}; a share from 0 to 1")
     for key, allowed in _CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise IdcscopeError(f"{key}={getattr(cfg, key)!r}; choose from {', '.join(allowed)}")

@@ -169,6 +169,10 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
     loss_fn = make_loss(cfg, data.labels[train_rows]).to(ctx.device)
     augment = create_augment(cfg.augment)
+    if cfg.neighbourhood:
+        from .data.neighbourhood import DropNeighbours
+
+        augment = DropNeighbours(augment, cfg.drop_neighbours, cfg.neighbourhood)
     logger.info("%s precision on %s", resolve_precision(cfg.precision, ctx.device), ctx.device)
     # Each process draws its own augmentations; the single-process run is rank 0's stream.
     generator = torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank)

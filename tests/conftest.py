@@ -52,6 +52,18 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
     return out
 
 
+def same_blocks(tiles, patches) -> list:
+    """The (row, col) cells scored both as a slide tile and as a patch whose 3x3 blocks hold
+    the same cells in both sets: there a neighbourhood model sees the same input."""
+    tiles, patches = set(tiles), set(patches)
+    block = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return [
+        (r, c)
+        for r, c in tiles & patches
+        if all(((r + dy, c + dx) in tiles) == ((r + dy, c + dx) in patches) for dy, dx in block)
+    ]
+
+
 def write_patch(path: Path, size=(50, 50), color=(200, 120, 180), mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.zeros((size[1], size[0], 3), np.uint8) + np.array(color, np.uint8)

@@ -8,6 +8,8 @@ from idcscope.data.augment import create_augment
 from idcscope.data.neighbourhood import GLASS, NeighbourhoodView, neighbour_rows
 from idcscope.engine import Preprocessing
 
+from .conftest import same_blocks
+
 # Patient "a": an L of five patches and one without a place; patient "b": one patch at the
 # same coordinates as a's first.
 XS = np.array([0, 50, 100, 0, 0, np.nan, 0])
@@ -76,6 +78,30 @@ def test_both_views_get_the_same_augmentation(preset):
     torch.testing.assert_close(both[:, :3], alone)
 
 
+def test_dropped_neighbours_look_like_a_patch_without_a_place():
+    from idcscope.data.neighbourhood import DropNeighbours
+    from idcscope.engine import to_float
+
+    images = _images(7, seed=2)
+    placed = to_float(NeighbourhoodView(images, neighbour_rows(GROUPS, XS, YS))[np.arange(7)])
+    unplaced = NeighbourhoodView(images, neighbour_rows(GROUPS, XS * np.nan, YS))
+    alone = to_float(unplaced[np.arange(7)])
+    identity = lambda x, g: x  # noqa: E731
+    kept = DropNeighbours(identity, 0.0, 1)(placed, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kept, placed)
+    dropped = DropNeighbours(identity, 1.0, 1)(placed, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dropped, alone, atol=0.5 / 255, rtol=0)  # up to uint8 rounding
+    # About p of the batch, drawn from the generator: the same draws give the same batch.
+    big = placed.repeat(40, 1, 1, 1)
+    some = DropNeighbours(identity, 0.25, 1)(big, torch.Generator().manual_seed(4))
+    again = DropNeighbours(identity, 0.25, 1)(big, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(some, again)
+    changed = (some != big).flatten(1).any(1)
+    moved = (placed != alone).flatten(1).any(1).repeat(40)  # dropping moves these samples
+    assert 0.15 < changed.sum() / moved.sum() < 0.35
+    assert (some[:, :3] == big[:, :3]).all()  # the patch itself is never touched
+
+
 @pytest.fixture(scope="module")
 def nbhd_ckpt(synthetic_root, tmp_path_factory):
     """A model that sees each patch's 3x3 neighbourhood (no logit smoothing on top)."""
@@ -91,6 +117,7 @@ def nbhd_ckpt(synthetic_root, tmp_path_factory):
         batch_size=32,
         threads=2,
         neighbourhood=1,
+        drop_neighbours=0.2,
         context="none",
         val_fraction=0.2,
         test_fraction=0.2,
@@ -190,12 +217,11 @@ def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path
     # (up to the stain statistics, fitted on the slide's tiles rather than the patches).
     col = (t["x"].to_numpy() - t["x"].min()) // 50
     row = (t["y"].to_numpy() - t["y"].min()) // 50
-    patch_at = {(r, c): p for r, c, p in zip(row, col, t["path"], strict=True)}
-    tile_at = set(zip(tiles["row"], tiles["col"], strict=True))
-    same = 0
-    for r, c, prob in zip(tiles["row"], tiles["col"], tiles["prob_idc"], strict=True):
-        block = [(r + dy, c + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-        if (r, c) in patch_at and all((b in tile_at) == (b in patch_at) for b in block):
-            np.testing.assert_allclose(prob, ref["auto"][patch_at[(r, c)]], atol=1e-3)
-            same += 1
-    assert same >= len(t) // 2
+    patch_at = dict(zip(zip(row, col, strict=True), t["path"], strict=True))
+    prob_at = dict(
+        zip(zip(tiles["row"], tiles["col"], strict=True), tiles["prob_idc"], strict=True)
+    )
+    same = same_blocks(prob_at, patch_at)
+    for cell in same:
+        np.testing.assert_allclose(prob_at[cell], ref["auto"][patch_at[cell]], atol=1e-3)
+    assert len(same) >= len(t) // 2

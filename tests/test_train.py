@@ -55,7 +55,9 @@ def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):
     assert 0.0 <= raw["threshold"] <= 1.0
     model, _ = load_model(run_dir / "best.pt")
     assert not model.training
-    assert model(torch.zeros(1, 3, 50, 50)).shape == (1, 2)
+    channels = len(raw["preprocessing"]["mean"])  # 3, or 6 with the neighbourhood view
+    assert channels == 3 * (1 + (raw["config"]["neighbourhood"] > 0))
+    assert model(torch.zeros(1, channels, 50, 50)).shape == (1, 2)
     assert "optimizer" in read_checkpoint(run_dir / "last.pt")
 
 
