@@ -24,8 +24,9 @@ Context = Annotated[
     bool,
     typer.Option(
         "--context/--no-context",
-        help="Average each patch's logits with its neighbours' (from the coordinates in the "
-        "file names) as the checkpoint was fitted to; --no-context scores patches alone.",
+        help="Use each patch's place (from the coordinates in the file names): the "
+        "neighbours the model sees and the smoothing of logits over the grid, as the "
+        "checkpoint was trained and fitted; --no-context scores every patch alone.",
     ),
 ]
 

@@ -36,7 +36,8 @@ def evaluate(
     """Evaluate a checkpoint (or an ensemble of them) on ``data_dir``.
 
     Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
-    ``context=False`` scores every patch alone, without its neighbours (see ``context``).
+    ``context=False`` scores every patch alone, as if it came without coordinates: no
+    neighbourhood input, no smoothing (see ``context`` and ``data.neighbourhood``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,9 @@ class Predictor:
         tta: average over the 8 dihedral transforms of each patch.
         batch_size: patches per forward pass.
         precision: "auto" (bf16 where the hardware has it), "bf16" (autocast) or "fp32".
-        context: use the checkpoints' spatial context when coordinates are given; False
-            scores every patch alone.
+        context: use the patches' places when coordinates are given: the neighbourhood a
+            model sees and the smoothing of its logits over the grid. False scores every
+            patch alone, as if it came without coordinates.
     """
 
     def __init__(
@@ -95,8 +96,9 @@ class Predictor:
         ``patients`` (one id per image) is needed by members that normalise stains per
         patient; ``coords`` (``(xs, ys)``, each patch's top-left corner in slide pixels, one
         per image, NaN where unknown) by members with spatial context. Without them, those
-        members score each patch alone.
+        members score each patch alone; so do all members when ``context`` is off.
         """
+        coords = coords if self.context else None
         calibrated, raw = [], []
         for i, (model, ckpt, prep) in enumerate(self.members):
             desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
@@ -104,8 +106,7 @@ class Predictor:
             logits = predict_logits(
                 model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
             )
-            if self.context:
-                logits = smooth_rows(logits, rows, patients, coords, ckpt.get("context"))
+            logits = smooth_rows(logits, rows, patients, coords, ckpt.get("context"))
             calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
             raw.append(probabilities(logits))
         return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))

@@ -42,9 +42,10 @@ def predict(
         workers: decoding processes (default: the cores, at most 8).
         engine: "torch", or "onnx" for ONNX Runtime (a checkpoint is exported first).
         precision: "auto", "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
-        context: smooth each patch's logits with its neighbours' (patches of one patient,
-            placed by the coordinates in their names) when the checkpoint has a spatial
-            context; False scores every patch alone.
+        context: use each patch's place (from the coordinates in its name, among the
+            patches of its patient): the neighbourhood the model sees and the smoothing of
+            logits over the grid, as far as the checkpoint has them. False scores every
+            patch alone.
     """
     index = index_files(paths)
     table = index.table
@@ -97,10 +98,11 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str,
         prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
         def score(images, rows, patients, coords):
+            coords = coords if context else None
             stained, idx = prep.model_input(images, rows, patients, coords)
             logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
-            if context:  # smoothing on the grid, after the graph
-                logits = smooth_rows(logits, rows, patients, coords, runner.metadata.get("context"))
+            # smoothing on the grid, after the graph
+            logits = smooth_rows(logits, rows, patients, coords, runner.metadata.get("context"))
             return probabilities(logits, runner.temperature)
 
         return score, runner.threshold

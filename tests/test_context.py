@@ -97,6 +97,17 @@ def context_ckpt(trained_run, tmp_path_factory):
     return update_checkpoint(path, context={"sigma": 1.5, "step": 50}, temperature=1.0)
 
 
+@pytest.fixture(scope="module")
+def unsmoothed_ckpt(context_ckpt, tmp_path_factory):
+    """The same model without spatial context: what the smoothing starts from. (The
+    neighbourhood input stays; ``context=False`` would drop it too.)"""
+    from idcscope.checkpoint import update_checkpoint
+
+    path = tmp_path_factory.mktemp("unsmoothed") / "best.pt"
+    path.write_bytes(context_ckpt.read_bytes())
+    return update_checkpoint(path, context={})
+
+
 def smoothed_from_alone(prob, groups, xs, ys, sigma=1.5):
     """What context must give: the patch-alone logits smoothed (temperature scaling commutes
     with the smoothing, so probabilities suffice)."""
@@ -112,7 +123,9 @@ def assert_smoothed(with_context, alone, groups, xs, ys, atol=1e-5):
     assert np.std(with_context) < np.std(alone)  # and evens out patch-to-patch noise
 
 
-def test_predictor_smooths_each_patients_logits_over_its_grid(context_ckpt, synthetic_root):
+def test_predictor_smooths_each_patients_logits_over_its_grid(
+    context_ckpt, unsmoothed_ckpt, synthetic_root
+):
     from idcscope.data.dataset import load_patch_data
     from idcscope.inference import Predictor
 
@@ -120,7 +133,7 @@ def test_predictor_smooths_each_patients_logits_over_its_grid(context_ckpt, synt
     rows, t = data.rows(), data.table
     coords = (t["x"].to_numpy(), t["y"].to_numpy())
     with_context = Predictor(context_ckpt, precision="fp32")
-    alone = Predictor(context_ckpt, precision="fp32", context=False)
+    alone = Predictor(unsmoothed_ckpt, precision="fp32")
     assert (with_context.context_sigma, alone.context_sigma) == (1.5, 0.0)
     p_alone = alone.predict_proba(data.images, rows, data.patients, coords)
     p_ctx = with_context.predict_proba(data.images, rows, data.patients, coords)
@@ -130,7 +143,7 @@ def test_predictor_smooths_each_patients_logits_over_its_grid(context_ckpt, synt
 
 
 def test_evaluate_predict_and_heatmap_use_the_patches_places(
-    context_ckpt, synthetic_root, tmp_path
+    context_ckpt, unsmoothed_ckpt, synthetic_root, tmp_path
 ):
     import pandas as pd
 
@@ -140,10 +153,8 @@ def test_evaluate_predict_and_heatmap_use_the_patches_places(
     from idcscope.predict import predict
 
     runs = {}
-    for context in (True, False):
-        m = evaluate(
-            context_ckpt, synthetic_root, tmp_path / f"{context}", n_boot=0, context=context
-        )
+    for context, ckpt in ((True, context_ckpt), (False, unsmoothed_ckpt)):
+        m = evaluate(ckpt, synthetic_root, tmp_path / f"{context}", n_boot=0)
         assert m["context_sigma"] == (1.5 if context else 0.0)
         runs[context] = pd.read_csv(
             tmp_path / f"{context}" / "predictions.csv", dtype={"patient": str}
@@ -153,24 +164,25 @@ def test_evaluate_predict_and_heatmap_use_the_patches_places(
 
     for engine in ("torch", "onnx"):
         ctx, alone = (
-            predict(context_ckpt, [synthetic_root], engine=engine, context=c) for c in (True, False)
+            predict(c, [synthetic_root], engine=engine) for c in (context_ckpt, unsmoothed_ckpt)
         )
         assert_smoothed(ctx["prob_idc"], alone["prob_idc"], ctx["patient"], ctx["x"], ctx["y"])
 
     patient = synthetic_root / ev["patient"][0]
     ctx = patient_heatmap(context_ckpt, patient, tmp_path / "hm")
-    alone = patient_heatmap(Predictor(context_ckpt, context=False), patient, tmp_path / "hm0")
+    alone = patient_heatmap(Predictor(unsmoothed_ckpt), patient, tmp_path / "hm0")
     assert (ctx["context_sigma"], alone["context_sigma"]) == (1.5, 0.0)
     ctx, alone = (pd.read_csv(s["files"]["predictions"]) for s in (ctx, alone))
     assert_smoothed(ctx["prob_idc"], alone["prob_idc"], np.zeros(len(ctx)), ctx["x"], ctx["y"])
 
 
-def test_slide_tiles_are_smoothed_over_the_tile_grid(context_ckpt, synthetic_root, tmp_path):
+def test_slide_tiles_are_smoothed_over_the_tile_grid(
+    context_ckpt, unsmoothed_ckpt, synthetic_root, tmp_path
+):
     import pandas as pd
 
     from idcscope.data.dataset import load_patch_data
     from idcscope.heatmap import patient_mosaic
-    from idcscope.inference import Predictor
     from idcscope.slide import slide_inference, write_tiff_slide
 
     data = load_patch_data(synthetic_root)
@@ -178,7 +190,7 @@ def test_slide_tiles_are_smoothed_over_the_tile_grid(context_ckpt, synthetic_roo
     t = data.table.iloc[one]
     mosaic, _ = patient_mosaic(data.images[one], t["x"], t["y"])
     slide = write_tiff_slide(mosaic, tmp_path / "s.tif", mpp=4.0)
-    alone = slide_inference(Predictor(context_ckpt, context=False), slide, tmp_path / "a")
+    alone = slide_inference(unsmoothed_ckpt, slide, tmp_path / "a")
     ctx = slide_inference(context_ckpt, slide, tmp_path / "c")
     assert ctx["context_sigma"] == 1.5
     a, c = (pd.read_csv(s["files"]["tiles_csv"]) for s in (alone, ctx))

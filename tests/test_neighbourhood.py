@@ -129,7 +129,8 @@ def nbhd_ckpt(synthetic_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(nbhd_ckpt, synthetic_root):
     """P(IDC) of every patch by path, each patient's patches seen together on their grid:
-    in fp32 (ONNX Runtime, explain) and at the precision the torch entry points pick."""
+    in fp32 (ONNX Runtime, explain) and at the precision the torch entry points pick; and
+    (``alone_*``) each patch without its place."""
     from idcscope.data.dataset import load_patch_data
     from idcscope.inference import Predictor
 
@@ -141,6 +142,10 @@ def reference(nbhd_ckpt, synthetic_root):
         predictor = Predictor(nbhd_ckpt, precision=precision)
         prob = predictor.predict_proba(data.images, rows, data.patients, coords)
         ref[precision] = dict(zip(data.table["path"].to_numpy()[rows], prob, strict=True))
+        prob = predictor.predict_proba(data.images, rows, data.patients)
+        ref[f"alone_{precision}"] = dict(
+            zip(data.table["path"].to_numpy()[rows], prob, strict=True)
+        )
     return data, rows, coords, ref
 
 
@@ -225,3 +230,23 @@ def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path
     for cell in same:
         np.testing.assert_allclose(prob_at[cell], ref["auto"][patch_at[cell]], atol=1e-3)
     assert len(same) >= len(t) // 2
+
+
+def test_no_context_scores_every_patch_alone(nbhd_ckpt, reference, synthetic_root, tmp_path):
+    """--no-context: the patches' places are not used, neighbours included."""
+    import pandas as pd
+
+    from idcscope.evaluate import evaluate
+    from idcscope.inference import Predictor
+    from idcscope.predict import predict
+
+    data, rows, coords, ref = reference
+    alone = Predictor(nbhd_ckpt, precision="fp32", context=False)
+    prob = alone.predict_proba(data.images, rows, data.patients, coords)
+    _assert_matches(data.table["path"].to_numpy()[rows], prob, ref["alone_fp32"], atol=1e-6)
+    evaluate(nbhd_ckpt, synthetic_root, tmp_path / "ev", n_boot=0, context=False)
+    ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
+    _assert_matches(ev["path"], ev["prob_idc"], ref["alone_auto"])
+    for engine, precision in (("torch", "auto"), ("onnx", "fp32")):
+        out = predict(nbhd_ckpt, [synthetic_root], engine=engine, context=False)
+        _assert_matches(out["path"], out["prob_idc"], ref[f"alone_{precision}"])
