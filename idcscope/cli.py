@@ -95,6 +95,9 @@ def train(
     neighbourhood: Annotated[
         int | None, typer.Option(help="0|1|2: the block of neighbours the model also sees.")
     ] = None,
+    drop_neighbours: Annotated[
+        float | None, typer.Option(help="Share of training patches shown without neighbours.")
+    ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
@@ -131,6 +134,7 @@ def train(
             keep=keep,
             context=context,
             neighbourhood=neighbourhood,
+            drop_neighbours=drop_neighbours,
             split=split,
             pretrained=pretrained,
             weights=weights,

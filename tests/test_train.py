@@ -194,6 +194,8 @@ def test_config_errors_are_clear(tmp_path):
         make_config("fancy")
     with pytest.raises(IdcscopeError, match="augment"):
         make_config("default", augment="sparkles")
+    with pytest.raises(IdcscopeError, match=r"drop_neighbours=1\.5; a share from 0 to 1"):
+        make_config("default", drop_neighbours=1.5)
     bad = tmp_path / "c.yaml"
     bad.write_text("epochz: 3\n")
     with pytest.raises(IdcscopeError, match="epochz"):
