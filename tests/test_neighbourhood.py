@@ -103,27 +103,16 @@ def test_dropped_neighbours_look_like_a_patch_without_a_place():
 
 
 @pytest.fixture(scope="module")
-def nbhd_ckpt(synthetic_root, tmp_path_factory):
-    """A model that sees each patch's 3x3 neighbourhood (no logit smoothing on top)."""
-    from idcscope.config import make_config
-    from idcscope.train import train
+def nbhd_ckpt(trained_run, tmp_path_factory):
+    """The shared run's model (the default recipe: it sees each patch's 3x3 neighbourhood),
+    without logit smoothing on top."""
+    from idcscope.checkpoint import read_checkpoint, update_checkpoint
 
-    out = tmp_path_factory.mktemp("nbhd")
-    cfg = make_config(
-        "default",
-        data=str(synthetic_root),
-        out=str(out),
-        epochs=2,
-        batch_size=32,
-        threads=2,
-        neighbourhood=1,
-        drop_neighbours=0.2,
-        context="none",
-        val_fraction=0.2,
-        test_fraction=0.2,
-    )
-    train(cfg)
-    return out / "best.pt"
+    path = tmp_path_factory.mktemp("nbhd") / "best.pt"
+    path.write_bytes((trained_run / "best.pt").read_bytes())
+    config = read_checkpoint(path)["config"]
+    assert (config["neighbourhood"], config["drop_neighbours"]) == (1, 0.2)
+    return update_checkpoint(path, context={})
 
 
 @pytest.fixture(scope="module")
