@@ -109,17 +109,18 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    # Ours: balanced loss, dihedral + stain/colour augmentation, one-cycle AdamW to its end,
-    # per-patient Reinhard stain normalisation, the 3x3 neighbourhood as model input (a
-    # fifth of the training patches shown without it, so a lone patch is still scored) and
-    # spatial context on the scores: the recipe study's winner under patient-level CV
-    # (benchmarks/RECIPES.md).
+    # Ours: class-balanced sampling, dihedral + stain/colour augmentation, one-cycle AdamW
+    # to its end, per-patient Reinhard stain normalisation, the 3x3 neighbourhood as model
+    # input (a fifth of the training patches shown without it, so a lone patch is still
+    # scored) and spatial context on the scores: the recipe study's winner under
+    # patient-level CV (benchmarks/RECIPES.md).
     "default": {
         "stain": "reinhard",
         "context": "grid",
         "keep": "last",
         "neighbourhood": 1,
         "drop_neighbours": 0.2,
+        "imbalance": "balanced_sampler",
     },
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
     # Keras augmentation set, no imbalance handling, checkpoint on validation loss.

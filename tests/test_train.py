@@ -277,6 +277,28 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patc
     assert ratio_easy < 1e-6 < 0.5 < ratio_hard < 1
 
 
+def test_balanced_sampler_draws_both_classes_equally_and_the_loss_is_unweighted():
+    from idcscope.engine import PatchLoader
+    from idcscope.objective import make_loss
+
+    labels = (np.arange(1000) % 10 == 0).astype(np.int64)  # 10% positive
+    images = np.arange(1000)[:, None]
+    rows = np.arange(1000)[::2]  # the rows in use: 5% of the dataset, 100 positives
+    loader = PatchLoader(images, labels, rows, 50, shuffle=True, balanced=True, seed=3)
+    drawn = np.concatenate([np.sort(x[:, 0]) for x, _ in loader])
+    assert len(drawn) == len(rows) and set(drawn) <= set(rows)
+    assert 0.45 < labels[drawn].mean() < 0.55
+    assert len(set(drawn[labels[drawn] == 1])) > 80  # the positives, drawn with replacement
+
+    def draw(epoch):
+        loader.epoch = epoch
+        return np.concatenate([np.sort(x[:, 0]) for x, _ in loader])
+
+    assert np.array_equal(draw(0), drawn) and not np.array_equal(draw(1), drawn)
+    cfg = make_config("default", imbalance="balanced_sampler")
+    assert make_loss(cfg, labels[rows]).weight is None  # sampling balances; no double count
+
+
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     from idcscope import engine
 
