@@ -159,6 +159,12 @@ CANDIDATES: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
         "alone",
         ("nbhd1_drop20_balanced_sampler",),
     ),
+    "nbhd1_drop20_balanced_sampler_seed1": (
+        "default",
+        {**NBHD1_DROP20, "imbalance": "balanced_sampler", "seed": 1},
+        "",
+        (),
+    ),
     "nbhd1_drop20_focal": ("default", {**NBHD1_DROP20, "imbalance": "focal"}, "", ()),
     "nbhd1_drop20_no_imbalance": ("default", {**NBHD1_DROP20, "imbalance": "none"}, "", ()),
     "nbhd2_drop20": ("default", {**NBHD1_DROP20, "neighbourhood": 2}, "", ()),
