@@ -41,10 +41,13 @@ def test_shards_of_a_global_batch_are_the_single_process_batch():
 
 @pytest.mark.slow
 def test_two_processes_match_one(synthetic_root, tmp_path):
-    # No dropout and no augmentation: what remains different is batch-norm statistics,
-    # computed per process on half of each batch (SyncBatchNorm is GPU-only in torch).
+    # No dropout and no augmentation (dropped neighbours included: each process draws its
+    # own): what remains different is batch-norm statistics, computed per process on half
+    # of each batch (SyncBatchNorm is GPU-only in torch).
     config = tmp_path / "quiet.yaml"
-    config.write_text("model_kwargs: {drop: 0.0, head_drop: 0.0}\naugment: none\n")
+    config.write_text(
+        "model_kwargs: {drop: 0.0, head_drop: 0.0}\naugment: none\ndrop_neighbours: 0.0\n"
+    )
     common = {"epochs": 4, "batch_size": 32, "seed": 0, "precision": "fp32"}
     train(
         make_config(
