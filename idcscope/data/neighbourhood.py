@@ -131,15 +131,15 @@ class DropNeighbours:
     neighbours with probability ``p``, its block becoming the patch alone on glass, as a
     patch without coordinates is seen at inference. Then ``augment`` runs on the batch.
 
-    Without it the model leans on the neighbours so much that a lone patch is scored at
-    chance (pooled AUC 0.22 to 0.73 over three folds of the recipe study).
+    Without it the model leans on the neighbours so much that lone patches are scored at
+    chance or below (fold AUC 0.22 to 0.73, pooled 0.50, in the recipe study).
     """
 
     def __init__(self, augment, p: float, radius: int):
         self.augment, self.p, self.k = augment, p, 2 * radius + 1
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.p <= 0:  # no draw: the augmentation stream stays that of p = 0
+        if self.p <= 0:  # no draw: the random stream is the one without this wrapper
             return self.augment(x, generator)
         device = generator.device if generator is not None else None
         drop = (torch.rand(len(x), generator=generator, device=device) < self.p).to(x.device)
