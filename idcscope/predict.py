@@ -56,8 +56,9 @@ def predict(
     decoded = decode_files(list(table["path"]), workers=workers)
     rows = np.flatnonzero(decoded.ok)
     prob = np.full(len(table), np.nan)
-    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision, context)
-    coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
+    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision)
+    # -1 where the name has none; without context no patch has a place
+    coords = (table["x"].to_numpy(), table["y"].to_numpy()) if context else None
     prob[rows] = score(decoded.images, rows, table["patient"].to_numpy(), coords)
     errors = dict(decoded.errors)
     out = pd.DataFrame(
@@ -82,12 +83,10 @@ def predict(
     return out
 
 
-def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str, context: bool):
+def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str):
     """``(function of (images, rows, patients, coords) -> calibrated P(IDC), threshold)``."""
     if engine == "torch":
-        predictor = Predictor(
-            checkpoint, tta=tta, batch_size=batch_size, precision=precision, context=context
-        )
+        predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, precision=precision)
         return predictor.predict_proba, predictor.threshold
     if engine == "onnx":
         from .export import OnnxPredictor
@@ -98,7 +97,6 @@ def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str,
         prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
         def score(images, rows, patients, coords):
-            coords = coords if context else None
             stained, idx = prep.model_input(images, rows, patients, coords)
             logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
             # smoothing on the grid, after the graph
