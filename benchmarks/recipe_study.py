@@ -31,7 +31,8 @@ ALONE = {"neighbourhood": 0}
 # Reinhard, spatial context, the last epoch, and the 3x3 neighbourhood as model input.
 NBHD1 = {"stain": "reinhard", "context": "grid", "keep": "last", "neighbourhood": 1}
 NBHD1_DROP20 = {**NBHD1, "drop_neighbours": 0.2}
-DEFAULT = {**NBHD1_DROP20, "imbalance": "balanced_sampler"}  # spelled out, as RECIPES["default"]
+# The default recipe, pinned here so its rows keep their meaning if RECIPES["default"] moves.
+DEFAULT = {**NBHD1_DROP20, "imbalance": "balanced_sampler"}
 
 # name -> (recipe preset, config overrides, scoring, recipes whose fold models it
 # re-evaluates instead of training: one for TTA or alone, several for an ensemble). Scoring:
@@ -150,7 +151,7 @@ CANDIDATES: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     "nbhd1_drop20_ens2": ("default", NBHD1_DROP20, "", ("nbhd1_drop20", "nbhd1_drop20_seed1")),
     "nbhd1_drop20_balanced_sampler": (
         "default",
-        {**NBHD1_DROP20, "imbalance": "balanced_sampler"},
+        DEFAULT,
         "",
         (),
     ),
@@ -162,7 +163,7 @@ CANDIDATES: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     ),
     "nbhd1_drop20_balanced_sampler_seed1": (
         "default",
-        {**NBHD1_DROP20, "imbalance": "balanced_sampler", "seed": 1},
+        {**DEFAULT, "seed": 1},
         "",
         (),
     ),
