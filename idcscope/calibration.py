@@ -3,7 +3,7 @@
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar T fitted to minimise
 the validation negative log-likelihood. It cannot change the ranking (AUC), only how
 confident the probabilities are; models trained on few patients are typically overconfident
-on new ones (T > 1). Apply it with ``engine.probabilities(logits, temperature=T)``.
+on new ones (T > 1). Apply it with ``probabilities(logits, temperature=T)``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def _margin(logits: Any) -> np.ndarray:
     if z.ndim == 1:
         return z
     raise ValueError(f"expected (N, 2) logits or (N,) positive-class logits, got {z.shape}")
+
+
+def probabilities(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """P(IDC) = softmax(logits / T)[:, 1] of (N, 2) logits (array or tensor), in float64."""
+    return expit(_margin(logits) / temperature)
 
 
 def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = T_BOUNDS) -> float:

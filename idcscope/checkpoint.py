@@ -22,8 +22,6 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 FORMAT = "idcscope-checkpoint/1"
-# The Kaggle IDC patches are 50x50 px cut from slides scanned at 40x and downsampled to 2.5x.
-PATCH_MPP = 4.0
 REQUIRED_KEYS = ("state_dict", "model", "class_names", "preprocessing")
 
 
@@ -71,7 +69,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
-    from .engine import Preprocessing
+    from .data.preprocess import Preprocessing
     from .errors import IdcscopeError
     from .models import create_model
 

@@ -10,9 +10,11 @@ by their counts (all pixels' statistics, in any patch order). Glass and black ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import ClassVar
@@ -84,9 +86,9 @@ class _Colours:
     """Distinct colours of uint8 images: counts, (3, n) ``rgb`` and ``od``, tissue, black."""
 
     def __init__(self, images: np.ndarray):
-        packed = np.zeros((images.size // 3, 4), np.uint8)
-        packed[:, :3] = images.reshape(-1, 3)
-        self.key, self.shape = packed.view(np.uint32).ravel(), images.shape  # 24-bit colours
+        from .data._kernels import pack_colours
+
+        self.key, self.shape = pack_colours(np.ascontiguousarray(images)), images.shape
         s = np.sort(self.key)
         first = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]])) if s.size else s
         self.uniq, self.counts = s[first], np.diff(first, append=s.size).astype(np.float64)
@@ -103,21 +105,31 @@ class _Colours:
         lms = (_RGB_TO_LMS / 255).astype(np.float32) @ self.rgb
         return np.log(np.maximum(lms, 1e-4, out=lms), out=lms)
 
-    def expand(self, mapped: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
-        """uint8 images after a colour map, blended in by tissue weight; mapped is (3, n)."""
+    def expand(
+        self, mapped: np.ndarray, table: np.ndarray | None = None, planes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """uint8 images after a colour map, blended in by tissue weight; mapped is (3, n).
+
+        With ``planes`` (uint8 (N, C, H, W), C >= 3, for images (N, H, W, 3)) the result
+        goes to planes 0..2 instead, and ``planes`` is returned.
+        """
         w = np.clip((self.od_norm - _GLASS_OD) / (TISSUE_OD - _GLASS_OD), 0, 1) * ~self.black
         packed = np.zeros((self.uniq.size, 4), np.uint8)
         packed[:, :3] = np.rint(self.rgb + w * (np.clip(mapped, 0, 255) - self.rgb)).T
         values = packed.view(np.uint32).ravel()
         if table is None and self.key.size < 1 << 16:
-            out = values[np.searchsorted(self.uniq, self.key)]
+            table, keys = values, np.searchsorted(self.uniq, self.key)
         else:
             # Beats binary search on large inputs; stale entries are never read, so one table
             # serves many calls (its pages are touched once).
             table = np.empty(1 << 24, np.uint32) if table is None else table
-            table[self.uniq] = values
-            out = table[self.key]
-        return out.view(np.uint8).reshape(-1, 4)[:, :3].reshape(self.shape)
+            table[self.uniq], keys = values, self.key
+        if planes is None:
+            return table[keys].view(np.uint8).reshape(-1, 4)[:, :3].reshape(self.shape)
+        from .data._kernels import unpack_to_planes
+
+        unpack_to_planes(table, keys, planes)
+        return planes
 
 
 def _weighted_percentile(values: np.ndarray, weights: np.ndarray, q: list[float]) -> np.ndarray:
@@ -166,11 +178,14 @@ class StainNormalizer:
             raise IdcscopeError(f"{self.name} stain normaliser used before fit")
         return self._apply(_Colours(images))
 
-    def fit_transform(self, images: np.ndarray, _table: np.ndarray | None = None) -> np.ndarray:
-        """`fit` then `transform` on the same images, sharing the colour analysis."""
+    def fit_transform(
+        self, images: np.ndarray, _table: np.ndarray | None = None, planes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`fit` then `transform` on the same images, sharing the colour analysis (into
+        ``planes``, the model's layout, when given: see ``_Colours.expand``)."""
         colours = _Colours(_check_images(images))
         self.source = self._fit_tissue(colours)
-        return self._apply(colours, _table)
+        return self._apply(colours, _table, planes)
 
     def state_dict(self) -> dict:
         """Target (and fitted source) statistics as ``target_*`` / ``source_*`` lists."""
@@ -202,10 +217,10 @@ class StainNormalizer:
         """New (3, n) intensities of the distinct colours."""
         return colours.rgb
 
-    def _apply(self, colours: _Colours, table: np.ndarray | None = None) -> np.ndarray:
+    def _apply(self, colours: _Colours, table=None, planes=None) -> np.ndarray:
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             mapped = np.nan_to_num(self._map(colours), nan=0.0, posinf=255.0, neginf=0.0)
-        return colours.expand(mapped, table)
+        return colours.expand(mapped, table, planes)
 
 
 class ReinhardNormalizer(StainNormalizer):
@@ -351,6 +366,7 @@ def normalize_per_patient(
     reference_state: dict | None = None,
     out: np.ndarray | None = None,
     workers: int | None = None,
+    planes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fits one normaliser per patient, on all of its patches, and transforms them.
 
@@ -364,36 +380,77 @@ def normalize_per_patient(
         reference_state: `fit_reference` output; the built-in reference when None.
         out: uint8 array to write into (may be ``images`` itself); a new one when None.
         workers: threads, each on whole patients; the cores (at most 8) when None.
+        planes: instead of ``out``, a uint8 (N, C, H, W) array whose planes 0..2 receive
+            the patches (the model's layout, ``data.preprocess``).
 
     Returns:
-        The normalised patches (``out`` when given).
+        The normalised patches (``out``, or ``planes`` when given).
     """
     images, patients = _check_images(images), np.asarray(patients).ravel()
     if patients.size != len(images):
         raise ValueError(f"{patients.size} patient ids for {len(images)} patches")
-    out = np.empty_like(images) if out is None else out
-    if out.shape != images.shape or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8 {images.shape}, got {out.dtype} {out.shape}")
+    n, h, w, _ = images.shape
+    if planes is not None:
+        if planes.shape[0] != n or planes.shape[2:] != (h, w) or planes.dtype != np.uint8:
+            raise ValueError(f"planes must be uint8 ({n}, C, {h}, {w}), got {planes.shape}")
+    else:
+        out = np.empty_like(images) if out is None else out
+        if out.shape != images.shape or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {images.shape}, got {out.dtype} {out.shape}")
+    target = out if planes is None else planes
+
+    def write(sel, patches: np.ndarray) -> None:
+        if planes is None:
+            out[sel] = patches
+        else:
+            planes[sel, :3] = patches.transpose(0, 3, 1, 2)
+
+    groups = _patient_rows(patients) if len(images) else []
     if not create_normalizer(normalizer_name, reference_state).fields or not len(images):
-        out[...] = images
-        return out
-    groups = _patient_rows(patients)
+        for rows in groups:
+            sel = _as_slice(rows)
+            write(sel, np.asarray(images[sel]))
+        return target
     workers = max(1, min(workers or os.cpu_count() or 1, 8, len(groups)))
 
     def run(my_groups: list[np.ndarray]) -> int:
         norm, fallbacks = create_normalizer(normalizer_name, reference_state), 0
-        table = np.empty(1 << 24, np.uint32)  # reused by all its patients, see expand
         for rows in my_groups:
-            # A contiguous range is read (a memory map sequentially) and written as a slice.
-            sel = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
-            out[sel] = norm.fit_transform(images[sel], _table=table)
+            sel = _as_slice(rows)
+            if planes is None:
+                out[sel] = norm.fit_transform(images[sel], _table=_lookup_table())
+            elif isinstance(sel, slice):
+                norm.fit_transform(images[sel], _lookup_table(), planes[sel])
+            else:  # a fancy index gives a copy: fill it, then put it in place
+                planes[sel] = norm.fit_transform(images[sel], _lookup_table(), planes[sel])
             fallbacks += norm.fell_back
             advance(len(rows))
         return fallbacks
 
     # numpy releases the GIL in sorts, ufuncs and gathers, so threads scale across cores.
-    bar = progress_bar(f"stain ({normalizer_name})", total=len(images))
-    with bar as advance, ThreadPoolExecutor(workers) as pool:
+    # A bar only for work a person waits on (training data), not for each batch scored.
+    bar = progress_bar(f"stain ({normalizer_name})", len(images)) if len(images) > 10_000 else None
+    with (
+        bar or contextlib.nullcontext(lambda n: None) as advance,
+        ThreadPoolExecutor(workers) as pool,
+    ):
         fallbacks = sum(pool.map(run, [groups[i::workers] for i in range(workers)]))
-    logger.info("%s stain: %d patients, %d fell back", normalizer_name, len(groups), fallbacks)
-    return out
+    logger.debug("%s stain: %d patients, %d fell back", normalizer_name, len(groups), fallbacks)
+    return target
+
+
+def _as_slice(rows: np.ndarray):
+    """A contiguous range as a slice: read (a memory map sequentially) and written as one."""
+    return slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else rows
+
+
+_TABLES = threading.local()
+
+
+def _lookup_table() -> np.ndarray:
+    """This thread's 2**24-entry colour table (see ``_Colours.expand``), made once: a new
+    one for every patient would cost more page faults than the patient's whole map."""
+    table = getattr(_TABLES, "table", None)
+    if table is None:
+        table = _TABLES.table = np.empty(1 << 24, np.uint32)
+    return table

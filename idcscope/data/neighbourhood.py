@@ -2,11 +2,11 @@
 
 A 50x50 patch at 2.5x holds 200 µm of tissue: a few nuclei, rarely the outline of a duct,
 which is what tells carcinoma in situ from invasive carcinoma and dense benign tissue
-from tumour. Every patch has a place on its patient's grid (the Kaggle file names carry
-it; slide tiles have theirs), so its neighbours are known. With ``radius=1`` the model
-gets six channels: the patch at full resolution, then the 3x3 block of patches around it
-(150x150 px, 600 µm) averaged down by 3 to the patch's size. The second view costs one
-more input layer's worth of work, not nine patches'.
+from tumour. Every patch has a place on its patient's grid (``spatial.grid``), so its
+neighbours are known. With ``radius=1`` the model gets six planes: the patch at full
+resolution, then the 3x3 block of patches around it (150x150 px, 600 µm) averaged down by
+3 to the patch's size. The second view costs one more input layer's worth of work, not
+nine patches'.
 
 A neighbour that is not there (glass, the edge of the tissue, a patch without
 coordinates) is white, as glass is. Patients never mix: neighbours are looked up within
@@ -23,107 +23,62 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-STEP = 50  # grid step of the Kaggle patches in slide pixels: their size
+from ..spatial.grid import STEP, neighbour_rows
+
 GLASS = 255  # what a missing neighbour looks like
 
 
-def neighbour_rows(
-    groups: np.ndarray, xs: np.ndarray, ys: np.ndarray, radius: int = 1, step: int = STEP
+def block_planes(
+    planes: np.ndarray, neighbours: np.ndarray, src: int = 0, dst: int = 3, channels: int = 3
 ) -> np.ndarray:
-    """Row of each patch's neighbours on its group's grid, -1 where there is none.
+    """Write each patch's block of neighbours, averaged down to its size, into ``planes``.
 
     Args:
-        groups: (N,) patient (or slide) of each row.
-        xs, ys: (N,) top-left corner in slide pixels; NaN or negative where unknown (such
-            a patch has no neighbours, only itself).
-        radius: neighbours this many grid cells away in each direction.
-        step: grid step in slide pixels.
+        planes: uint8 (N, C, H, W), C-contiguous; planes ``src:src + channels`` hold the
+            patches, planes ``dst:dst + channels`` receive the blocks (in place).
+        neighbours: (N, k * k) rows of each patch's block (see ``neighbour_rows``), -1
+            for glass.
+        src, dst, channels: where the patches are and where the blocks go.
 
-    Returns:
-        (N, (2 * radius + 1) ** 2) int64, the block in row-major order (top-left first);
-        the middle column is the row itself.
+    Each block pixel is the rounded mean of k x k pixels of the (k H, k W) block: exact
+    integer arithmetic, so every caller gets the same bytes.
     """
-    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    groups = np.asarray(groups)
-    k = 2 * radius + 1
-    out = np.full((len(xs), k * k), -1, dtype=np.int64)
-    out[:, k * k // 2] = np.arange(len(xs))
-    with np.errstate(invalid="ignore"):
-        placed = (xs >= 0) & (ys >= 0)  # False for NaN too
-    for g in np.unique(groups[placed]):
-        idx = np.flatnonzero(placed & (groups == g))
-        col = (xs[idx] // step).astype(np.int64)
-        row = (ys[idx] // step).astype(np.int64)
-        col, row = col - col.min() + radius, row - row.min() + radius
-        grid = np.full((row.max() + 1 + radius, col.max() + 1 + radius), -1, dtype=np.int64)
-        grid[row, col] = idx
-        for j, (dy, dx) in enumerate(np.ndindex(k, k)):
-            out[idx, j] = grid[row + dy - radius, col + dx - radius]
-        out[idx, k * k // 2] = idx  # two patches in one cell: each is its own centre
-    return out
+    k = math.isqrt(neighbours.shape[1])
+    if k * k != neighbours.shape[1] or len(neighbours) != len(planes):
+        raise ValueError(
+            f"neighbours {neighbours.shape} do not describe square blocks of {len(planes)} patches"
+        )
+    if not planes.flags.c_contiguous or planes.dtype != np.uint8:
+        raise ValueError("planes must be a C-contiguous uint8 array")
+    from ._kernels import block_average
+
+    rounding = ((np.arange(k * k * GLASS + 1) + k * k // 2) // (k * k)).astype(np.uint8)
+    nb = np.ascontiguousarray(neighbours, np.int64)
+    block_average(planes, nb, k, src, dst, channels, rounding)
+    return planes
 
 
-class NeighbourhoodView:
-    """A uint8 patch array seen with each patch's neighbourhood: ``view[rows]`` is
-    ``(len(rows), H, W, 6)``, the patches then their blocks averaged down to (H, W).
-
-    It indexes like the array it wraps (with an index array or a slice), so the training
-    loader and inference read it as they read patches. The blocks do not depend on
-    augmentation, so they are averaged once, up front: reading a batch then costs two
-    gathers instead of ten.
-    """
-
-    def __init__(self, images: np.ndarray, neighbours: np.ndarray, chunk: int = 4096):
-        k = math.isqrt(neighbours.shape[1])
-        if k * k != neighbours.shape[1] or len(neighbours) != len(images):
-            raise ValueError(
-                f"neighbours {neighbours.shape} do not describe square blocks of "
-                f"{len(images)} patches"
-            )
-        self.images = images
-        self.blocks = np.empty(images.shape, dtype=np.uint8)
-        for s in range(0, len(images), chunk):
-            self.blocks[s : s + chunk] = _block_average(images, neighbours[s : s + chunk], k)
-        n, h, w, c = images.shape
-        self.shape = (n, h, w, 2 * c)
-        self.dtype = np.dtype(np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, rows) -> np.ndarray:
-        return np.concatenate([self.images[rows], self.blocks[rows]], axis=-1)
-
-
-def _block_average(images: np.ndarray, nb: np.ndarray, k: int) -> np.ndarray:
-    """(B, H, W, C): each row's k x k block of patches (glass where ``nb`` is -1),
-    averaged over k x k pixels."""
-    b = len(nb)
-    _, h, w, c = images.shape
-    tiles = np.asarray(images[np.maximum(nb, 0).reshape(-1)]).reshape(b, k * k, h, w, c)
-    tiles[nb < 0] = GLASS
-    # (B, k, k, H, W, C) -> the (kH, kW) block -> its (H, W) average over k x k pixels.
-    block = tiles.reshape(b, k, k, h, w, c).transpose(0, 1, 3, 2, 4, 5)
-    block = block.reshape(b, h, k, w, k, c).sum(axis=(2, 4), dtype=np.uint32)
-    return ((block + k * k // 2) // (k * k)).astype(np.uint8)
-
-
-def neighbourhood_view(
-    images: np.ndarray,
+def add_neighbourhood(
+    planes: np.ndarray,
     groups: np.ndarray | None,
     coords: tuple[np.ndarray, np.ndarray] | None,
     radius: int,
     step: int = STEP,
-) -> NeighbourhoodView:
-    """``images`` (one row per patch) seen with their neighbourhoods of ``radius``.
+) -> np.ndarray:
+    """Fill planes 3..5 of uint8 (N, 6, H, W) ``planes`` with each patch's block of
+    neighbours of ``radius``, from the patches in planes 0..2.
 
     ``groups`` (None: one patient) and ``coords`` (``(xs, ys)``; None: no patch has a
-    place, so every block is the patch alone on glass) have one entry per image.
+    place, so every block is the patch alone on glass) have one entry per patch.
     """
-    n = len(images)
-    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
-    xs, ys = coords if coords is not None else (np.full(n, np.nan), np.full(n, np.nan))
-    return NeighbourhoodView(images, neighbour_rows(groups, xs, ys, radius, step))
+    n = len(planes)
+    if coords is None:
+        nb = np.full((n, (2 * radius + 1) ** 2), -1, np.int64)
+        nb[:, nb.shape[1] // 2] = np.arange(n)
+    else:
+        groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+        nb = neighbour_rows(groups, *coords, radius, step)
+    return block_planes(planes, nb)
 
 
 class DropNeighbours:
@@ -151,7 +106,7 @@ class DropNeighbours:
 
 def alone_on_glass(patches: torch.Tensor, k: int) -> torch.Tensor:
     """(B, 3, H, W) patches in [0, 1] -> their k x k blocks with glass around, averaged
-    down to (H, W): what :class:`NeighbourhoodView` shows for a patch without neighbours."""
+    down to (H, W): what :func:`add_neighbourhood` gives a patch without neighbours."""
     b, c, h, w = patches.shape
     block = torch.ones(b, c, k * h, k * w, dtype=patches.dtype, device=patches.device)
     m = k // 2

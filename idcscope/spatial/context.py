@@ -15,58 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from .calibration import fit_temperature
+from ..calibration import fit_temperature
+from .grid import STEP, smooth
 
-STEP = 50  # grid step of the Kaggle patches, in slide pixels: their size
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
-TRUNCATE = 3.0  # the Gaussian reaches 3 sigma: 9 cells at sigma 3
-
-
-def smooth_logits(
-    logits: np.ndarray,
-    groups: np.ndarray,
-    xs: np.ndarray,
-    ys: np.ndarray,
-    sigma: float,
-    step: int = STEP,
-) -> np.ndarray:
-    """Gaussian average of each row's logits over the neighbouring patches of its group.
-
-    Args:
-        logits: (N, C) or (N,) scores, averaged linearly (logits, not probabilities: a
-            confident neighbour counts for more than a hesitant one).
-        groups: (N,) patient (or slide) of each row; grids never mix groups.
-        xs, ys: (N,) top-left corner of each patch in slide pixels; NaN or negative where
-            unknown (the manifest writes -1): such rows keep their own logits.
-        sigma: Gaussian width in grid cells; 0 returns ``logits`` unchanged.
-        step: grid step in slide pixels (the patch size of the Kaggle data, the tile size
-            of a slide).
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    if sigma <= 0 or len(logits) == 0:
-        return logits.copy()
-    flat = logits.reshape(len(logits), -1)
-    out = flat.copy()
-    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    groups = np.asarray(groups)
-    with np.errstate(invalid="ignore"):
-        placed = (xs >= 0) & (ys >= 0)  # False for NaN too
-    for g in np.unique(groups[placed]):
-        idx = np.flatnonzero(placed & (groups == g))
-        col = ((xs[idx] - xs[idx].min()) // step).astype(np.int64)
-        row = ((ys[idx] - ys[idx].min()) // step).astype(np.int64)
-        shape = (row.max() + 1, col.max() + 1)
-        weight = np.zeros(shape)
-        np.add.at(weight, (row, col), 1.0)
-        w = ndimage.gaussian_filter(weight, sigma, mode="constant", truncate=TRUNCATE)
-        for c in range(flat.shape[1]):
-            total = np.zeros(shape)
-            np.add.at(total, (row, col), flat[idx, c])
-            s = ndimage.gaussian_filter(total, sigma, mode="constant", truncate=TRUNCATE)
-            out[idx, c] = s[row, col] / w[row, col]
-    return out.reshape(logits.shape)
 
 
 def fit_sigma(
@@ -87,7 +40,7 @@ def fit_sigma(
     labels = np.asarray(labels, dtype=np.int64)
     losses = {}
     for sigma in sigmas:
-        z = smooth_logits(logits, groups, xs, ys, sigma, step)
+        z = smooth(logits, groups, xs, ys, sigma, step)
         t = fit_temperature(z, labels)
         losses[float(sigma)] = _log_loss(z / t, labels)
     best = min(losses, key=lambda s: (losses[s], s))
@@ -107,7 +60,7 @@ def smooth_rows(
     coords: tuple[np.ndarray, np.ndarray] | None,
     context: dict | None,
 ) -> np.ndarray | torch.Tensor:
-    """:func:`smooth_logits` for the logits of ``images[rows]``, with per-image arrays.
+    """:func:`.grid.smooth` of the logits of ``images[rows]``, with per-image arrays.
 
     ``logits`` come back as they are without ``coords`` or ``context``; a float32 tensor in
     gives a float32 tensor out.
@@ -130,4 +83,4 @@ def smooth_rows(
     rows = slice(None) if rows is None else np.asarray(rows)
     xs, ys = (np.asarray(c, dtype=np.float64)[rows] for c in coords)
     groups = np.zeros(len(xs)) if patients is None else np.asarray(patients)[rows]
-    return smooth_logits(logits, groups, xs, ys, sigma, step)
+    return smooth(logits, groups, xs, ys, sigma, step)
