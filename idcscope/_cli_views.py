@@ -6,12 +6,13 @@ Registered on the app of :mod:`idcscope.cli`, which imports this module.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .cli import _fail, app, logger
+from .cli import Context, Engine, _fail, app, logger
 
 
 @app.command()
@@ -23,13 +24,20 @@ def explain(
     cam: Annotated[
         str | None, typer.Option(help="gradcam|hirescam (default: the model's).")
     ] = None,
+    engine: Engine = "auto",
 ) -> None:
-    """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch."""
+    """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch.
+
+    P(IDC) is what ``predict`` gives the same files; the maps are computed on the input
+    the model scored.
+    """
     from .errors import IdcscopeError
     from .explain import explain_patches
 
     try:
-        rows = explain_patches(checkpoint, paths, out, upscale=upscale, cam_method=cam)
+        rows = explain_patches(
+            checkpoint, paths, out, upscale=upscale, cam_method=cam, engine=engine
+        )
     except IdcscopeError as e:
         raise _fail(e) from e
     n_bad = sum(1 for r in rows if r["error"])
@@ -43,13 +51,17 @@ def heatmap(
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the JSON summary.")],
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    context: Context = True,
+    engine: Engine = "auto",
 ) -> None:
     """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
     from .errors import IdcscopeError
     from .heatmap import patient_heatmap
+    from .inference.predictor import Predictor
 
     try:
-        summary = patient_heatmap(checkpoint, patient_dir, out, threshold=threshold, tta=tta)
+        predictor = Predictor(checkpoint, engine, tta=tta, context=context)
+        summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
     except IdcscopeError as e:
         raise _fail(e) from e
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
@@ -59,35 +71,45 @@ def heatmap(
 @app.command()
 def slide(
     checkpoint: Path,
-    slide_path: Annotated[Path, typer.Argument(help="A slide: .svs, .ndpi, .mrxs, tiled .tif.")],
-    out: Annotated[Path, typer.Option(help="Folder for the overlay, tile CSV and GeoJSON.")],
+    slide_paths: Annotated[
+        list[Path], typer.Argument(help="Slides: .svs, .ndpi, .mrxs, tiled .tif, ...")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the overlays, tile CSVs and GeoJSON.")],
     slide_mpp: Annotated[
-        float | None, typer.Option(help="µm per level-0 pixel, if the file lacks it.")
+        float | None, typer.Option(help="µm per level-0 pixel, if the files lack it.")
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
     min_tissue: Annotated[float, typer.Option(help="Tissue fraction to score a tile.")] = 0.25,
+    context: Context = True,
+    engine: Engine = "auto",
 ) -> None:
-    """Tile a whole slide at the model's resolution; write the IDC heatmap and GeoJSON regions."""
+    """Tile whole slides at the model's resolution; write IDC heatmaps and GeoJSON regions.
+
+    One row per slide goes to OUT/slides.csv. Under torchrun the slides are shared out
+    between the processes.
+    """
     from .errors import IdcscopeError
-    from .slide import slide_inference
+    from .slide import slides_inference
 
     try:
-        summary = slide_inference(
+        summaries = slides_inference(
             checkpoint,
-            slide_path,
+            slide_paths,
             out,
             slide_mpp=slide_mpp,
             threshold=threshold,
             tta=tta,
             min_tissue=min_tissue,
+            context=context,
+            engine=engine,
         )
     except IdcscopeError as e:
         raise _fail(e) from e
-    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
-    logger.info(
-        "overlay: %s; regions: %s", summary["files"]["overlay"], summary["files"]["geojson"]
-    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for summary in summaries:
+            print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
+        logger.info("overlays, tiles and regions in %s; one row per slide in slides.csv", out)
 
 
 @app.command()

@@ -20,6 +20,13 @@ logger = logging.getLogger("idcscope")
 
 Recipe = Annotated[str, typer.Option(help="Preset: 'default' (ours) or 'report' (the study's).")]
 Threads = Annotated[int, typer.Option(help="Torch CPU threads (0: all cores).")]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="auto|torch|onnx: where the model runs (auto: the faster here, timed once per "
+        "checkpoint; onnx: ONNX Runtime, the graph cached beside the checkpoint)."
+    ),
+]
 Context = Annotated[
     bool,
     typer.Option(
@@ -168,13 +175,16 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Only this split of the checkpoint's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
     context: Context = True,
+    engine: Engine = "auto",
 ) -> None:
     """Evaluate a checkpoint on held-out patients; writes metrics, plots and an HTML report."""
     from .errors import IdcscopeError
     from .evaluate import evaluate as run_evaluation
 
     try:
-        m = run_evaluation(checkpoint, data_dir, out, split=split, tta=tta, context=context)
+        m = run_evaluation(
+            checkpoint, data_dir, out, split=split, tta=tta, context=context, engine=engine
+        )
     except IdcscopeError as e:
         raise _fail(e) from e
     _print_headline(m)
@@ -185,20 +195,32 @@ def evaluate(
 def predict(
     checkpoint: Path,
     paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
-    out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred.")],
+    out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred, error.")],
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
-    engine: Annotated[str, typer.Option(help="torch|onnx (ONNX Runtime: .pt or .onnx).")] = "torch",
+    engine: Engine = "auto",
     context: Context = True,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Patches per forward pass (default: the engine's best).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding threads (default: cores).")] = None,
 ) -> None:
-    """Predict P(IDC) for patches with nothing but a checkpoint."""
+    """Predict P(IDC) for patches with nothing but a checkpoint (or an exported .onnx).
+
+    Rows are written as they are scored. Under torchrun the patients are shared out
+    between the processes and rank 0 writes the one table.
+    """
     from .errors import IdcscopeError
-    from .predict import predict as run_prediction
+    from .inference.predict import predict as run_prediction
 
     try:
-        df = run_prediction(checkpoint, paths, out, tta=tta, engine=engine, context=context)
+        df = run_prediction(
+            checkpoint, paths, out, batch_size=batch_size, tta=tta, workers=workers,
+            engine=engine, context=context,
+        )  # fmt: skip
     except IdcscopeError as e:
         raise _fail(e) from e
-    logger.info("wrote %d rows to %s", len(df), out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("wrote %d rows to %s", len(df), out)
 
 
 @app.command()
@@ -274,7 +296,7 @@ def export(
 ) -> None:
     """Export a checkpoint, normalisation and metadata included, for ONNX Runtime."""
     from .errors import IdcscopeError
-    from .export import export_onnx
+    from .inference.onnx import export_onnx
 
     if not onnx:
         raise _fail(IdcscopeError("choose an export format: --onnx"))
@@ -331,13 +353,16 @@ def ensemble(
     split: Annotated[str | None, typer.Option(help="Only this split of the first model's.")] = None,
     tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
     context: Context = True,
+    engine: Engine = "auto",
 ) -> None:
     """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
     from .errors import IdcscopeError
     from .evaluate import evaluate as run_evaluation
 
     try:
-        m = run_evaluation(list(checkpoints), data, out, split=split, tta=tta, context=context)
+        m = run_evaluation(
+            list(checkpoints), data, out, split=split, tta=tta, context=context, engine=engine
+        )
     except IdcscopeError as e:
         raise _fail(e) from e
     _print_headline(m)

@@ -99,7 +99,6 @@ def _run_fold(cfg: TrainConfig, split: dict, fold_dir: Path, tta: bool) -> dict:
         split="test",
         tta=tta,
         n_boot=0,
-        cache_dir=cfg.cache_dir,
     )
     result = {
         "fold": split["fold"],

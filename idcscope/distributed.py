@@ -1,10 +1,13 @@
-"""Multi-process training on torch.distributed: gloo on CPU, nccl on GPU.
+"""Many processes on torch.distributed: gloo on CPU, nccl on GPU.
 
 Launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK::
 
     torchrun --standalone --nproc_per_node=2 -m idcscope train DATA --out RUN
+    torchrun --standalone --nproc_per_node=2 -m idcscope predict CKPT PATCHES --out p.csv
 
-Without those variables everything runs in one process and nothing here does anything.
+Training splits each batch between the processes (DistributedDataParallel); scoring
+shares out whole patients or slides (``shard``). Without those variables everything runs
+in one process and nothing here does anything.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    @property
+    def threads(self) -> int | None:
+        """Threads each process may use: the cores shared by the processes on this machine
+        (None in a single process: every core)."""
+        if not self.enabled:
+            return None
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        return max(1, len(os.sched_getaffinity(0)) // local)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -73,6 +85,11 @@ def init_distributed(device: str = "auto") -> DistContext:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def shard(items: list, ctx: DistContext) -> list:
+    """This process's share of ``items``: every ``world``-th one, from its rank on."""
+    return items[ctx.rank :: ctx.world]
 
 
 def shutdown(ctx: DistContext) -> None:

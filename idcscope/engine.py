@@ -1,4 +1,4 @@
-"""The training and inference engine: batches from a uint8 patch array, one epoch, inference.
+"""The training engine: batches from a uint8 model-input array, one epoch, precision.
 
 Batches are gathered from the (memory-mapped) uint8 array, turned into float tensors,
 augmented as whole batches and normalised; no per-sample Python work sits on the hot path.
@@ -12,106 +12,20 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .data.preprocess import Preprocessing, to_float
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Preprocessing:
-    """What turns a uint8 patch into model input; stored in every checkpoint."""
-
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    patch_size: int = 50
-    mpp: float = 4.0
-    channels_last: bool = True
-    stain: str = "none"  # per-patient stain normalisation applied to the uint8 patches
-    stain_reference: dict | None = None
-    # > 0: the model also sees the block of neighbouring patches this many cells around each
-    # patch, averaged down to its size, as three more channels (``data.neighbourhood``).
-    neighbourhood: int = 0
-
-    def normalize_stain(self, images: np.ndarray, patients: np.ndarray | None) -> np.ndarray:
-        """Per-patient stain normalisation of uint8 patches (a no-op for "none")."""
-        if self.stain == "none":
-            return images
-        from .stain import normalize_per_patient
-
-        if patients is None:
-            logger.warning("no patient ids: normalising the stain of all patches together")
-            patients = np.zeros(len(images), dtype=np.int64)
-        return normalize_per_patient(np.asarray(images), patients, self.stain, self.stain_reference)
-
-    def stain_rows(
-        self, images: np.ndarray, rows, patients
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(images, rows)`` for the model: ``images[rows]`` stain-normalised per patient.
-
-        ``patients`` holds one id per image. Without stain normalisation both come back as is.
-        """
-        if self.stain == "none":
-            return images, rows
-        rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-        pats = None if patients is None else np.asarray(patients)[rows]
-        return self.normalize_stain(images[rows], pats), None
-
-    def model_input(self, images: np.ndarray, rows, patients, coords=None) -> tuple:
-        """``(array, rows)`` the model reads: :meth:`stain_rows`, then, with a
-        ``neighbourhood``, each patch beside its block of neighbours.
-
-        ``patients`` and ``coords`` (``(xs, ys)``, NaN where unknown) hold one entry per
-        image; without coordinates every patch is seen alone, on glass.
-        """
-        imgs, idx = self.stain_rows(images, rows, patients)
-        if not self.neighbourhood:
-            return imgs, idx
-        from .data.neighbourhood import neighbourhood_view
-
-        if idx is not None:
-            imgs = imgs[idx]
-        if rows is not None:
-            rows = np.asarray(rows)
-            patients = None if patients is None else np.asarray(patients)[rows]
-            coords = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
-        return neighbourhood_view(imgs, patients, coords, self.neighbourhood), None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise a float batch in [0, 1] of shape (B, C, H, W), C = len(mean)."""
-        c = len(self.mean)
-        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-def to_float(batch: np.ndarray | torch.Tensor, device: str = "cpu") -> torch.Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1] on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-    # Move uint8 (4x fewer bytes than float) before converting.
-    return t.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def channel_stats(images: np.ndarray, rows: np.ndarray, max_n: int = 20_000, seed: int = 0):
-    """Per-channel mean and std of the patches at ``rows`` (a seeded sample of at most max_n)."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(rows, size=min(max_n, len(rows)), replace=False))
-    x = images[pick].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
-
 
 class PatchLoader:
-    """Batches ``(uint8 (B, H, W, 3) array, int64 labels)`` over ``rows`` of a patch array.
+    """Batches ``(uint8 (B, C, H, W) array, int64 labels)`` over ``rows`` of a model-input
+    array (``data.preprocess``).
 
     Each epoch draws a new order from ``(seed, epoch)``, so a resumed run sees the same
     batches as an uninterrupted one. ``balanced`` draws both classes equally often (with
@@ -270,40 +184,3 @@ def train_one_epoch(
         "images_per_s": seen / max(elapsed, 1e-9),
         "train_seconds": elapsed,
     }
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    rows: np.ndarray | None,
-    prep: Preprocessing,
-    batch_size: int = 512,
-    precision: str = "auto",
-    device: str = "cpu",
-    tta: bool = False,
-    desc: str = "predict",
-) -> torch.Tensor:
-    """Logits (float32, on CPU) of the patches at ``rows`` (all when None), in that order."""
-    model.eval()
-    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    out = []
-    with progress_bar(desc, total=len(rows)) as advance:
-        for s in range(0, len(rows), batch_size):
-            idx = rows[s : s + batch_size]
-            x = to_float(images[idx], device)
-            with autocast(precision, device):
-                if tta:
-                    from .data.augment import dihedral_all
-
-                    logits = torch.stack([model(prep(v)).float() for v in dihedral_all(x)]).mean(0)
-                else:
-                    logits = model(prep(x))
-            out.append(logits.float().cpu())
-            advance(len(idx))
-    return torch.cat(out) if out else torch.empty(0, 2)
-
-
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    """P(IDC) from two-class logits."""
-    return F.softmax(logits / temperature, dim=1)[:, 1].numpy()

@@ -12,11 +12,13 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from . import metrics, plots
 from .data import splits as splitting
-from .data.dataset import load_patch_data
+from .data.manifest import index_dataset, summarize
 from .errors import IdcscopeError
-from .inference import Predictor
+from .inference.predictor import Predictor
 from .report import write_html_report
 
 logger = logging.getLogger(__name__)
@@ -28,54 +30,47 @@ def evaluate(
     out_dir: str | Path,
     split: str | None = None,
     tta: bool = False,
-    batch_size: int = 512,
-    cache_dir: str | None = None,
+    batch_size: int | None = None,
     n_boot: int = 500,
     context: bool = True,
+    engine: str = "auto",
 ) -> dict:
     """Evaluate a checkpoint (or an ensemble of them) on ``data_dir``.
 
     Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
     ``context=False`` scores every patch alone, as if it came without coordinates: no
-    neighbourhood input, no smoothing (see ``context`` and ``data.neighbourhood``).
+    neighbourhood input, no smoothing (see ``spatial.context`` and ``data.neighbourhood``).
+    Patches are decoded as they are scored (``inference.stream``): nothing is cached.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, context=context)
+    predictor = Predictor(checkpoint, engine, tta=tta, batch_size=batch_size, context=context)
     ckpt = predictor.checkpoints[0]
-    data = load_patch_data(data_dir, cache_dir)
-    data.write_skipped(out / "skipped.csv")  # with predictions.csv, every file is accounted for
-    if len(data.rows()) == 0:
+    index = index_dataset(data_dir, read_sizes=False)
+    ckpt_splits = ckpt.get("splits", {})
+    warnings = _warnings(predictor, index.table, split)
+    chosen = np.ones(len(index.table), bool)
+    if split:
+        chosen = splitting.assign(index.table, ckpt_splits) == split
+    table = index.table[chosen].reset_index(drop=True)
+    if table.empty:
+        raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
+    scored = predictor.score_files(table, index.root, desc="evaluate")
+    skipped = index.skipped + [
+        (p, r) for p, r in zip(table["path"], scored.reasons, strict=True) if r
+    ]
+    _write_skipped(
+        out / "skipped.csv", skipped
+    )  # with predictions.csv, every file is accounted for
+    ok = scored.ok
+    if not ok.any():
         raise IdcscopeError(
-            f"{data_dir}: none of the {data.n_files} files could be read; "
+            f"{data_dir}: none of the {len(table) + len(index.skipped)} files could be read; "
             f"the reasons are in {out / 'skipped.csv'}"
         )
-    ckpt_splits = ckpt.get("splits", {})
-    warnings: list[str] = []
-    if split:
-        rows = data.rows(splitting.assign(data.table, ckpt_splits) == split)
-        if len(predictor.members) > 1:
-            warnings.append(
-                f"split {split!r} is the first member's; other members may have "
-                "trained on these patients"
-            )
-    else:
-        rows = data.rows()
-        overlap = sorted(predictor.seen_patients & set(data.table["patient"]))
-        if overlap:
-            warnings.append(
-                f"{len(overlap)} of these patients were used to train or validate "
-                f"this model: {', '.join(overlap[:10])}; the numbers are optimistic"
-            )
-    if any(c.get("splits", {}).get("method") == "random" for c in predictor.checkpoints):
-        warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
-    if len(rows) == 0:
-        raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
-
-    coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
-    prob, raw = predictor.predict(data.images, rows, data.patients, coords)
+    table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
     threshold = predictor.threshold
-    y, patients = data.labels[rows], data.patients[rows]
+    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
     result = metrics.binary_metrics(y, prob, threshold)
     result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
     result["n_patients"] = len(set(patients))
@@ -84,9 +79,16 @@ def evaluate(
     result["ece"] = metrics.expected_calibration_error(y, prob)
     result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
     result["temperature"] = [float(c.get("temperature", 1.0)) for c in predictor.checkpoints]
+    summary = summarize(table) | {
+        "n_files": len(table) + len(skipped),
+        "n_skipped": len(skipped),
+        "n_padded": scored.n_padded,
+        "layout": index.layout,
+    }
     result.update(
         checkpoint=", ".join(map(str, predictor.paths)),
         n_models=len(predictor.members),
+        engine=predictor.engine,
         data=str(data_dir),
         split=split or "all",
         split_method=ckpt_splits.get("method", "patient"),
@@ -94,13 +96,39 @@ def evaluate(
         context_sigma=predictor.context_sigma,
         threshold_source=ckpt.get("threshold_method", "default 0.5"),
         leaks_patients=ckpt_splits.get("method") == "random",
-        data_summary=data.summary(),
+        data_summary=summary,
         warnings=warnings,
     )
-    _write_outputs(out, result, data, rows, prob, checkpoint)
+    _write_outputs(out, result, table, prob, checkpoint)
     for w in warnings:
         logger.warning(w)
     return result
+
+
+def _warnings(predictor: Predictor, table, split: str | None) -> list[str]:
+    warnings: list[str] = []
+    if split and len(predictor.members) > 1:
+        warnings.append(
+            f"split {split!r} is the first member's; other members may have trained on "
+            "these patients"
+        )
+    if not split:
+        overlap = sorted(predictor.seen_patients & set(table["patient"]))
+        if overlap:
+            warnings.append(
+                f"{len(overlap)} of these patients were used to train or validate "
+                f"this model: {', '.join(overlap[:10])}; the numbers are optimistic"
+            )
+    if any(c.get("splits", {}).get("method") == "random" for c in predictor.checkpoints):
+        warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
+    return warnings
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
 
 
 def _describe(result: dict) -> str:
@@ -132,12 +160,11 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     }
 
 
-def _write_outputs(out: Path, result: dict, data, rows, prob, checkpoint) -> None:
-    y = data.labels[rows]
+def _write_outputs(out: Path, result: dict, table, prob, checkpoint) -> None:
+    y = table["label"].to_numpy()
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     report_text = metrics.classification_report_text(y, prob >= result["threshold"])
     (out / "classification_report.txt").write_text(report_text)
-    table = data.table.iloc[rows]
     with (out / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred"])

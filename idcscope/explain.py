@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .data.manifest import IMAGE_SUFFIXES, parse_patch_name
 from .errors import IdcscopeError
 
 logger = logging.getLogger(__name__)
@@ -202,16 +201,6 @@ def explain_figure(
     return fig
 
 
-def _expand(paths: list[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(p)  # missing files get their error row when decoded
-    return files
-
-
 def _output_name(stem: str, used: set[str]) -> str:
     name, k = f"{stem}_explain.png", 2
     while name in used:  # the same file name in two folders
@@ -222,131 +211,142 @@ def _output_name(stem: str, used: set[str]) -> str:
 
 @dataclass
 class Explanations:
-    """What the model says about a batch of patches, and where it looks."""
+    """What the model says about patches, and where it looks: one entry per patch read."""
 
-    prob: np.ndarray  # calibrated P(IDC), (N,)
+    prob: np.ndarray  # calibrated P(IDC) from the Predictor, (N,)
     cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
     saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
     method: str  # "gradcam" or "hirescam"
+    patches: np.ndarray  # the decoded patches (N, H, W, 3)
+    ok: np.ndarray  # per input row: whether it was read (the entries above are these rows)
+    reasons: list[str]  # per input row: why it could not be read ("" where it was)
 
     @property
     def cam_name(self) -> str:
         return _CAM_NAMES[self.method]
 
 
-def explain_images(
-    model: nn.Module,
-    ckpt: dict,
-    images: np.ndarray,
-    batch_size: int = 64,
-    cam_method: str | None = None,
-    patients: np.ndarray | None = None,
-    coords: tuple[np.ndarray, np.ndarray] | None = None,
-) -> Explanations:
-    """Calibrated P(IDC), CAM and saliency maps of uint8 patches, with a model already loaded.
+class Explainer:
+    """P(IDC) from a :class:`~idcscope.inference.Predictor`, and the maps of where the
+    model looks, computed on the very input the Predictor scored.
 
     Args:
-        model: The checkpoint's model (see :func:`idcscope.checkpoint.load_model`).
-        ckpt: The checkpoint dict: preprocessing, temperature, class names.
-        images: uint8 patches (N, H, W, 3).
-        batch_size: Patches per forward/backward pass.
-        cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's choice.
-        patients: One id per patch, for models that normalise the stain per patient.
-        coords: ``(xs, ys)`` per patch, for models that see each patch's neighbours;
-            without them every patch is seen alone.
+        predictor: the Predictor (one checkpoint: maps explain one model).
+        cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's.
+        batch_size: patches per forward/backward pass of the maps.
     """
-    from .engine import Preprocessing, to_float
 
-    prep = Preprocessing(**ckpt["preprocessing"])
-    names = list(ckpt.get("class_names", ["no_idc", "idc"]))
-    target = names.index("idc") if "idc" in names else 1
-    temperature = float(ckpt.get("temperature", 1.0))
-    images, _ = prep.model_input(np.asarray(images), None, patients, coords)
-    probs, cams, sals = [], [], []
-    with GradCAM(model, method=cam_method) as cam:
-        for s in range(0, len(images), batch_size):
-            x = prep(to_float(images[s : s + batch_size]))
-            with torch.no_grad(), _no_autocast(x):
-                logits = model(x.float()) / temperature
-                probs.append(F.softmax(logits, 1)[:, target].numpy())
-            cams.append(cam(x, target).numpy())
-            sals.append(saliency(model, x, target).numpy())
-        method = cam.method
-    size = images.shape[1:3]
-    return Explanations(
-        prob=np.concatenate(probs) if probs else np.zeros(0, np.float32),
-        cam=np.concatenate(cams) if cams else np.zeros((0, *size), np.float32),
-        saliency=np.concatenate(sals) if sals else np.zeros((0, *size), np.float32),
-        method=method,
-    )
+    def __init__(self, predictor, cam_method: str | None = None, batch_size: int = 64):
+        from .checkpoint import load_model
+
+        if len(predictor.members) != 1 or predictor.paths[0].suffix == ".onnx":
+            raise IdcscopeError("explanations need one torch checkpoint (.pt), not an ensemble")
+        # The Predictor may fold BatchNorm into a traced copy or run ONNX; Grad-CAM needs
+        # the model's own layers, so the maps use the model as built.
+        self.model, self.ckpt = load_model(predictor.paths[0])
+        self.predictor, self.cam_method, self.batch_size = predictor, cam_method, batch_size
+
+    def explain(self, table, root: str | Path = "") -> Explanations:
+        """Every row of a file table (see ``data.manifest.index_files``) scored and mapped."""
+        scored = self.predictor.score_files(table, root, desc="explain", keep_patches=True)
+        ok = scored.ok
+        inputs = self.predictor.model_input(
+            scored.patches,
+            table["patient"].to_numpy()[ok],
+            (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok]),
+        )
+        cams, sals, method = self.maps(inputs)
+        return Explanations(scored.prob[ok], cams, sals, method, scored.patches, ok, scored.reasons)
+
+    def maps(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+        """CAM and saliency maps of uint8 model input (N, C, H, W), and the CAM method."""
+        from .data.preprocess import Preprocessing, to_float
+
+        prep = Preprocessing(**self.ckpt["preprocessing"])
+        names = list(self.ckpt.get("class_names", ["no_idc", "idc"]))
+        target = names.index("idc") if "idc" in names else 1
+        cams, sals = [], []
+        with GradCAM(self.model, method=self.cam_method) as cam:
+            for s in range(0, len(inputs), self.batch_size):
+                x = prep(to_float(inputs[s : s + self.batch_size]))
+                cams.append(cam(x, target).numpy())
+                sals.append(saliency(self.model, x, target).numpy())
+            method = cam.method
+        size = inputs.shape[2:]
+        empty = np.zeros((0, *size), np.float32)
+        return (
+            (np.concatenate(cams) if cams else empty),
+            (np.concatenate(sals) if sals else empty),
+            method,
+        )
 
 
 def explain_patches(
-    checkpoint: str | Path,
+    checkpoint,
     paths: list[str | Path],
     out_dir: str | Path,
     upscale: int = 4,
     batch_size: int = 64,
     cam_method: str | None = None,
+    engine: str = "auto",
 ) -> list[dict]:
     """Explain the model's call on each patch: P(IDC), Grad-CAM and saliency, as PNG panels.
 
+    Patches are scored as ``predict`` scores them (with the stain of their patient, their
+    neighbours and the spatial context, when their names carry patient and place).
+
     Args:
-        checkpoint: An idcscope checkpoint.
+        checkpoint: An idcscope checkpoint, or a Predictor already built.
         paths: Patch files, or folders searched recursively for images.
         out_dir: Receives ``<stem>_explain.png`` per patch and ``explanations.csv``.
         upscale: Pixel enlargement of the 50 px patches in the panels.
-        batch_size: Patches per forward/backward pass.
+        batch_size: Patches per forward/backward pass of the maps.
         cam_method: "gradcam" or "hirescam" (see :class:`GradCAM`); None: the model's choice.
+        engine: The Predictor's engine, when ``checkpoint`` is a path.
 
     Returns:
         One dict per input file, as in ``explanations.csv``: path, prob_idc, pred (0/1),
         label (from the file name; None when unknown), output (the panel's file name) and
         error (why the file was skipped; "" when it was not).
     """
-    from .checkpoint import load_model
-    from .data.cache import decode_patch
+    from .data.manifest import index_files
+    from .inference.predictor import Predictor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, ckpt = load_model(checkpoint)
-    threshold = float(ckpt.get("threshold", 0.5))
-
-    rows, images, patients, places = [], [], [], []
-    for f in _expand(paths):
-        meta = parse_patch_name(f.name) or {}
-        row = {
-            "path": str(f),
-            "prob_idc": None,
-            "pred": None,
-            "label": meta.get("label"),
-            "output": "",
-            "error": "",
-        }
-        try:
-            images.append(decode_patch(f)[0])
-            patients.append(meta.get("patient", f.stem))
-            places.append((meta.get("x", np.nan), meta.get("y", np.nan)))
-        except Exception as e:  # any unreadable file is reported in its row, never fatal
-            row["error"] = f"{type(e).__name__}: {e}"
-            logger.warning("skipped %s: %s", f, row["error"])
-        rows.append(row)
-    good = [r for r in rows if not r["error"]]
-    batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
-    coords = tuple(np.asarray(places, dtype=np.float64).reshape(-1, 2).T)
-    ex = explain_images(model, ckpt, batch, batch_size, cam_method, np.asarray(patients), coords)
-    used: set[str] = set()
-    for i, row in enumerate(good):
-        p = float(ex.prob[i])
+    predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint, engine)
+    threshold = predictor.threshold
+    index = index_files(paths, keep_missing=True)
+    ex = Explainer(predictor, cam_method, batch_size).explain(index.table)
+    rows, used = [], set()
+    for i, (path, label) in enumerate(zip(index.table["path"], index.table["label"], strict=True)):
+        rows.append(
+            {
+                "path": path,
+                "prob_idc": None,
+                "pred": None,
+                "label": None if label < 0 else int(label),
+                "output": "",
+                "error": ex.reasons[i],
+            }
+        )
+    for k, i in enumerate(np.flatnonzero(ex.ok)):
+        row, p = rows[i], float(ex.prob[k])
         row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
         row["output"] = _output_name(Path(row["path"]).stem, used)
         title = _title(row, threshold)
-        fig = explain_figure(batch[i], ex.cam[i], ex.saliency[i], title, upscale, ex.cam_name)
+        fig = explain_figure(ex.patches[k], ex.cam[k], ex.saliency[k], title, upscale, ex.cam_name)
         fig.savefig(out / row["output"])
+    for p, reason in index.skipped:
+        rows.append({"path": p, "prob_idc": None, "pred": None, "label": None, "output": ""})
+        rows[-1]["error"] = reason
+    for row in rows:
+        if row["error"]:
+            logger.warning("skipped %s: %s", row["path"], row["error"])
     pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"pred": "Int64", "label": "Int64"}).to_csv(
         out / "explanations.csv", index=False
     )
-    logger.info("explained %d of %d patches in %s", len(good), len(rows), out)
+    logger.info("explained %d of %d patches in %s", int(ex.ok.sum()), len(rows), out)
     return rows
 
 

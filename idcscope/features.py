@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .engine import Preprocessing, autocast, to_float
+from .data.preprocess import Preprocessing, to_float
+from .engine import autocast
 from .errors import IdcscopeError
 from .progress import progress_bar
 

@@ -20,9 +20,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .errors import DataError
+from .spatial.grid import raster
 
 if TYPE_CHECKING:
-    from .inference import Predictor
+    from .inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +70,11 @@ def probability_grid(xs, ys, values, patch: int = PATCH) -> tuple[np.ndarray, tu
 
     Returns:
         A float (rows, cols) grid, NaN where no patch lies, and its origin ``(x0, y0)``: the
-        slide coordinates of the top-left corner of cell (0, 0).
+        slide coordinates of the top-left corner of cell (0, 0). See ``spatial.grid``.
     """
-    xs, ys = np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)
-    values = np.asarray(values, dtype=np.float64)
-    if len(xs) == 0 or not len(xs) == len(ys) == len(values):
+    if len(np.asarray(xs)) == 0 or not len(xs) == len(ys) == len(values):
         raise ValueError(f"need as many coordinates as values ({len(values)}, {len(xs)})")
-    x0, y0 = int(xs.min()), int(ys.min())
-    col, row = (xs - x0) // patch, (ys - y0) // patch
-    total = np.zeros((row.max() + 1, col.max() + 1))
-    count = np.zeros_like(total)
-    np.add.at(total, (row, col), values)
-    np.add.at(count, (row, col), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan), (x0, y0)
+    return raster(np.asarray(xs), np.asarray(ys), values, patch)
 
 
 def dice_iou(pred_mask, true_mask, tissue=None) -> dict[str, float | None]:
@@ -312,7 +304,7 @@ def patient_heatmap(
     threshold: float | None = None,
     tta: bool = False,
     patient: str | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> dict:
     """Predict every patch of one patient and map P(IDC) back onto the tissue.
 
@@ -338,9 +330,7 @@ def patient_heatmap(
     import pandas as pd
 
     from . import metrics
-    from .checkpoint import PATCH_MPP
-    from .data.cache import decode_files
-    from .inference import Predictor
+    from .inference.predictor import Predictor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,14 +341,13 @@ def patient_heatmap(
     ckpt = predictor.checkpoints[0]
     threshold = predictor.threshold if threshold is None else float(threshold)
     root, table, pid, skipped = _index_patient(Path(patient_dir), patient)
-    decoded = decode_files([str(root / p) for p in table["path"]], desc=f"decoding {pid}")
-    rows = np.flatnonzero(decoded.ok)
+    # One patient: stain normalisation (when the model uses it) fits on all its patches.
+    scored = predictor.score_files(table, root, desc=f"scoring {pid}", keep_patches=True)
+    rows = np.flatnonzero(scored.ok)
     if len(rows) == 0:
         raise DataError(f"{patient_dir}: none of the {len(table)} patches could be read")
-    # One patient: stain normalisation (when the model uses it) fits on all its patches.
-    xs, ys = table["x"].to_numpy(), table["y"].to_numpy()
-    prob = predictor.predict_proba(decoded.images, rows, np.full(len(table), pid), (xs, ys))
-    xs, ys = xs[rows], ys[rows]
+    prob = scored.prob[rows]
+    xs, ys = table["x"].to_numpy()[rows], table["y"].to_numpy()[rows]
     labels = table["label"].to_numpy()[rows]
     known = bool((labels >= 0).all())
 
@@ -389,13 +378,13 @@ def patient_heatmap(
         }
 
     span = max(grid.shape) * PATCH
-    mosaic, _ = patient_mosaic(decoded.images[rows], xs, ys, scale=min(1.0, MOSAIC_MAX_SIDE / span))
+    mosaic, _ = patient_mosaic(scored.patches, xs, ys, scale=min(1.0, MOSAIC_MAX_SIDE / span))
     title = f"Patient {pid}: {len(rows)} patches, predicted IDC {summary['idc_fraction_pred']:.0%}"
     if known:
         title += f", annotated {summary['idc_fraction_true']:.0%}"
         if summary["dice"] is not None:
             title += f"; Dice {summary['dice']:.2f}, IoU {summary['iou']:.2f}"
-    mpp = float(ckpt["preprocessing"].get("mpp", PATCH_MPP))
+    mpp = float(ckpt["preprocessing"]["mpp"])
     figures = {
         "heatmap": plot_patient_heatmap(
             mosaic, grid, origin, threshold, truth, mpp=mpp, title=title
@@ -411,7 +400,7 @@ def patient_heatmap(
     predictions["label"] = predictions["label"].where(predictions["label"] >= 0).astype("Int64")
     summary["files"]["predictions"] = str(out / f"{pid}_predictions.csv")
     predictions.to_csv(summary["files"]["predictions"], index=False)
-    skipped += [(Path(p).relative_to(root).as_posix(), r) for p, r in decoded.errors]
+    skipped += [(p, r) for p, r in zip(table["path"], scored.reasons, strict=True) if r]
     summary["files"]["skipped"] = str(out / f"{pid}_skipped.csv")
     pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(
         summary["files"]["skipped"], index=False

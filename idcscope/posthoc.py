@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from . import metrics
-from .calibration import calibration_report, choose_threshold, fit_temperature
+from .calibration import calibration_report, choose_threshold, fit_temperature, probabilities
 from .config import TrainConfig
-from .context import STEP, fit_sigma, smooth_logits
 from .data.dataset import PatchData
-from .engine import probabilities
+from .spatial.context import fit_sigma
+from .spatial.grid import STEP, smooth
 
 
 def fit_on_validation(
@@ -35,7 +35,7 @@ def fit_on_validation(
         where = (data.patients[val_rows], *(data.table[c].to_numpy()[val_rows] for c in "xy"))
         sigma, losses = fit_sigma(logits.numpy(), y, *where, step=STEP)
         context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
-        logits = torch.from_numpy(smooth_logits(logits.numpy(), *where, sigma, STEP)).float()
+        logits = torch.from_numpy(smooth(logits.numpy(), *where, sigma, STEP)).float()
     temperature = fit_temperature(logits, y) if len(val_rows) else 1.0
     prob = probabilities(logits, temperature)
     threshold = 0.5

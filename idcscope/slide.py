@@ -243,8 +243,10 @@ def slide_inference(
     slide_mpp: float | None = None,
     threshold: float | None = None,
     tta: bool = False,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     min_tissue: float = 0.25,
+    context: bool = True,
+    engine: str = "auto",
 ) -> dict:
     """Score every tissue tile of a slide and write the heatmap, tile table and IDC GeoJSON.
 
@@ -260,18 +262,22 @@ def slide_inference(
         tta: Average the 8 dihedral transforms of each tile.
         batch_size: Tiles per forward pass.
         min_tissue: Fraction of a tile the tissue mask must cover for it to be scored.
+        context: Score each tile with its neighbouring tiles (neighbourhood input and
+            spatial context, as far as the model has them); False scores each alone.
+        engine: The Predictor's engine, when ``predictor`` is a path.
 
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s) and
         the files written.
     """
     from .heatmap import _save_png, plot_patient_heatmap
-    from .inference import Predictor
+    from .inference.predictor import Predictor
 
     if not isinstance(predictor, Predictor):
-        predictor = Predictor(predictor, tta=tta, batch_size=batch_size)
+        predictor = Predictor(predictor, engine, tta=tta, batch_size=batch_size, context=context)
     ckpt = predictor.checkpoints[0]
-    mpp = float(ckpt["preprocessing"].get("mpp", 4.0))
+    mpp = float(ckpt["preprocessing"]["mpp"])
+    patch = int(ckpt["preprocessing"]["patch_size"])
     threshold = predictor.threshold if threshold is None else float(threshold)
     path = Path(slide_path)
     out = Path(out_dir)
@@ -283,10 +289,10 @@ def slide_inference(
 
     slide = open_slide(path)
     try:
-        grid = tile_grid(slide, read_mpp(slide, path, slide_mpp), mpp)
+        grid = tile_grid(slide, read_mpp(slide, path, slide_mpp), mpp, patch)
         thumb = thumbnail(slide, grid)
         fraction = tile_tissue(tissue_mask(thumb), grid)
-        tiles, rows, cols = read_tiles(slide, grid, fraction >= min_tissue)
+        tiles, rows, cols = read_tiles(slide, grid, fraction >= min_tissue, patch)
     except (OSError, ValueError, openslide.OpenSlideError) as e:
         raise DataError(f"{path}: cannot read the slide's pixels (damaged file?): {e}") from e
     finally:
@@ -294,9 +300,10 @@ def slide_inference(
     t_read = time.perf_counter() - t0
     prob = np.full((grid.rows, grid.cols), np.nan)
     if len(tiles):  # one slide is one patient for stain normalisation and spatial context
-        where = (cols * PATCH, rows * PATCH)  # the tile grid in model-resolution pixels
+        where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
         prob[rows, cols] = predictor.predict_proba(tiles, None, np.full(len(tiles), name), where)
     elapsed = time.perf_counter() - t0
+    t_score = elapsed - t_read
 
     n, hot = len(tiles), int((prob[rows, cols] >= threshold).sum())
     tile_mm2 = (grid.tile * grid.slide_mpp / 1000) ** 2
@@ -315,9 +322,12 @@ def slide_inference(
         "idc_fraction": hot / n if n else None,
         "tissue_mm2": round(n * tile_mm2, 4),
         "idc_mm2": round(hot * tile_mm2, 4),
+        "engine": predictor.engine,
         "seconds": round(elapsed, 3),
         "seconds_reading": round(t_read, 3),
+        "seconds_scoring": round(t_score, 3),
         "tiles_per_s": round(n / elapsed, 1) if n else None,
+        "scoring_tiles_per_s": round(n / t_score, 1) if n and t_score > 0 else None,
     }
     files = {
         "tiles_csv": out / f"{name}_tiles.csv",
@@ -344,7 +354,7 @@ def slide_inference(
         (0, 0),
         threshold,
         patch=THUMB_PX,
-        mpp=mpp * PATCH / THUMB_PX,
+        mpp=mpp * patch / THUMB_PX,
         title=f"{path.name}: {frac}",
     )
     _save_png(fig, files["overlay"])
@@ -354,6 +364,47 @@ def slide_inference(
         "%s: %d tissue tiles, %s, %.1f tiles/s", path.name, n, frac, summary["tiles_per_s"] or 0
     )
     return summary
+
+
+SUMMARY_COLUMNS = (
+    "slide", "n_tiles", "n_idc_tiles", "idc_fraction", "tissue_mm2", "idc_mm2", "seconds",
+    "tiles_per_s",
+)  # fmt: skip
+
+
+def slides_inference(model, slide_paths: list, out_dir: str | Path, **options) -> list[dict]:
+    """:func:`slide_inference` of several slides, and ``slides.csv``: a row per slide.
+
+    Under torchrun the slides are shared out between the processes (whole slides, every
+    ``world``-th one per rank), each writes its slides' files, and rank 0 writes the table,
+    in the order the slides were given, as one process does. Returns the slides'
+    summaries (rank 0: all of them, in that order).
+    """
+    from .distributed import init_distributed, shard, shutdown
+    from .inference.predictor import Predictor
+
+    ctx = init_distributed("cpu")
+    try:
+        predictor = model
+        if not isinstance(model, Predictor):
+            keys = ("engine", "tta", "batch_size", "context")
+            kwargs = {k: options.pop(k) for k in keys if k in options}
+            predictor = Predictor(model, threads=ctx.threads, **kwargs)
+        mine = shard(list(enumerate(slide_paths)), ctx)
+        rows = [(i, slide_inference(predictor, p, out_dir, **options)) for i, p in mine]
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            gathered: list | None = [None] * ctx.world if ctx.is_main else None
+            dist.gather_object(rows, gathered, dst=0)
+            rows = [r for part in gathered or [] for r in part]
+    finally:
+        shutdown(ctx)
+    summaries = [s for _, s in sorted(rows, key=lambda r: r[0])]
+    if ctx.is_main:
+        table = pd.DataFrame([{k: s[k] for k in SUMMARY_COLUMNS} for s in summaries])
+        table.reindex(columns=SUMMARY_COLUMNS).to_csv(Path(out_dir) / "slides.csv", index=False)
+    return summaries
 
 
 def write_tiff_slide(

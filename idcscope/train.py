@@ -20,24 +20,23 @@ import torch
 import torch.nn as nn
 
 from . import metrics
-from .checkpoint import PATCH_MPP, read_checkpoint, save_checkpoint, update_checkpoint
+from .calibration import probabilities
+from .checkpoint import read_checkpoint, save_checkpoint, update_checkpoint
 from .config import TrainConfig, save_config
 from .data import splits as splitting
 from .data.augment import create_augment
 from .data.dataset import PatchData, load_patch_data
 from .data.manifest import CLASS_NAMES
-from .distributed import DistContext, init_distributed, shutdown
-from .engine import (
+from .data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    PatchLoader,
+    PATCH_MPP,
+    Planes,
     Preprocessing,
     channel_stats,
-    predict_logits,
-    probabilities,
-    resolve_precision,
-    train_one_epoch,
 )
+from .distributed import DistContext, init_distributed, shutdown
+from .engine import PatchLoader, resolve_precision, train_one_epoch
 from .errors import IdcscopeError
 from .models import create_model
 from .objective import make_loss, make_optimizer
@@ -73,42 +72,42 @@ def resolve_splits(cfg: TrainConfig, data: PatchData, out: Path) -> dict:
 
 
 def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> Preprocessing:
-    """Fit the preprocessing on the training patients; stain-normalises ``data.images``,
-    and with a ``neighbourhood`` makes it the view of each patch with its neighbours."""
+    """Fit the preprocessing on the training patients and make ``data.images`` the model
+    input of every patch (``Preprocessing.model_input``, as inference computes it)."""
     reference = None
     if cfg.stain != "none":
-        from .stain import fit_reference, normalize_per_patient
+        from .stain import fit_reference
 
         reference = fit_reference(data.images[train_rows], cfg.stain, data.patients[train_rows])
-        data.images = normalize_per_patient(
-            np.asarray(data.images), data.patients, cfg.stain, reference
-        )
-    if cfg.neighbourhood:
-        from .data.neighbourhood import neighbourhood_view
-
-        coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
-        data.images = neighbourhood_view(data.images, data.patients, coords, cfg.neighbourhood)
-    if cfg.pretrained or cfg.weights:  # what the pretrained backbone expects
-        views = data.images.shape[-1] // 3
-        mean, std = IMAGENET_MEAN * views, IMAGENET_STD * views
-    else:
-        mean, std = channel_stats(data.images, train_rows, seed=cfg.seed)
-    return Preprocessing(
-        mean=mean,
-        std=std,
+    prep = Preprocessing(
         mpp=PATCH_MPP,
         channels_last=cfg.channels_last,
         stain=cfg.stain,
         stain_reference=reference,
         neighbourhood=cfg.neighbourhood,
     )
+    if cfg.stain == "none" and not cfg.neighbourhood:  # nothing to compute: keep the map
+        data.images = Planes(data.images)
+    else:
+        # A file that failed to decode is no neighbour: at inference it is not there at all.
+        xs, ys = (np.where(data.ok, data.table[c].to_numpy(), -1) for c in "xy")
+        data.images = prep.model_input(data.images, data.patients, (xs, ys))
+    if cfg.pretrained or cfg.weights:  # what the pretrained backbone expects
+        views = prep.channels // 3
+        mean, std = IMAGENET_MEAN * views, IMAGENET_STD * views
+    else:
+        mean, std = channel_stats(data.images, train_rows, seed=cfg.seed)
+    return dataclasses.replace(prep, mean=mean, std=std)
 
 
-def validation_pass(model, data, rows, prep, cfg, device="cpu") -> tuple[float, torch.Tensor]:
-    """Validation loss and logits of the patches at ``rows``."""
-    logits = predict_logits(
-        model, data.images, rows, prep, precision=cfg.precision, device=device, desc="validate"
-    )
+def validation_pass(
+    model, data, rows, prep, precision: str, device="cpu"
+) -> tuple[float, torch.Tensor]:
+    """Validation loss and logits of the patches at ``rows``, computed as inference does."""
+    from .inference.backends import TorchBackend
+
+    backend = TorchBackend(model, prep, device, precision)
+    logits = torch.from_numpy(backend.logits(np.asarray(data.images[rows])))
     y = torch.from_numpy(data.labels[rows].astype(np.int64))
     loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
     return loss, logits
@@ -221,7 +220,9 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         )
         stats["images_per_s"] *= ctx.world
         if ctx.is_main:
-            val_loss, val_logits = validation_pass(model, data, val_rows, prep, cfg, ctx.device)
+            val_loss, val_logits = validation_pass(
+                model, data, val_rows, prep, cfg.precision, ctx.device
+            )
             if len(val_rows) and not math.isfinite(val_loss):
                 raise _diverged(out, epoch, f"the validation loss became {val_loss}")
             val_prob = probabilities(val_logits)
@@ -336,7 +337,7 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     best = read_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
     device = next(model.parameters()).device.type
-    _, logits = validation_pass(model, data, val_rows, prep, cfg, device)
+    _, logits = validation_pass(model, data, val_rows, prep, "fp32", device)
     fitted, val_prob = fit_on_validation(logits, data, val_rows, cfg)
     images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
     summary = {**fitted, "best_epoch": best["epoch"], "images_per_s": images_per_s}

@@ -1,10 +1,12 @@
 """Export a checkpoint to ONNX and run it with ONNX Runtime.
 
-The exported graph takes ``patches``, float32 RGB of shape (B, 3, H, W) with values in
-[0, 1] (what ``engine.to_float`` makes of uint8 patches), and returns ``logits`` (B, 2).
-Normalisation is folded into the graph, so a consumer needs no idcscope code; the class
-names, decision threshold and preprocessing travel in the file's ``metadata_props``, each
-value JSON-encoded, so the ``.onnx`` file describes itself as the checkpoint does.
+The exported graph takes ``patches``, float32 of shape (B, C, H, W) with values in [0, 1]
+(the model input of ``data.preprocess`` divided by 255: C = 3, the RGB patch, or 6, the
+patch then the block of its neighbours), and returns ``logits`` (B, 2). Normalisation is
+folded into the graph, so a consumer needs no idcscope code; the class names, decision
+threshold, temperature, spatial context and preprocessing travel in the file's
+``metadata_props``, each value JSON-encoded, so the ``.onnx`` file describes itself as the
+checkpoint does, and ``graph_sha256`` identifies the weights it computes with.
 
 Export uses torch's ``torch.export``-based exporter (the default since torch 2.9; it needs
 ``onnxscript``), which writes opset 18 or newer; one self-contained file, no external data.
@@ -12,10 +14,10 @@ Export uses torch's ``torch.export``-based exporter (the default since torch 2.9
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_model
-from .errors import IdcscopeError
-from .progress import progress_bar
+from ..checkpoint import load_model, read_checkpoint
+from ..data.cache import default_cache_dir
+from ..errors import IdcscopeError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,20 @@ class _Normalised(nn.Module):
         return self.model((patches - self.mean) / self.std)
 
 
+def graph_digest(ckpt: dict) -> str:
+    """sha256 of what the graph computes: the model, its weights and the normalisation.
+    Thresholds, temperature and context do not enter it: copies of a checkpoint that
+    differ only in those share one graph."""
+    h = hashlib.sha256(FORMAT.encode())
+    prep = ckpt["preprocessing"]
+    spec = {"model": ckpt["model"], "mean": prep["mean"], "std": prep["std"]}
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(ckpt["state_dict"].items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def export_onnx(
     checkpoint: str | Path,
     out_path: str | Path | None = None,
@@ -77,8 +93,9 @@ def export_onnx(
         batch_size: a fixed batch size; None exports a dynamic batch dimension.
 
     Returns:
-        The path written. The graph is checked with ``onnx.checker`` and its logits are
-        compared with the torch model's on a random batch before returning.
+        The path written (atomically: a temporary file, then a rename). The graph is
+        checked with ``onnx.checker`` and its logits are compared with the torch model's
+        on a random batch before returning.
     """
     import onnx
 
@@ -96,54 +113,99 @@ def export_onnx(
     example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     dynamic = None if batch_size else {"patches": {0: torch.export.Dim("batch")}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # torch.export's internals warn about their own deprecations; nothing to act on here.
-        warnings.simplefilter("ignore", category=FutureWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            wrapped,
-            (example,),
-            out,
-            dynamo=True,
-            verbose=False,
-            input_names=["patches"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamic_shapes=dynamic,
-            external_data=False,
-        )
-    proto = onnx.load(out)
-    contract = NEIGHBOURHOOD_CONTRACT if prep.get("neighbourhood") else INPUT_CONTRACT
-    meta = {"format": FORMAT, "input": contract, "source": checkpoint.name}
-    meta.update({k: ckpt[k] for k in _META_FIELDS if k in ckpt})
-    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
-    proto.doc_string = f"idcscope {ckpt['model']['name']}: P(IDC) logits of 50x50 H&E patches"
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, out)
-    _check_agreement(wrapped, OnnxPredictor(out), example, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            # torch.export's internals warn about their own deprecations; nothing to act on.
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                tmp,
+                dynamo=True,
+                verbose=False,
+                input_names=["patches"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                external_data=False,
+            )
+        proto = onnx.load(tmp)
+        contract = NEIGHBOURHOOD_CONTRACT if prep.get("neighbourhood") else INPUT_CONTRACT
+        meta = {"format": FORMAT, "input": contract, "source": checkpoint.name}
+        meta["graph_sha256"] = graph_digest(read_checkpoint(checkpoint))
+        meta.update({k: ckpt[k] for k in _META_FIELDS if k in ckpt})
+        onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
+        proto.doc_string = f"idcscope {ckpt['model']['name']}: P(IDC) logits of 50x50 H&E patches"
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, tmp)
+        _check_agreement(wrapped, OnnxModel(tmp), example, out)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     logger.info(
         "exported %s to %s (opset %d, batch %s)", checkpoint, out, opset, batch_size or "dynamic"
     )
     return out
 
 
-def _check_agreement(
-    torch_model: nn.Module, runner: OnnxPredictor, x: torch.Tensor, path: Path
-) -> None:
+def cached_onnx(checkpoint: str | Path) -> Path:
+    """The ONNX graph of a checkpoint, exported once and kept beside it (``best.pt`` ->
+    ``best.onnx``, or under the cache folder when that folder is read-only).
+
+    Graphs are matched by :func:`graph_digest`, so a retrained checkpoint is exported
+    again, and copies of one model with other thresholds share its graph (each export is
+    also kept under ``$IDCSCOPE_CACHE/onnx``).
+    """
+    import shutil
+
+    checkpoint = Path(checkpoint)
+    digest = graph_digest(read_checkpoint(checkpoint))
+    beside = checkpoint.with_suffix(".onnx")
+    shared = default_cache_dir() / "onnx" / f"{digest[:32]}.onnx"
+    for path in (beside, shared):
+        if path.is_file() and _graph_digest(path) == digest:
+            return path
+    writable = os.access(beside.parent, os.W_OK)
+    logger.info("exporting %s to ONNX once (kept %s)", checkpoint, beside if writable else shared)
+    path = export_onnx(checkpoint, beside if writable else shared)
+    if path != shared:
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(shared)
+    return path
+
+
+def _graph_digest(path: Path) -> str | None:
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        return json.loads(props.get("graph_sha256", "null"))
+    except Exception:  # an unreadable cached graph is simply exported again
+        return None
+
+
+def _check_agreement(torch_model: nn.Module, runner: OnnxModel, x: torch.Tensor, path) -> None:
     with torch.no_grad():
-        expected = torch_model(x)
-    got = runner.logits(x)
-    if not torch.allclose(got, expected, atol=1e-3, rtol=1e-3):
-        diff = (got - expected).abs().max().item()
+        expected = torch_model(x).numpy()
+    got = runner.logits(x.numpy())
+    if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
+        diff = np.abs(got - expected).max()
         raise IdcscopeError(f"{path}: ONNX Runtime and torch disagree (max |diff| {diff:.2e})")
 
 
-class OnnxPredictor:
+class OnnxModel:
     """An exported model in an ONNX Runtime session on the CPU, with its metadata.
 
     Args:
         path: an ``.onnx`` file written by ``export_onnx``.
         threads: intra-op threads; None uses every core this process may run on.
+
+    The session's threads sleep instead of spinning between runs: they share the cores
+    with the threads that decode the next patches.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None):
@@ -154,6 +216,7 @@ class OnnxPredictor:
             raise IdcscopeError(f"{path}: ONNX file not found")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings are about its own graph passes
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -169,14 +232,10 @@ class OnnxPredictor:
         self.fixed_batch = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else None
 
     @classmethod
-    def from_path(cls, path: str | Path, threads: int | None = None) -> OnnxPredictor:
-        """Open an ``.onnx`` file, or export a checkpoint to a temporary folder and open that."""
+    def from_path(cls, path: str | Path, threads: int | None = None) -> OnnxModel:
+        """Open an ``.onnx`` file, or a checkpoint's cached graph (see :func:`cached_onnx`)."""
         path = Path(path)
-        if path.suffix == ".onnx":
-            return cls(path, threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            # The session holds the whole graph in memory, so the file can go at once.
-            return cls(export_onnx(path, Path(tmp) / "model.onnx"), threads)
+        return cls(path if path.suffix == ".onnx" else cached_onnx(path), threads)
 
     @property
     def threshold(self) -> float:
@@ -190,58 +249,20 @@ class OnnxPredictor:
     def class_names(self) -> list[str]:
         return list(self.metadata.get("class_names", ["no_idc", "idc"]))
 
-    def logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Logits (float32 tensor) of a float batch (B, 3, H, W) in [0, 1]."""
-        x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else batch
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 logits (B, 2) of a float32 batch (B, C, H, W) in [0, 1]."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
         if self.fixed_batch is None or len(x) == self.fixed_batch:
-            return torch.from_numpy(self._run(x))
+            return self._run(x)
         b, out = self.fixed_batch, []
         for s in range(0, len(x), b):  # a fixed-batch graph: run whole batches, pad the last
             part = x[s : s + b]
             padded = np.concatenate([part, np.zeros((b - len(part), *x.shape[1:]), x.dtype)])
             out.append(self._run(padded)[: len(part)])
-        return torch.from_numpy(np.concatenate(out)) if out else torch.empty(0, 2)
+        return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
-
-    def predict_logits(
-        self,
-        images: np.ndarray,
-        rows: np.ndarray | None = None,
-        batch_size: int = 512,
-        tta: bool = False,
-        desc: str = "predict (onnx)",
-    ) -> torch.Tensor:
-        """As ``engine.predict_logits``: logits of uint8 patches (N, H, W, C) at ``rows``."""
-        from .data.augment import dihedral_all
-
-        rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-        out = []
-        with progress_bar(desc, total=len(rows)) as advance:
-            for s in range(0, len(rows), batch_size):
-                x = to_float_nchw(images[rows[s : s + batch_size]])
-                if tta:  # the 8 views in one run, then the mean of their logits
-                    views = dihedral_all(torch.from_numpy(x))
-                    logits = self.logits(views.flatten(0, 1)).view(8, len(x), -1).mean(0)
-                else:
-                    logits = self.logits(x)
-                out.append(logits)
-                advance(len(x))
-        return torch.cat(out) if out else torch.empty(0, 2)
-
-
-def to_float_nchw(batch: np.ndarray) -> np.ndarray:
-    """(B, H, W, C) uint8 -> C-contiguous (B, C, H, W) float32 in [0, 1], as ``engine.to_float``.
-
-    One numpy pass straight into the layout ONNX Runtime reads: about 5x faster than
-    ``to_float`` followed by the copy that makes its channels-last result contiguous.
-    """
-    b, h, w, c = batch.shape
-    out = np.empty((b, c, h, w), np.float32)
-    np.divide(batch.transpose(0, 3, 1, 2), np.float32(255), out=out)
-    return out
 
 
 def _json_or_text(value: str):

@@ -1,4 +1,9 @@
-"""Predict P(IDC) for patch files and folders with nothing but a checkpoint."""
+"""Predict P(IDC) for patch files and folders with nothing but a checkpoint.
+
+Rows are written as they are scored, bucket by bucket (whole patients), so a killed run
+keeps every row it finished. Under torchrun the buckets are shared out between the
+processes and rank 0 merges their rows into one file, the same as one process writes.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .context import smooth_rows
-from .data.cache import decode_files
-from .data.manifest import IMAGE_SUFFIXES, index_files
-from .engine import Preprocessing, probabilities
-from .errors import DataError, IdcscopeError
-from .inference import Predictor
+from ..data.manifest import IMAGE_SUFFIXES, index_files
+from ..distributed import init_distributed, shard, shutdown
+from ..errors import DataError
+from ..progress import progress_bar
+from .predictor import Predictor, Scored
+from .stream import FileSource, make_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -21,31 +26,35 @@ COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred", "error"]
 
 
 def predict(
-    checkpoint: str | Path,
+    model: str | Path | list | Predictor,
     paths: list[str | Path],
     out_csv: str | Path | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     tta: bool = False,
     workers: int | None = None,
-    engine: str = "torch",
-    precision: str = "auto",
+    engine: str = "auto",
+    precision: str = "fp32",
     context: bool = True,
 ) -> pd.DataFrame:
     """One row per input file; files that cannot be read keep their row, with the reason.
 
     Args:
-        checkpoint: an idcscope checkpoint, or with ``engine="onnx"`` also an exported ``.onnx``.
+        model: a checkpoint (or exported ``.onnx``), several for an ensemble, or a
+            :class:`Predictor` already built.
         paths: patch files and folders.
-        out_csv: also write the table here.
-        batch_size: patches per forward pass.
+        out_csv: also write the table here, bucket by bucket as the rows are scored.
+        batch_size: patches per forward pass (default: the engine's best).
         tta: average the logits of the 8 dihedral transforms.
-        workers: decoding processes (default: the cores, at most 8).
-        engine: "torch", or "onnx" for ONNX Runtime (a checkpoint is exported first).
-        precision: "auto", "bf16" or "fp32" for the torch engine; ONNX Runtime always runs fp32.
+        workers: decoding threads (default: the cores).
+        engine: "auto" (the faster here), "torch" or "onnx".
+        precision: "fp32", "bf16" or "auto" for the torch engine.
         context: use each patch's place (from the coordinates in its name, among the
             patches of its patient): the neighbourhood the model sees and the smoothing of
             logits over the grid, as far as the checkpoint has them. False scores every
             patch alone.
+
+    Returns:
+        The table (under torchrun: the merged table on rank 0, an empty one elsewhere).
     """
     index = index_files(paths)
     table = index.table
@@ -53,55 +62,85 @@ def predict(
         raise DataError(
             f"{', '.join(map(str, paths))}: no image files ({', '.join(IMAGE_SUFFIXES)}) to predict"
         )
-    decoded = decode_files(list(table["path"]), workers=workers)
-    rows = np.flatnonzero(decoded.ok)
-    prob = np.full(len(table), np.nan)
-    score, threshold = _scorer(checkpoint, engine, batch_size, tta, precision)
-    # -1 where the name has none; without context no patch has a place
-    coords = (table["x"].to_numpy(), table["y"].to_numpy()) if context else None
-    prob[rows] = score(decoded.images, rows, table["patient"].to_numpy(), coords)
-    errors = dict(decoded.errors)
-    out = pd.DataFrame(
-        {
-            "path": table["path"],
-            "patient": table["patient"],
-            "x": table["x"],
-            "y": table["y"],
-            "prob_idc": prob.round(6),
-            "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
-            "error": [errors.get(p, "") for p in table["path"]],
-        }
-    )
+    ctx = init_distributed("cpu")
+    try:
+        if isinstance(model, Predictor):
+            predictor = model
+        else:
+            predictor = Predictor(
+                model, engine, tta=tta, batch_size=batch_size, precision=precision,
+                context=context, workers=workers, threads=ctx.threads,
+            )  # fmt: skip
+        out = _predict_table(predictor, table, out_csv, ctx)
+    finally:
+        shutdown(ctx)
+    if not ctx.is_main:
+        return pd.DataFrame(columns=COLUMNS)
     skipped = pd.DataFrame(
         [{"path": p, "error": reason} for p, reason in index.skipped], columns=["path", "error"]
     )
-    out = pd.concat([out, skipped], ignore_index=True)[COLUMNS] if len(skipped) else out
+    if len(skipped):
+        out = pd.concat([out, skipped], ignore_index=True)[COLUMNS]
+        if out_csv:
+            skipped.reindex(columns=COLUMNS).to_csv(out_csv, mode="a", header=False, index=False)
     n_bad = int((out["error"].fillna("") != "").sum())
     logger.info("%d files: %d predicted, %d could not be read", len(out), len(out) - n_bad, n_bad)
-    if out_csv:
-        out.to_csv(out_csv, index=False)
     return out
 
 
-def _scorer(checkpoint, engine: str, batch_size: int, tta: bool, precision: str):
-    """``(function of (images, rows, patients, coords) -> calibrated P(IDC), threshold)``."""
-    if engine == "torch":
-        predictor = Predictor(checkpoint, tta=tta, batch_size=batch_size, precision=precision)
-        return predictor.predict_proba, predictor.threshold
-    if engine == "onnx":
-        from .export import OnnxPredictor
+def _predict_table(predictor: Predictor, table: pd.DataFrame, out_csv, ctx) -> pd.DataFrame:
+    """Score ``table`` (this process's share of its buckets) and write the rows."""
+    groups = table["patient"].to_numpy()
+    coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
+    buckets = shard(make_buckets(groups), ctx)
+    target = None if out_csv is None else Path(out_csv)
+    part = target if target is None or not ctx.enabled else target.with_name(
+        f".{target.name}.part{ctx.rank}"
+    )  # fmt: skip
+    parts: list[pd.DataFrame] = []
+    with progress_bar("predict", total=sum(len(b.rows) for b in buckets)) as advance:
+        for scored in predictor.score(groups, coords, FileSource(table["path"]), buckets):
+            rows = _rows(table, scored, predictor.threshold)
+            if part is not None:
+                rows.to_csv(part, mode="a" if parts else "w", header=not parts, index=False)
+            parts.append(rows.assign(bucket=scored.bucket.index) if ctx.enabled else rows)
+            advance(len(rows))
+    if part is not None and not parts:
+        pd.DataFrame(columns=COLUMNS).to_csv(part, index=False)
+    mine = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+    if not ctx.enabled:
+        return mine
+    return _merge(mine, target, ctx)
 
-        runner = OnnxPredictor.from_path(checkpoint)
-        # Per-patient stain normalisation needs all of a patient's patches: it runs in numpy
-        # on the uint8 patches, before the graph.
-        prep = Preprocessing(**runner.metadata.get("preprocessing", {}))
 
-        def score(images, rows, patients, coords):
-            stained, idx = prep.model_input(images, rows, patients, coords)
-            logits = runner.predict_logits(stained, idx, batch_size=batch_size, tta=tta)
-            # smoothing on the grid, after the graph
-            logits = smooth_rows(logits, rows, patients, coords, runner.metadata.get("context"))
-            return probabilities(logits, runner.temperature)
+def _rows(table: pd.DataFrame, scored: Scored, threshold: float) -> pd.DataFrame:
+    sub = table.iloc[scored.rows]
+    prob = scored.prob
+    return pd.DataFrame(
+        {
+            "path": sub["path"].to_numpy(),
+            "patient": sub["patient"].to_numpy(),
+            "x": sub["x"].to_numpy(),
+            "y": sub["y"].to_numpy(),
+            "prob_idc": prob.round(6),
+            "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
+            "error": scored.reasons,
+        }
+    )
 
-        return score, runner.threshold
-    raise IdcscopeError(f"unknown engine {engine!r}; choose 'torch' or 'onnx'")
+
+def _merge(mine: pd.DataFrame, target: Path | None, ctx) -> pd.DataFrame:
+    """Rank 0 gathers every process's rows in bucket order: one process's table."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world if ctx.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if target is not None:
+        target.with_name(f".{target.name}.part{ctx.rank}").unlink(missing_ok=True)
+    if not ctx.is_main:
+        return mine
+    merged = pd.concat(gathered, ignore_index=True).sort_values("bucket", kind="stable")
+    merged = merged.drop(columns="bucket").reset_index(drop=True)
+    if target is not None:
+        merged.to_csv(target, index=False)
+    return merged

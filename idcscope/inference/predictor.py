@@ -1,24 +1,31 @@
 """The model as a user applies it: one checkpoint or an ensemble, calibrated, with a threshold.
 
-``Predictor`` turns uint8 patches into P(IDC): each member applies its own preprocessing,
-optionally the 8 dihedral views, its spatial context (each patch's logits averaged with
-its neighbours' on the patient's grid, when the patches' coordinates are given; see
-``context``) and its temperature (both fitted on its validation patients); an ensemble
-averages the members' calibrated probabilities and their thresholds.
+``Predictor`` is the one path from decoded pixels to P(IDC) that every command takes
+(predict, evaluate, ensemble, cv, explain, heatmap, slide and the web page). Per member:
+the stain normalisation fitted on each patient's (or slide's) own patches and the
+neighbourhood input (``data.preprocess``, the function training used), the forward pass
+(torch or ONNX Runtime, ``inference.backends``), optionally over the 8 dihedral views,
+the spatial context (each patch's logits averaged with its neighbours' on the patient's
+grid, ``spatial.context``) and the temperature, both fitted on the validation patients;
+an ensemble averages the members' calibrated probabilities and their thresholds.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from .checkpoint import load_model
-from .context import smooth_rows
-from .engine import Preprocessing, fuse_for_inference, predict_logits, probabilities
+from ..calibration import probabilities
+from ..data.preprocess import PATCH_SIZE, Preprocessing
+from ..progress import progress_bar
+from ..spatial.context import smooth_rows
+from .backends import create_backend
+from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -28,45 +35,108 @@ class Prediction(NamedTuple):
     prob_uncalibrated: np.ndarray
 
 
+@dataclass
+class Scored:
+    """One bucket scored: P(IDC) for each of its rows, NaN where a file could not be read."""
+
+    bucket: Bucket
+    prob: np.ndarray
+    prob_uncalibrated: np.ndarray
+    reasons: list[str]  # why each unreadable row failed, "" elsewhere
+    patches: np.ndarray  # the decoded patches of the rows that were read, in row order
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.bucket.rows
+
+
+class TableScores(NamedTuple):
+    """A table's rows scored, in table order."""
+
+    prob: np.ndarray  # calibrated P(IDC) per row, NaN where the file could not be read
+    raw: np.ndarray  # uncalibrated
+    ok: np.ndarray
+    reasons: list[str]  # why each unreadable file failed, "" elsewhere
+    n_padded: int  # patches smaller than 50x50, padded with glass
+    patches: np.ndarray | None  # with ``keep_patches``: the decoded patches of the ok rows
+
+
+@dataclass
+class Member:
+    """One model of a predictor: its checkpoint fields, preprocessing and backend."""
+
+    path: Path
+    ckpt: dict
+    prep: Preprocessing
+    backend: object
+
+    @property
+    def temperature(self) -> float:
+        return float(self.ckpt.get("temperature", 1.0))
+
+
+def load_member(path, engine, device, precision, batch_size, threads) -> Member:
+    from .backends import onnx_backend
+
+    path = Path(path)
+    if path.suffix == ".onnx":  # an exported graph describes itself in its metadata
+        backend = onnx_backend(path, batch_size, threads)
+        meta = backend.model.metadata
+        return Member(path, meta, Preprocessing(**meta.get("preprocessing", {})), backend)
+    from ..checkpoint import load_model
+
+    model, ckpt = load_model(path, device)
+    ckpt.pop("state_dict", None)
+    prep = Preprocessing(**ckpt["preprocessing"])
+    backend = create_backend(path, model, prep, engine, device, precision, batch_size, threads)
+    return Member(path, ckpt, prep, backend)
+
+
 class Predictor:
     """P(IDC) for patches from one or several checkpoints.
 
     Args:
-        checkpoints: a checkpoint path, or several for an ensemble.
-        device: where the models run.
+        checkpoints: a checkpoint (or exported ``.onnx``) path, or several for an ensemble.
+        engine: "auto" (the faster here), "torch" or "onnx" (ONNX Runtime, CPU).
+        device: where torch runs.
         tta: average over the 8 dihedral transforms of each patch.
-        batch_size: patches per forward pass.
-        precision: "auto" (bf16 where the hardware has it), "bf16" (autocast) or "fp32".
+        batch_size: patches per forward pass (default: the engine's best).
+        precision: "fp32", "bf16" (autocast, torch only: faster on CPUs with native bf16,
+            P(IDC) within about 1e-2 of fp32) or "auto" (bf16 where native).
         context: use the patches' places when coordinates are given: the neighbourhood a
             model sees and the smoothing of its logits over the grid. False scores every
             patch alone, as if it came without coordinates.
+        threads: ONNX Runtime's threads (default: every core).
+        workers: threads that decode and prepare patches (default: every core).
     """
 
     def __init__(
         self,
         checkpoints: str | Path | list,
+        engine: str = "auto",
         device: str = "cpu",
         tta: bool = False,
-        batch_size: int = 512,
-        precision: str = "auto",
+        batch_size: int | None = None,
+        precision: str = "fp32",
         context: bool = True,
+        threads: int | None = None,
+        workers: int | None = None,
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
-        self.paths = [Path(p) for p in paths]
-        self.members = []
-        for p in self.paths:
-            model, ckpt = load_model(p, device)
-            prep = Preprocessing(**ckpt["preprocessing"])
-            if prep.channels_last:  # the layout the batches come in
-                model = model.to(memory_format=torch.channels_last)
-            self.members.append((fuse_for_inference(model), ckpt, prep))
-        self.device, self.tta, self.batch_size, self.precision = device, tta, batch_size, precision
-        self.context = context
-        self.threshold = float(np.mean([c.get("threshold", 0.5) for _, c, _ in self.members]))
+        self.members = [
+            load_member(p, engine, device, precision, batch_size, threads) for p in paths
+        ]
+        self.paths = [m.path for m in self.members]
+        self.tta, self.context, self.workers = tta, context, workers
+        self.threshold = float(np.mean([m.ckpt.get("threshold", 0.5) for m in self.members]))
 
     @property
     def checkpoints(self) -> list[dict]:
-        return [c for _, c, _ in self.members]
+        return [m.ckpt for m in self.members]
+
+    @property
+    def engine(self) -> str:
+        return "+".join(sorted({m.backend.name for m in self.members}))
 
     @property
     def context_sigma(self) -> float:
@@ -84,6 +154,85 @@ class Predictor:
             seen |= set(s.get("train", [])) | set(s.get("val", []))
         return seen
 
+    def model_input(self, patches: np.ndarray, groups=None, coords=None, member: int = 0):
+        """What member ``member`` reads for these patches (see ``data.preprocess``)."""
+        return self.members[member].prep.model_input(patches, groups, self._coords(coords))
+
+    def _coords(self, coords):
+        return coords if self.context else None
+
+    def score(
+        self,
+        groups: np.ndarray,
+        coords: tuple[np.ndarray, np.ndarray] | None,
+        source,
+        buckets: list[Bucket] | None = None,
+    ) -> Iterator[Scored]:
+        """Score every row of a table, bucket by bucket, in order.
+
+        Args:
+            groups: patient (or slide) of each row.
+            coords: ``(xs, ys)`` of each row (NaN or negative where unknown), or None.
+            source: where the patches come from (``stream.FileSource`` decodes files,
+                ``stream.ArraySource`` reads an array), one per row.
+            buckets: the buckets to score (default: all rows, see ``stream.make_buckets``).
+        """
+        groups = np.asarray(groups)
+        coords = self._coords(coords)
+        if coords is not None:
+            coords = tuple(np.asarray(c, dtype=np.float64) for c in coords)
+        buckets = make_buckets(groups) if buckets is None else buckets
+
+        def where(loaded: Loaded):
+            rows = loaded.bucket.rows[loaded.ok]
+            return groups[rows], None if coords is None else tuple(c[rows] for c in coords)
+
+        def prepare(loaded: Loaded) -> list[np.ndarray]:
+            g, xy = where(loaded)
+            return [m.prep.model_input(loaded.patches, g, xy) for m in self.members]
+
+        for loaded in run_pipeline(buckets, source, prepare, self.workers):
+            g, xy = where(loaded)
+            calibrated, raw = [], []
+            for member, x in zip(self.members, loaded.prepared, strict=True):
+                logits = member.backend.logits(x, self.tta)
+                logits = smooth_rows(logits, None, g, xy, member.ckpt.get("context"))
+                calibrated.append(probabilities(logits, member.temperature))
+                raw.append(probabilities(logits))
+            yield Scored(
+                loaded.bucket,
+                _spread(np.mean(calibrated, axis=0), loaded.ok),
+                _spread(np.mean(raw, axis=0), loaded.ok),
+                loaded.reasons,
+                loaded.patches,
+            )
+
+    def score_files(
+        self, table, root: str | Path = "", desc: str = "predict", keep_patches: bool = False
+    ) -> TableScores:
+        """Every row of a manifest table (``path`` under ``root``, ``patient``, ``x``,
+        ``y``) scored from its file, in table order."""
+        source = FileSource([str(Path(root) / p) for p in table["path"]])
+        coords = (table["x"].to_numpy(), table["y"].to_numpy())
+        prob, raw = np.full(len(table), np.nan), np.full(len(table), np.nan)
+        reasons, kept = [""] * len(table), []
+        with progress_bar(desc, total=len(table)) as advance:
+            for s in self.score(table["patient"].to_numpy(), coords, source):
+                prob[s.rows], raw[s.rows] = s.prob, s.prob_uncalibrated
+                for r, why in zip(s.rows, s.reasons, strict=True):
+                    reasons[r] = why
+                if keep_patches:
+                    kept.append((s.rows[~np.isnan(s.prob)], s.patches))
+                advance(len(s.rows))
+        ok = ~np.isnan(prob)
+        patches = None
+        if keep_patches:  # back in table order, the ok rows only
+            patches = np.empty((int(ok.sum()), PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+            position = np.cumsum(ok) - 1
+            for rows, part in kept:
+                patches[position[rows]] = part
+        return TableScores(prob, raw, ok, reasons, source.n_padded, patches)
+
     def predict(
         self,
         images: np.ndarray,
@@ -91,32 +240,38 @@ class Predictor:
         patients: np.ndarray | None = None,
         coords: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Prediction:
-        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None).
+        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None), in that order.
 
-        ``patients`` (one id per image) is needed by members that normalise stains per
-        patient; ``coords`` (``(xs, ys)``, each patch's top-left corner in slide pixels, one
-        per image, NaN where unknown) by members with spatial context. Without them, those
-        members score each patch alone; so do all members when ``context`` is off.
+        ``patients`` (one id per image; None: all one patient) groups the patches whose
+        stain is normalised together and whose grid is shared; ``coords`` (``(xs, ys)``,
+        each patch's top-left corner in slide pixels, one per image, NaN where unknown)
+        places them. Without coordinates every patch is scored alone.
         """
-        coords = coords if self.context else None
-        calibrated, raw = [], []
-        for i, (model, ckpt, prep) in enumerate(self.members):
-            desc = "predict" if len(self.members) == 1 else f"predict {i + 1}/{len(self.members)}"
-            imgs, idx = prep.model_input(images, rows, patients, coords)
-            logits = predict_logits(
-                model, imgs, idx, prep, self.batch_size, self.precision, self.device, self.tta, desc
-            )
-            logits = smooth_rows(logits, rows, patients, coords, ckpt.get("context"))
-            calibrated.append(probabilities(logits, float(ckpt.get("temperature", 1.0))))
-            raw.append(probabilities(logits))
-        return Prediction(np.mean(calibrated, axis=0), np.mean(raw, axis=0))
+        rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+        groups = np.zeros(len(images), np.int64) if patients is None else np.asarray(patients)
+        sub = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
+        prob, raw = np.empty(len(rows)), np.empty(len(rows))
+        for scored in self.score(groups[rows], sub, _Rows(images, rows)):
+            prob[scored.rows], raw[scored.rows] = scored.prob, scored.prob_uncalibrated
+        return Prediction(prob, raw)
 
-    def predict_proba(
-        self,
-        images: np.ndarray,
-        rows: np.ndarray | None = None,
-        patients: np.ndarray | None = None,
-        coords: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> np.ndarray:
+    def predict_proba(self, images, rows=None, patients=None, coords=None) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""
         return self.predict(images, rows, patients, coords).prob
+
+
+class _Rows(ArraySource):
+    """``images[rows]`` as a source indexed 0..len(rows)-1."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        super().__init__(images)
+        self.rows = rows
+
+    def load(self, rows: np.ndarray):
+        return super().load(self.rows[rows])
+
+
+def _spread(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    out = np.full(len(ok), np.nan)
+    out[ok] = values
+    return out

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.cache import decode_patch
-from ..data.manifest import parse_patch_name
-from ..inference import Predictor
+from ..data.manifest import files_table
+from ..inference.predictor import Predictor
 from .jobs import Job
 from .uploads import Upload, UploadError, extract_patient_zip
 
@@ -48,12 +47,11 @@ class Analyst:
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        from ..checkpoint import load_model
+        from ..explain import Explainer
 
         self.predictor = Predictor(checkpoint, device=device)
-        # The predictor may fold BatchNorm into a traced copy; Grad-CAM needs the model's
-        # own layers, so explanations use the model as built.
-        self.model, self.ckpt = load_model(checkpoint, device)
+        self.explainer = Explainer(self.predictor)
+        self.ckpt = self.predictor.checkpoints[0]
         self.lock = threading.Lock()
 
     def describe(self) -> dict:
@@ -71,42 +69,34 @@ class Analyst:
     # ------------------------------------------------------------------------- patches
 
     def patches(self, job: Job, uploads: list[Upload]) -> dict:
-        """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch."""
-        from ..explain import explain_images
+        """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch.
 
-        rows, good, images, patients, places = [], [], [], [], []
-        for upload in uploads:
-            row = {
-                "file": upload.name,
+        Scored as ``predict`` scores files of these names: patches whose names carry one
+        patient and their places are seen together, a lone patch alone.
+        """
+        rows = [
+            {
+                "file": u.name,
                 "prob_idc": None,
                 "pred": None,
-                "label": label_from_name(upload.name),
-                "error": upload.error,
+                "label": label_from_name(u.name),
+                "error": u.error,
                 "images": {},
             }
-            rows.append(row)
-            if row["error"]:
-                continue
-            try:
-                images.append(decode_patch(upload.path)[0])
-            except Exception as e:  # any unreadable file is reported in its row
-                row["error"] = f"not a readable image: {_reason(e, upload)}"
-                continue
-            meta = parse_patch_name(upload.name) or {}
-            patients.append(meta.get("patient", Path(upload.name).stem))
-            places.append((meta.get("x", np.nan), meta.get("y", np.nan)))
-            good.append(row)
+            for u in uploads
+        ]
+        sent = [i for i, u in enumerate(uploads) if not u.error]
+        table = files_table([uploads[i].path for i in sent], [uploads[i].name for i in sent])
         threshold = self.predictor.threshold
-        batch = np.stack(images) if images else np.zeros((0, 50, 50, 3), np.uint8)
         with self.lock:
-            coords = tuple(np.asarray(places, dtype=np.float64).reshape(-1, 2).T)
-            ex = explain_images(
-                self.model, self.ckpt, batch, patients=np.asarray(patients), coords=coords
-            )
-        for k, row in enumerate(good):
-            prob = float(ex.prob[k])
+            ex = self.explainer.explain(table)
+        for i, reason in zip(sent, ex.reasons, strict=True):
+            if reason:
+                rows[i]["error"] = f"not a readable image: {_named(reason, uploads[i])}"
+        for k, i in enumerate(np.asarray(sent, dtype=np.int64)[ex.ok]):
+            prob, row = float(ex.prob[k]), rows[i]
             row.update(prob_idc=round(prob, 6), pred=int(prob >= threshold))
-            row["images"] = _write_maps(job, k, batch[k], ex.cam[k], ex.saliency[k])
+            row["images"] = _write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
             row["cam_empty"] = not ex.cam[k].max() > 0  # no positive evidence: bare patch
         csv = job.folder / "predictions.csv"
         table = pd.DataFrame(rows, columns=PATCH_CSV_COLUMNS)
@@ -116,7 +106,7 @@ class Analyst:
             "threshold": threshold,
             "cam": ex.cam_name,
             "n_files": len(rows),
-            "n_predicted": len(good),
+            "n_predicted": int(ex.ok.sum()),
             "rows": rows,
             "files": {"csv": job.publish(csv)},
         }
@@ -169,9 +159,9 @@ class Analyst:
         }
 
 
-def _reason(e: Exception, upload: Upload) -> str:
+def _named(reason: str, upload: Upload) -> str:
     # The stored path means nothing to the person who sent the file: name it as they did.
-    return f"{type(e).__name__}: {e}".replace(str(upload.path), upload.name)
+    return reason.replace(str(upload.path), upload.name)
 
 
 def _write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.ndarray) -> dict:

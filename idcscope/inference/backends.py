@@ -1,0 +1,193 @@
+"""Where the model runs: torch or ONNX Runtime behind one interface, the faster by default.
+
+Both take the uint8 model input (B, C, H, W) of ``data.preprocess`` and return float32
+logits (B, 2); both feed the network the same float32 values (the bytes divided by 255),
+so in fp32 they agree to float rounding. ``engine="auto"`` times both on this machine
+once per checkpoint and remembers the faster beside the checkpoint's ONNX graph: ONNX
+Runtime wins on CPUs (torch is slow at the depthwise convolutions of ``cancernet``),
+torch wherever a GPU is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data.augment import dihedral_all
+from ..data.preprocess import Preprocessing, to_float
+from ..engine import autocast, fuse_for_inference
+from ..errors import IdcscopeError
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnx")
+# Patches per forward pass: small batches keep ONNX Runtime's activations in cache (32:
+# 4,300 patches/s, 512: 3,500 on 2 cores); torch's per-call overhead wants larger ones.
+BATCH = {"onnx": 32, "torch": 256}
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    """uint8 model input -> float32 in [0, 1], the values ``to_float`` gives torch."""
+    return np.divide(x, np.float32(255), dtype=np.float32)
+
+
+def _views(x: np.ndarray) -> np.ndarray:
+    """The 8 dihedral views of a uint8 batch, (8 * B, C, H, W), the identity first."""
+    return dihedral_all(torch.from_numpy(np.ascontiguousarray(x))).flatten(0, 1).numpy()
+
+
+class TorchBackend:
+    """A torch model (BatchNorm folded) on ``device`` at ``precision``."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prep: Preprocessing,
+        device: str = "cpu",
+        precision: str = "fp32",
+        batch_size: int | None = None,
+    ):
+        if prep.channels_last:  # the layout the normalised batches come in
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.prep = fuse_for_inference(model.to(device)), prep
+        self.device, self.precision = device, precision
+        self.batch_size = batch_size or BATCH["torch"]
+
+    @torch.no_grad()
+    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        """float32 logits of uint8 model input ``x`` (the mean over 8 views with ``tta``)."""
+        out = []
+        for s in range(0, len(x), self.batch_size):
+            part = x[s : s + self.batch_size]
+            views = _views(part) if tta else part
+            with autocast(self.precision, self.device):
+                logits = self.model(self.prep(to_float(views, self.device))).float().cpu()
+            out.append(logits.view(8, len(part), -1).mean(0) if tta else logits)
+        return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+class OnnxBackend:
+    """An exported graph in ONNX Runtime (normalisation inside, see ``inference.onnx``).
+
+    Batches run ``parallel`` at a time, each on one thread: on 2 cores that scores 4,600
+    patches/s where one run over 2 intra-op threads scores 3,500 (no thread handshakes
+    inside a layer, and the decoding threads fill any gap).
+    """
+
+    name = "onnx"
+
+    def __init__(self, model, batch_size: int | None = None, parallel: int = 1):
+        self.model, self.batch_size = model, batch_size or BATCH["onnx"]
+        self.parallel = max(1, parallel)
+        self._pool = ThreadPoolExecutor(self.parallel) if self.parallel > 1 else None
+
+    def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        def run(part: np.ndarray) -> np.ndarray:
+            if tta:  # the 8 views in one run, then the mean of their logits
+                return self.model.logits(as_float(_views(part))).reshape(8, len(part), -1).mean(0)
+            return self.model.logits(as_float(part))
+
+        parts = [x[s : s + self.batch_size] for s in range(0, len(x), self.batch_size)]
+        if self._pool is not None and len(parts) > 1:
+            out = list(self._pool.map(run, parts))
+        else:
+            out = [run(p) for p in parts]
+        return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def create_backend(
+    path: Path,
+    model: nn.Module,
+    prep: Preprocessing,
+    engine: str = "auto",
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch_size: int | None = None,
+    threads: int | None = None,
+):
+    """The backend ``engine`` names for the checkpoint at ``path`` (already loaded as
+    ``model``); ``"auto"`` is the faster one here (see :func:`choose_engine`)."""
+    if engine not in ENGINES:
+        raise IdcscopeError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "onnx" and not device.startswith("cpu"):
+        raise IdcscopeError(f"the onnx engine runs on the CPU, not on {device!r}")
+    if engine == "auto":
+        engine = "torch" if not device.startswith("cpu") else choose_engine(path, model, prep)
+    if engine == "torch":
+        return TorchBackend(model, prep, device, precision, batch_size)
+    return onnx_backend(path, batch_size, threads)
+
+
+def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None = None):
+    """ONNX Runtime for a checkpoint (its cached graph) or an ``.onnx`` file, running
+    ``threads`` batches at once (default: one per core)."""
+    from .onnx import OnnxModel
+
+    parallel = threads or len(os.sched_getaffinity(0))
+    return OnnxBackend(OnnxModel.from_path(path, threads=1), batch_size, parallel)
+
+
+def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:
+    """The engine that scores this checkpoint faster on this machine, timed once.
+
+    The rates are kept in ``<checkpoint>.engine.json`` (beside the ONNX graph), keyed by the
+    CPU and the thread count, so later runs read the answer instead of timing again.
+    """
+    from .onnx import cached_onnx
+
+    if path.suffix == ".onnx":
+        return "onnx"
+    graph = cached_onnx(path)
+    record = graph.with_suffix(".engine.json")
+    machine = f"{_cpu_name()}; {torch.get_num_threads()} threads"
+    try:
+        rates = json.loads(record.read_text())
+        if rates.get("machine") == machine:
+            return rates["engine"]
+    except (OSError, ValueError, KeyError):
+        pass  # not timed here yet
+    x = np.random.default_rng(0).integers(0, 256, (256, prep.channels, 50, 50), dtype=np.uint8)
+    rates = {
+        "torch": _rate(TorchBackend(model, prep), x),
+        "onnx": _rate(onnx_backend(graph), x),
+    }
+    engine = max(rates, key=rates.get)
+    logger.info(
+        "engine: %s (torch %.0f, onnx %.0f patches/s here)", engine, rates["torch"], rates["onnx"]
+    )
+    with contextlib.suppress(OSError):  # a read-only folder: time again next run
+        record.write_text(json.dumps({"machine": machine, "engine": engine, **rates}) + "\n")
+    return engine
+
+
+def _rate(backend, x: np.ndarray, repeat: int = 3) -> float:
+    backend.logits(x[:64])  # warm-up: kernels are prepared on first use
+    best = 0.0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        backend.logits(x)
+        best = max(best, len(x) / (time.perf_counter() - start))
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        with Path("/proc/cpuinfo").open() as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or str(os.cpu_count())
