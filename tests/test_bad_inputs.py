@@ -22,7 +22,7 @@ from idcscope.data.manifest import index_dataset
 from idcscope.errors import DataError, IdcscopeError
 from idcscope.evaluate import evaluate
 from idcscope.heatmap import patient_heatmap
-from idcscope.predict import predict
+from idcscope.inference.predict import predict
 from idcscope.train import train
 
 from .badinputs import (
@@ -90,7 +90,7 @@ def _by_train(corpus, run_dir, checkpoint, tmp: Path) -> dict[str, str]:
 
 
 def _by_evaluate(corpus, run_dir, checkpoint, tmp: Path) -> dict[str, str]:
-    evaluate(checkpoint, corpus.root, tmp, n_boot=0, cache_dir=str(run_dir / "cache"))
+    evaluate(checkpoint, corpus.root, tmp, n_boot=0)
     predicted = pd.read_csv(tmp / "predictions.csv", dtype={"path": str})["path"]
     return {**dict.fromkeys(predicted, ""), **_skipped_csv(tmp / "skipped.csv")}
 
@@ -177,7 +177,7 @@ def test_train_counts_add_up(corpus, run_dir):
 
 
 def test_evaluate_counts_add_up(corpus, checkpoint, run_dir, tmp_path):
-    m = evaluate(checkpoint, corpus.root, tmp_path, n_boot=0, cache_dir=str(run_dir / "cache"))
+    m = evaluate(checkpoint, corpus.root, tmp_path, n_boot=0)
     s = m["data_summary"]
     assert m["n"] == s["n_patches"] == len(pd.read_csv(tmp_path / "predictions.csv"))
     assert s["n_patches"] + len(pd.read_csv(tmp_path / "skipped.csv")) == len(corpus.files)
@@ -222,7 +222,7 @@ def _run(entry: str, root: Path, checkpoint: Path, out: Path):
     if entry == "train":
         return train(_config(root, out / "run", epochs=1, val_fraction=0.25, test_fraction=0.25))
     if entry == "evaluate":
-        return evaluate(checkpoint, root, out / "eval", n_boot=0, cache_dir=str(out / "cache"))
+        return evaluate(checkpoint, root, out / "eval", n_boot=0)
     if entry == "predict":
         return predict(checkpoint, [root], out / "p.csv", workers=1)
     return patient_heatmap(checkpoint, patient, out / "heatmap")

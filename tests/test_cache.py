@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idcscope.data.cache import decode_patch, load_or_build
+from idcscope.data.cache import load_or_build
 from idcscope.data.dataset import load_patch_data
+from idcscope.data.decode import decode_patch
 from idcscope.data.manifest import index_dataset
 
 from .conftest import write_patch

@@ -13,8 +13,8 @@ from idcscope.calibration import (
     calibration_report,
     choose_threshold,
     fit_temperature,
+    probabilities,
 )
-from idcscope.engine import probabilities
 from idcscope.metrics import expected_calibration_error, youden_threshold
 
 

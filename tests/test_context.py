@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from idcscope.context import fit_sigma, smooth_logits, smooth_rows
+from idcscope.spatial.context import fit_sigma, smooth_rows
+from idcscope.spatial.grid import smooth as smooth_logits
 
 
 def blob_patients(n_patients=2, side=24, noise=2.0, seed=0, shuffle_labels=False):
@@ -150,7 +151,7 @@ def test_evaluate_predict_and_heatmap_use_the_patches_places(
     from idcscope.evaluate import evaluate
     from idcscope.heatmap import patient_heatmap
     from idcscope.inference import Predictor
-    from idcscope.predict import predict
+    from idcscope.inference.predict import predict
 
     runs = {}
     for context, ckpt in ((True, context_ckpt), (False, unsmoothed_ckpt)):

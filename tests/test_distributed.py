@@ -103,12 +103,13 @@ def _diverge_on_rank_1(rank: int, store_path: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from idcscope.engine import Preprocessing, train_one_epoch
+    from idcscope.data.preprocess import Preprocessing
+    from idcscope.engine import train_one_epoch
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = DDP(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2)))
-    images = np.random.default_rng(0).integers(0, 255, (64, 4, 4, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 255, (64, 3, 4, 4), dtype=np.uint8)
     loader = PatchLoader(images, np.arange(64) % 2, np.arange(64), 8, rank=rank, world=2)
     calls = []
 
@@ -149,3 +150,59 @@ def test_a_nan_on_one_process_stops_every_process_at_the_same_batch(tmp_path):
         assert time.monotonic() < deadline, "a process hung after another one diverged"
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert outcomes == ["stopped at batch 3", "stopped at batch 3"]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, "-m", "idcscope", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_predict_the_table_one_process_writes(trained_run, tmp_path):
+    from idcscope.data.synthetic import make_synthetic_dataset
+    from idcscope.inference.predict import predict
+    from idcscope.inference.stream import BUCKET
+
+    root = tmp_path / "data"  # 40 patients: several buckets to share out
+    n = make_synthetic_dataset(root, n_patients=40, grid=(9, 9), seed=5)["n_patches"]
+    assert n > 3 * BUCKET
+    ckpt = trained_run / "best.pt"
+    predict(ckpt, [root], tmp_path / "one.csv", engine="onnx")
+    _torchrun("predict", str(ckpt), str(root), "--out", str(tmp_path / "two.csv"),
+              "--engine", "onnx")  # fmt: skip
+    one, two = ((tmp_path / f"{n}.csv").read_bytes() for n in ("one", "two"))
+    assert two == one  # the same rows, in the same order, to the byte
+    assert not list(tmp_path.glob(".two.csv.part*"))  # the shards are merged and gone
+
+
+def test_two_processes_share_out_slides(trained_run, synthetic_root, tmp_path):
+    import pandas as pd
+
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.heatmap import patient_mosaic
+    from idcscope.slide import slides_inference, write_tiff_slide
+
+    data = load_patch_data(synthetic_root)
+    slides = []
+    for pid in sorted(set(data.patients))[:3]:
+        rows = data.rows(data.patients == pid)
+        t = data.table.iloc[rows]
+        mosaic, _ = patient_mosaic(data.images[rows], t["x"], t["y"])
+        slides.append(write_tiff_slide(mosaic, tmp_path / f"{pid}.tif", mpp=4.0))
+    ckpt = trained_run / "best.pt"
+    slides_inference(ckpt, slides, tmp_path / "one", engine="onnx")
+    _torchrun("slide", str(ckpt), *map(str, slides), "--out", str(tmp_path / "two"),
+              "--engine", "onnx")  # fmt: skip
+    timing = ["seconds", "tiles_per_s"]
+    one, two = (
+        pd.read_csv(tmp_path / n / "slides.csv").drop(columns=timing) for n in ("one", "two")
+    )
+    pd.testing.assert_frame_equal(one, two)
+    assert len(one) == 3
+    for s in slides:
+        a, b = (pd.read_csv(tmp_path / n / f"{s.stem}_tiles.csv") for n in ("one", "two"))
+        pd.testing.assert_frame_equal(a, b)

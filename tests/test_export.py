@@ -9,23 +9,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from idcscope.calibration import probabilities
 from idcscope.checkpoint import load_model, save_checkpoint
 from idcscope.cli import app
-from idcscope.data.cache import decode_files
-from idcscope.engine import Preprocessing, predict_logits, probabilities, to_float
+from idcscope.data.decode import decode_files
+from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
-from idcscope.export import FORMAT, OnnxPredictor, export_onnx, to_float_nchw
+from idcscope.inference.backends import OnnxBackend, TorchBackend, as_float
+from idcscope.inference.onnx import FORMAT, OnnxModel, cached_onnx, export_onnx
+from idcscope.inference.predict import predict
 from idcscope.models import create_model, list_models
-from idcscope.predict import predict
 
 PREP = Preprocessing(mean=(0.80, 0.62, 0.76), std=(0.13, 0.17, 0.11), mpp=4.0)
 
 
 @pytest.fixture(scope="module")
 def patches(synthetic_root) -> np.ndarray:
-    """Uint8 H&E-like patches (N, 50, 50, 3) from the synthetic patients."""
+    """Uint8 H&E-like model input (N, 3, 50, 50) from the synthetic patients."""
     files = sorted(str(p) for p in synthetic_root.rglob("*.png"))[:40]
-    return decode_files(files, workers=1).images
+    return PREP.model_input(decode_files(files, workers=1).images)
 
 
 def make_checkpoint(path, name: str, patches: np.ndarray):
@@ -59,31 +61,39 @@ def exported(request, tmp_path_factory, patches):
 
 def torch_probabilities(ckpt, images: np.ndarray) -> np.ndarray:
     model, _ = load_model(ckpt)
-    return probabilities(predict_logits(model, images, None, PREP, precision="fp32"))
+    return probabilities(TorchBackend(model, PREP).logits(images))
 
 
 def test_onnx_agrees_with_torch(exported, patches):
     _, ckpt, path = exported
     onnx.checker.check_model(str(path), full_check=True)
-    runner = OnnxPredictor(path)
-    got = probabilities(runner.logits(to_float(patches)))
+    got = probabilities(OnnxModel(path).logits(as_float(patches)))
     np.testing.assert_allclose(got, torch_probabilities(ckpt, patches), atol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_dynamic_batch(exported, patches, batch):
     _, ckpt, path = exported
-    logits = OnnxPredictor(path).logits(to_float(patches[:batch]))
+    logits = OnnxModel(path).logits(as_float(patches[:batch]))
     assert logits.shape == (batch, 2)
-    assert logits.dtype == torch.float32
+    assert logits.dtype == np.float32
     np.testing.assert_allclose(
         probabilities(logits), torch_probabilities(ckpt, patches[:batch]), atol=1e-4
     )
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_both_backends_give_the_same_logits(exported, patches, tta):
+    _, ckpt, path = exported
+    model, _ = load_model(ckpt)
+    expected = TorchBackend(model, PREP).logits(patches, tta)
+    got = OnnxBackend(OnnxModel(path), batch_size=16).logits(patches, tta)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_metadata_round_trips(exported):
     name, _, path = exported
-    meta = OnnxPredictor(path).metadata
+    meta = OnnxModel(path).metadata
     assert meta["format"] == FORMAT
     assert meta["class_names"] == ["no_idc", "idc"]
     assert meta["threshold"] == pytest.approx(0.37)
@@ -96,14 +106,14 @@ def test_metadata_round_trips(exported):
 
 
 def test_numpy_conversion_matches_to_float(patches):
-    np.testing.assert_array_equal(to_float_nchw(patches), to_float(patches).numpy())
+    np.testing.assert_array_equal(as_float(patches), to_float(patches).numpy())
 
 
 def test_fixed_batch_export_pads_ragged_batches(tmp_path, patches):
     ckpt = make_checkpoint(tmp_path / "c.pt", "cancernet", patches)
-    runner = OnnxPredictor(export_onnx(ckpt, tmp_path / "b8.onnx", batch_size=8))
+    runner = OnnxModel(export_onnx(ckpt, tmp_path / "b8.onnx", batch_size=8))
     assert runner.fixed_batch == 8
-    got = probabilities(runner.logits(to_float(patches[:13])))
+    got = probabilities(runner.logits(as_float(patches[:13])))
     np.testing.assert_allclose(got, torch_probabilities(ckpt, patches[:13]), atol=1e-4)
 
 
@@ -118,11 +128,45 @@ def cancernet_ckpt(tmp_path_factory, patches):
     return make_checkpoint(tmp_path_factory.mktemp("cn") / "best.pt", "cancernet", patches)
 
 
+def test_the_graph_is_cached_beside_the_checkpoint(cancernet_ckpt, tmp_path):
+    from idcscope.checkpoint import update_checkpoint
+
+    graph = cached_onnx(cancernet_ckpt)
+    assert graph == cancernet_ckpt.with_suffix(".onnx")
+    stamp = graph.stat().st_mtime_ns
+    assert cached_onnx(cancernet_ckpt) == graph and graph.stat().st_mtime_ns == stamp
+    # A copy with another threshold computes the same graph: it is not exported again.
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(cancernet_ckpt.read_bytes())
+    update_checkpoint(copy, threshold=0.6)
+    assert (
+        OnnxModel(cached_onnx(copy)).metadata["graph_sha256"]
+        == OnnxModel(graph).metadata["graph_sha256"]
+    )
+    assert not copy.with_suffix(".onnx").exists()
+    # Retrained weights are a new graph.
+    model, ckpt = load_model(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    fields = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
+    save_checkpoint(copy, model, **fields)
+    assert cached_onnx(copy) == copy.with_suffix(".onnx")
+
+
+def test_auto_picks_an_engine_and_remembers_it(cancernet_ckpt):
+    from idcscope.inference import Predictor
+
+    predictor = Predictor(cancernet_ckpt)
+    assert predictor.engine in ("torch", "onnx")
+    record = json.loads(cancernet_ckpt.with_suffix(".engine.json").read_text())
+    assert record["engine"] == predictor.engine
+    assert record[predictor.engine] == max(record["torch"], record["onnx"])
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_predict_onnx_equals_torch(cancernet_ckpt, synthetic_root, tmp_path, tta):
-    # fp32 on both sides: the torch default, bf16 autocast, differs from fp32 by ~1e-2.
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
-    ref = predict(cancernet_ckpt, [patient], precision="fp32", tta=tta)
+    ref = predict(cancernet_ckpt, [patient], engine="torch", tta=tta)
     onnx_file = export_onnx(cancernet_ckpt, tmp_path / "m.onnx")
     for source in (cancernet_ckpt, onnx_file):  # a .pt is exported on the fly
         df = predict(source, [patient], engine="onnx", tta=tta)
@@ -142,13 +186,14 @@ def test_predict_onnx_normalises_stains_per_patient_like_torch(
 
     ckpt = tmp_path / "stain.pt"
     ckpt.write_bytes(cancernet_ckpt.read_bytes())
-    reference = fit_reference(patches[..., ::-1], "reinhard")  # far off: blue for red
+    reference = fit_reference(patches[:, ::-1].transpose(0, 2, 3, 1), "reinhard")  # blue for red
     prep = dataclasses.replace(PREP, stain="reinhard", stain_reference=reference)
     update_checkpoint(ckpt, preprocessing=dataclasses.asdict(prep))
-    ref = predict(ckpt, [synthetic_root], precision="fp32")
+    ref = predict(ckpt, [synthetic_root], engine="torch")
     df = predict(ckpt, [synthetic_root], engine="onnx")
     np.testing.assert_allclose(df["prob_idc"], ref["prob_idc"], atol=1e-4)
-    moved = prep.normalize_stain(patches, np.zeros(len(patches))).astype(int) - patches
+    rgb = patches.transpose(0, 2, 3, 1)
+    moved = prep.model_input(rgb).astype(int) - patches
     assert np.abs(moved).mean() > 2  # the normalisation does move pixels
 
 
@@ -162,7 +207,7 @@ def test_cli_export_and_predict(cancernet_ckpt, synthetic_root, tmp_path):
     out = tmp_path / "model.onnx"
     result = runner.invoke(app, ["export", str(cancernet_ckpt), "--onnx", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert OnnxPredictor(out).threshold == pytest.approx(0.37)
+    assert OnnxModel(out).threshold == pytest.approx(0.37)
     assert runner.invoke(app, ["export", str(cancernet_ckpt)]).exit_code == 1  # no format
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
     csv = tmp_path / "preds.csv"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from idcscope.data.augment import _dihedral
-from idcscope.engine import Preprocessing, to_float
+from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
 from idcscope.features import extract_features, split_frozen, train_head
 from idcscope.models import create_model
@@ -21,8 +21,9 @@ def frozen_model():
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
+    """Model input: uint8 (N, 3, 50, 50)."""
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (12, 50, 50, 3), dtype=np.uint8)
+    return rng.integers(0, 256, (12, 3, 50, 50), dtype=np.uint8)
 
 
 def test_cached_features_reproduce_the_model(frozen_model, images):

@@ -53,15 +53,15 @@ def arm_kill_point() -> None:
     """
     point = os.environ.get(KILL_ENV, "")
     if point == "decoding":
-        import idcscope.data.cache as cache
+        import idcscope.data.decode as decode
 
-        real_chunk = cache._decode_chunk
+        real_decode = decode.decode_into
 
-        def decode_half(paths):
-            real_chunk(paths[: len(paths) // 2])
+        def decode_half(paths, out):
+            real_decode(paths[: len(paths) // 2], out)
             _die()
 
-        cache._decode_chunk = decode_half
+        decode.decode_into = decode_half
     elif point.startswith("batch:"):
         import idcscope.engine as engine
 

@@ -4,28 +4,14 @@ import json
 
 import pytest
 
-from idcscope.config import make_config
 from idcscope.evaluate import evaluate
-from idcscope.train import train
 
 
 @pytest.mark.slow
-def test_default_recipe_generalises_to_unseen_patients(real_sample, tmp_path):
-    cfg = make_config(
-        "default",
-        data=str(real_sample),
-        out=str(tmp_path / "run"),
-        epochs=5,
-        val_fraction=0.15,
-        test_fraction=0.25,
-        seed=0,
-    )
-    train(cfg)
-    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+def test_default_recipe_generalises_to_unseen_patients(real_sample, real_run, tmp_path):
+    splits = json.loads((real_run / "splits.json").read_text())
     assert len(splits["test"]) >= 3 and not set(splits["test"]) & set(splits["train"])
-    m = evaluate(
-        tmp_path / "run" / "best.pt", real_sample, tmp_path / "eval", split="test", n_boot=0
-    )
+    m = evaluate(real_run / "best.pt", real_sample, tmp_path / "eval", split="test", n_boot=0)
     print(json.dumps({k: m[k] for k in ("auc", "balanced_accuracy", "f1", "n", "n_patients")}))
     assert m["n_patients"] == len(splits["test"])
     assert m["auc"] >= 0.85

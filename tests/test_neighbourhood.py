@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from idcscope.data.augment import create_augment
-from idcscope.data.neighbourhood import GLASS, NeighbourhoodView, neighbour_rows
-from idcscope.engine import Preprocessing
+from idcscope.data.neighbourhood import GLASS, add_neighbourhood, block_planes
+from idcscope.data.preprocess import Preprocessing
+from idcscope.spatial.grid import neighbour_rows
 
 from .conftest import same_blocks
 
@@ -19,6 +20,13 @@ GROUPS = np.array(["a", "a", "a", "a", "a", "a", "b"])
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+
+
+def _view(images: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """uint8 (N, 6, H, W): the patches' planes, then their blocks of ``neighbours``."""
+    planes = np.zeros((len(images), 6, *images.shape[1:3]), np.uint8)
+    planes[:, :3] = images.transpose(0, 3, 1, 2)
+    return block_planes(planes, neighbours)
 
 
 def test_neighbours_are_found_on_the_patients_grid():
@@ -36,8 +44,8 @@ def test_neighbours_are_found_on_the_patients_grid():
 
 def test_the_view_is_the_patch_then_its_block_averaged_down():
     images = _images(7)
-    view = NeighbourhoodView(images, neighbour_rows(GROUPS, XS, YS))
-    out = view[np.array([3, 5])]
+    view = _view(images, neighbour_rows(GROUPS, XS, YS))
+    out = view[np.array([3, 5])].transpose(0, 2, 3, 1)  # back to (N, H, W, C) to compare
     assert out.shape == (2, 6, 6, 6) and out.dtype == np.uint8 and view.shape == (7, 6, 6, 6)
     assert (out[..., :3] == images[[3, 5]]).all()
     # The 3x3 block around patch 3, glass where there is no patch, averaged over 3x3 pixels.
@@ -55,16 +63,20 @@ def test_the_view_is_the_patch_then_its_block_averaged_down():
 def test_a_subset_sees_the_same_neighbours_as_the_whole():
     images = _images(7, seed=1)
     prep = Preprocessing(mean=(0.5,) * 6, std=(0.2,) * 6, neighbourhood=1)
-    whole, rows = prep.model_input(images, None, GROUPS, (XS, YS))
-    assert rows is None
-    # Neighbours are looked up among the rows given: patient b alone, or a without the
+    whole = prep.model_input(images, GROUPS, (XS, YS))
+    assert whole.shape == (7, 6, 6, 6) and whole.dtype == np.uint8
+    # Neighbours are looked up among the patches given: patient b alone, or a without the
     # patch that has no place, see what they see among all patches.
     for rows in ([6], [0, 1, 2, 3, 4]):
-        part, _ = prep.model_input(images, np.array(rows), GROUPS, (XS, YS))
-        assert (part[np.arange(len(rows))] == whole[np.array(rows)]).all()
+        rows = np.array(rows)
+        part = prep.model_input(images[rows], GROUPS[rows], (XS[rows], YS[rows]))
+        assert (part == whole[rows]).all()
     # Without coordinates every patch is alone.
-    alone, _ = prep.model_input(images, None, GROUPS, None)
-    assert (alone[np.array([0])][0, 0, 0, 3:] == GLASS).all()
+    alone = prep.model_input(images, GROUPS, None)
+    assert (alone[0, 3:, 0, 0] == GLASS).all()
+    empty = np.zeros((7, 6, 6, 6), np.uint8)
+    empty[:, :3] = images.transpose(0, 3, 1, 2)
+    assert (add_neighbourhood(empty, GROUPS, None, 1) == alone).all()
 
 
 @pytest.mark.parametrize("preset", ["default", "strong", "report"])
@@ -80,12 +92,11 @@ def test_both_views_get_the_same_augmentation(preset):
 
 def test_dropped_neighbours_look_like_a_patch_without_a_place():
     from idcscope.data.neighbourhood import DropNeighbours
-    from idcscope.engine import to_float
+    from idcscope.data.preprocess import to_float
 
     images = _images(7, seed=2)
-    placed = to_float(NeighbourhoodView(images, neighbour_rows(GROUPS, XS, YS))[np.arange(7)])
-    unplaced = NeighbourhoodView(images, neighbour_rows(GROUPS, XS * np.nan, YS))
-    alone = to_float(unplaced[np.arange(7)])
+    placed = to_float(_view(images, neighbour_rows(GROUPS, XS, YS)))
+    alone = to_float(_view(images, neighbour_rows(GROUPS, XS * np.nan, YS)))
     identity = lambda x, g: x  # noqa: E731
     kept = DropNeighbours(identity, 0.0, 1)(placed, torch.Generator().manual_seed(0))
     torch.testing.assert_close(kept, placed)
@@ -117,24 +128,28 @@ def nbhd_ckpt(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(nbhd_ckpt, synthetic_root):
-    """P(IDC) of every patch by path, each patient's patches seen together on their grid:
-    in fp32 (ONNX Runtime, explain) and at the precision the torch entry points pick; and
-    (``alone_*``) each patch without its place."""
+    """P(IDC) of every patch by path (torch, fp32), each patient's patches seen together on
+    their grid; and (``alone``) each patch without its place."""
     from idcscope.data.dataset import load_patch_data
     from idcscope.inference import Predictor
 
     data = load_patch_data(synthetic_root)
     rows = data.rows()
     coords = (data.table["x"].to_numpy(), data.table["y"].to_numpy())
-    ref = {}
-    for precision in ("fp32", "auto"):
-        predictor = Predictor(nbhd_ckpt, precision=precision)
-        prob = predictor.predict_proba(data.images, rows, data.patients, coords)
-        ref[precision] = dict(zip(data.table["path"].to_numpy()[rows], prob, strict=True))
-        prob = predictor.predict_proba(data.images, rows, data.patients)
-        ref[f"alone_{precision}"] = dict(
-            zip(data.table["path"].to_numpy()[rows], prob, strict=True)
-        )
+    predictor = Predictor(nbhd_ckpt, "torch")
+    paths = data.table["path"].to_numpy()[rows]
+    ref = {
+        "placed": dict(
+            zip(
+                paths,
+                predictor.predict_proba(data.images, rows, data.patients, coords),
+                strict=True,
+            )
+        ),
+        "alone": dict(
+            zip(paths, predictor.predict_proba(data.images, rows, data.patients), strict=True)
+        ),
+    }
     return data, rows, coords, ref
 
 
@@ -146,8 +161,8 @@ def test_the_checkpoint_describes_its_neighbourhood(nbhd_ckpt, reference):
     assert ckpt["model"]["kwargs"]["in_chans"] == 6
     assert ckpt["preprocessing"]["neighbourhood"] == 1 and len(ckpt["preprocessing"]["mean"]) == 6
     data, rows, coords, ref = reference
-    ref = ref["fp32"]
-    predictor = Predictor(nbhd_ckpt, precision="fp32")
+    ref = ref["placed"]
+    predictor = Predictor(nbhd_ckpt, "torch")
     # One patient alone gives its patches the scores they get among all patients.
     first = data.patients[rows] == data.patients[rows[0]]
     alone = predictor.predict_proba(data.images, rows[first], data.patients, coords)
@@ -175,24 +190,25 @@ def test_every_entry_point_shows_the_model_the_neighbours(
     from idcscope.evaluate import evaluate
     from idcscope.explain import explain_patches
     from idcscope.heatmap import patient_heatmap
-    from idcscope.predict import predict
+    from idcscope.inference.predict import predict
 
     data, rows, _, ref = reference
+    ref = ref["placed"]
     evaluate(nbhd_ckpt, synthetic_root, tmp_path / "ev", n_boot=0)
     ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
-    _assert_matches(ev["path"], ev["prob_idc"], ref["auto"])
-    for engine, precision in (("torch", "auto"), ("onnx", "fp32")):
+    _assert_matches(ev["path"], ev["prob_idc"], ref)
+    for engine in ("torch", "onnx"):
         out = predict(nbhd_ckpt, [synthetic_root], engine=engine)
-        _assert_matches(out["path"], out["prob_idc"], ref[precision])
+        _assert_matches(out["path"], out["prob_idc"], ref)
 
     patient = synthetic_root / str(data.patients[rows[0]])
     hm = patient_heatmap(nbhd_ckpt, patient, tmp_path / "hm")
     hm = pd.read_csv(hm["files"]["predictions"])
-    _assert_matches(hm["path"], hm["prob_idc"], ref["auto"])
+    _assert_matches(hm["path"], hm["prob_idc"], ref)
     # explain reads the places in the file names: a patient's patches see each other.
     files = sorted(patient.rglob("*.png"))
     shown = pd.DataFrame(explain_patches(nbhd_ckpt, files, tmp_path / "ex"))
-    _assert_matches(shown["path"], shown["prob_idc"], ref["fp32"], atol=1e-3)
+    _assert_matches(shown["path"], shown["prob_idc"], ref)
 
 
 def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path):
@@ -217,7 +233,7 @@ def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path
     )
     same = same_blocks(prob_at, patch_at)
     for cell in same:
-        np.testing.assert_allclose(prob_at[cell], ref["auto"][patch_at[cell]], atol=1e-3)
+        np.testing.assert_allclose(prob_at[cell], ref["placed"][patch_at[cell]], atol=1e-3)
     assert len(same) >= len(t) // 2
 
 
@@ -227,15 +243,15 @@ def test_no_context_scores_every_patch_alone(nbhd_ckpt, reference, synthetic_roo
 
     from idcscope.evaluate import evaluate
     from idcscope.inference import Predictor
-    from idcscope.predict import predict
+    from idcscope.inference.predict import predict
 
     data, rows, coords, ref = reference
-    alone = Predictor(nbhd_ckpt, precision="fp32", context=False)
+    alone = Predictor(nbhd_ckpt, "torch", context=False)
     prob = alone.predict_proba(data.images, rows, data.patients, coords)
-    _assert_matches(data.table["path"].to_numpy()[rows], prob, ref["alone_fp32"], atol=1e-6)
+    _assert_matches(data.table["path"].to_numpy()[rows], prob, ref["alone"], atol=1e-6)
     evaluate(nbhd_ckpt, synthetic_root, tmp_path / "ev", n_boot=0, context=False)
     ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
-    _assert_matches(ev["path"], ev["prob_idc"], ref["alone_auto"])
-    for engine, precision in (("torch", "auto"), ("onnx", "fp32")):
+    _assert_matches(ev["path"], ev["prob_idc"], ref["alone"])
+    for engine in ("torch", "onnx"):
         out = predict(nbhd_ckpt, [synthetic_root], engine=engine, context=False)
-        _assert_matches(out["path"], out["prob_idc"], ref[f"alone_{precision}"])
+        _assert_matches(out["path"], out["prob_idc"], ref["alone"])

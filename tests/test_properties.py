@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from idcscope.data import augment as A
-from idcscope.data.cache import DECODE_ERRORS, PATCH_SIZE, decode_patch
+from idcscope.data.decode import DECODE_ERRORS, PATCH_SIZE, decode_patch
 from idcscope.data.manifest import KAGGLE_TOP, class_from_folder, index_dataset, parse_patch_name
 from idcscope.data.splits import (
     assign,

@@ -387,7 +387,7 @@ def test_real_slide(client, patients, tmp_path):
     slide = pytest.importorskip("idcscope.slide")
     if not hasattr(slide, "write_tiff_slide"):
         pytest.skip("idcscope.slide has no write_tiff_slide to make a test slide")
-    from idcscope.data.cache import decode_files
+    from idcscope.data.decode import decode_files
     from idcscope.heatmap import patient_mosaic
 
     pngs = sorted(patients[0].rglob("*.png"))

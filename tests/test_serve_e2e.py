@@ -166,7 +166,7 @@ def test_slide_in_the_page(page, server, patient, tmp_path):
     health = httpx.get(server[0] + "/api/health").json()
     if not health["slides"]:
         pytest.skip("whole-slide reading (openslide) is not available")
-    from idcscope.data.cache import decode_files
+    from idcscope.data.decode import decode_files
     from idcscope.heatmap import patient_mosaic
 
     pngs = sorted(patient.rglob("*.png"))

@@ -24,7 +24,7 @@ PATIENT = "8951"  # the smallest sample patient: 613 patches
 @pytest.fixture(scope="module")
 def patient(real_sample):
     """One real patient: patches, their grid cells, and the rebuilt tissue at 4 µm/px."""
-    from idcscope.data.cache import decode_files
+    from idcscope.data.decode import decode_files
     from idcscope.data.manifest import index_dataset
     from idcscope.heatmap import patient_mosaic
 

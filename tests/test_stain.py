@@ -164,7 +164,7 @@ def test_bad_names_and_states():
 
 
 def test_real_patients_get_closer(real_sample):
-    from idcscope.data.cache import decode_patch
+    from idcscope.data.decode import decode_patch
 
     # Two patients whose stains differ visibly: 10254 is dark purple, 8913 light pink.
     images, patients = [], []

@@ -12,7 +12,7 @@ from idcscope.checkpoint import load_model, read_checkpoint
 from idcscope.config import make_config
 from idcscope.errors import CheckpointError, IdcscopeError
 from idcscope.evaluate import evaluate
-from idcscope.predict import predict
+from idcscope.inference.predict import predict
 from idcscope.train import train
 
 
@@ -74,7 +74,7 @@ def test_keep_last_makes_the_final_epoch_the_model(synthetic_root, tmp_path):
 
 
 def test_default_recipe_fits_the_spatial_context_on_validation(run_dir):
-    from idcscope.context import SIGMAS
+    from idcscope.spatial.context import SIGMAS
 
     ctx = read_checkpoint(run_dir / "best.pt")["context"]
     losses = {float(k): v for k, v in ctx["val_log_loss"].items()}

@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from idcscope.checkpoint import FORMAT, REQUIRED_KEYS, load_model, read_checkpoint, save_checkpoint
-from idcscope.engine import Preprocessing
+from idcscope.data.preprocess import Preprocessing
 from idcscope.errors import CheckpointError, DataError
 from idcscope.inference import Predictor
 from idcscope.models import create_model
@@ -118,7 +118,7 @@ def test_planted_pickle_is_refused(loader, how, tmp_path, marker):
 def test_entry_points_refuse_a_planted_pickle(tmp_path, marker):
     from idcscope.evaluate import evaluate
     from idcscope.heatmap import patient_heatmap
-    from idcscope.predict import predict
+    from idcscope.inference.predict import predict
 
     evil = _plant(tmp_path / "evil.pt", marker, PLANTS[0])
     patch = write_patch(tmp_path / "data" / "1" / "0" / "1_idx5_x1_y1_class0.png")
