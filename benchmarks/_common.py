@@ -44,8 +44,10 @@ def sample_index(n: int, seed: int = 0, square_only: bool = True):
 
 
 def decoded_sample(n: int, cache_dir: Path, seed: int = 0):
-    """``(uint8 patches (n, 50, 50, 3) memory-mapped from the decode cache, labels, paths)``."""
+    """``(uint8 model input (n, 3, 50, 50), read through the memory-mapped decode cache,
+    labels, paths)``."""
     from idcscope.data.cache import load_or_build
+    from idcscope.data.preprocess import Planes
 
     index, rows = sample_index(n, seed)
     table = index.table.iloc[rows].reset_index(drop=True)
@@ -53,7 +55,7 @@ def decoded_sample(n: int, cache_dir: Path, seed: int = 0):
     if not decoded.ok.all():
         raise SystemExit(f"{(~decoded.ok).sum()} sample patches failed to decode")
     paths = [str(index.root / p) for p in table["path"]]
-    return decoded.images, table["label"].to_numpy(), paths
+    return Planes(decoded.images), table["label"].to_numpy(), paths
 
 
 def rate(fn: Callable[[], int], min_seconds: float = 0.0) -> tuple[float, float]:

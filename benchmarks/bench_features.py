@@ -25,7 +25,8 @@ import torch
 from _common import decoded_sample, machine, setup_torch, table
 
 from idcscope.data.augment import create_augment
-from idcscope.engine import PatchLoader, Preprocessing, train_one_epoch
+from idcscope.data.preprocess import Preprocessing
+from idcscope.engine import PatchLoader, train_one_epoch
 from idcscope.features import extract_features, train_head
 from idcscope.models import create_model
 

@@ -1,10 +1,12 @@
-"""Inference throughput per model: torch fp32, torch bf16 + channels_last, ONNX Runtime.
+"""Forward throughput per model and engine: torch fp32, torch bf16 + channels_last, ONNX Runtime.
 
-Every engine runs the whole path from uint8 patches (the decode cache) to logits, in
-batches of 512: uint8 to float, normalisation, the model (and, as ``Predictor`` runs it,
-with BatchNorm folded into the layer before it). Models are randomly initialised
-(weights do not change the speed); each engine gets one warm-up batch. The ONNX export
-happens before timing and is reported on its own.
+Every engine runs the Predictor's own backends (``inference.backends``) from uint8 model
+input to logits: torch with BatchNorm folded into the layer before it (fp32, and bf16
+autocast where the CPU computes bf16 natively), and ONNX Runtime on the exported graph,
+each batch on one thread with one batch per core at once. Models are randomly
+initialised (weights do not change the speed); each engine gets one warm-up pass. The
+ONNX export happens before timing and is reported on its own. Decoding and preprocessing
+are not included: ``bench_predict.py`` measures the whole path.
 Usage: ``python benchmarks/bench_infer.py [--quick] [--n 4096]``.
 """
 
@@ -15,7 +17,6 @@ import dataclasses
 import logging
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ import torch
 from _common import best_of, decoded_sample, machine, setup_torch, table
 
 from idcscope.checkpoint import save_checkpoint
-from idcscope.engine import Preprocessing, fuse_for_inference, predict_logits
-from idcscope.export import OnnxPredictor, export_onnx
+from idcscope.data.preprocess import Preprocessing
+from idcscope.engine import resolve_precision
+from idcscope.inference.backends import TorchBackend, onnx_backend
+from idcscope.inference.onnx import export_onnx
 from idcscope.models import create_model, list_models
 
 
@@ -40,21 +43,14 @@ def make_checkpoint(name: str, path: Path) -> Path:
     )
 
 
-def torch_engine(model, channels_last: bool, precision: str, batch: int):
-    prep = Preprocessing(channels_last=channels_last)
-    return lambda images, rows: predict_logits(
-        model, images, rows, prep, batch, precision=precision
-    )
-
-
-def throughput(fn, images: np.ndarray, batch: int, repeat: int) -> float:
-    """Patches per second of ``fn(images, rows)`` over every patch, best of ``repeat`` passes."""
-    fn(images, np.arange(batch))  # warm-up: oneDNN and ORT prepare kernels on first use
+def throughput(backend, x: np.ndarray, repeat: int) -> float:
+    """Patches per second of ``backend.logits`` over every patch, best of ``repeat`` passes."""
+    backend.logits(x[:256])  # warm-up: oneDNN and ORT prepare kernels on first use
 
     def one_pass() -> float:
         start = time.perf_counter()
-        fn(images, np.arange(len(images)))
-        return len(images) / (time.perf_counter() - start)
+        backend.logits(x)
+        return len(x) / (time.perf_counter() - start)
 
     return best_of(repeat, one_pass)
 
@@ -63,7 +59,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1,024 patches: checks it runs")
     ap.add_argument("--n", type=int, default=4096, help="patches of the real sample to use")
-    ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--models", nargs="+", default=list_models(), choices=list_models())
     ap.add_argument("--threads", type=int, default=0, help="torch and ORT threads (0: all)")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes; the best counts")
@@ -71,41 +66,30 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     threads = setup_torch(args.threads)
-    n, bs, rep = (1024 if args.quick else args.n), args.batch_size, 1 if args.quick else args.repeat
+    n, rep = (1024 if args.quick else args.n), 1 if args.quick else args.repeat
     images, _, _ = decoded_sample(n, args.cache_dir)
-    images = np.array(images)  # in RAM: time the engines, not the page cache
+    x = images[np.arange(len(images))]  # in RAM: time the engines, not the page cache
+    bf16 = resolve_precision("auto") == "bf16"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             ckpt = make_checkpoint(name, Path(tmp) / f"{name}.pt")
             t0 = time.perf_counter()
-            runner = OnnxPredictor(export_onnx(ckpt, Path(tmp) / f"{name}.onnx"), threads)
+            export_onnx(ckpt)
             export_s = time.perf_counter() - t0
-            model = create_model(name).eval()
-            fp32 = throughput(torch_engine(model, False, "fp32", bs), images, bs, rep)
-            model = model.to(memory_format=torch.channels_last)
-            bf16 = throughput(torch_engine(model, True, "bf16", bs), images, bs, rep)
-            fused = fuse_for_inference(model)  # what Predictor runs
-            folded = throughput(torch_engine(fused, True, "bf16", bs), images, bs, rep)
-            ort = throughput(partial(runner.predict_logits, batch_size=bs), images, bs, rep)
-            rows.append(
-                {
-                    "model": name,
-                    "torch fp32": fp32,
-                    "torch bf16 + channels_last": bf16,
-                    "+ BatchNorm folded": folded,
-                    "ONNX Runtime fp32": ort,
-                    "best vs torch fp32": f"{max(bf16, folded, ort) / fp32:.1f}x",
-                    "export s": export_s,
-                }
-            )
-            print(
-                f"{name}: fp32 {fp32:.0f}, bf16 {bf16:.0f}, folded {folded:.0f}, "
-                f"ort {ort:.0f} patches/s",
-                flush=True,
-            )
-    print(f"\n### Inference patches/s ({len(images):,} real patches, batch {bs}, best of {rep})\n")
-    print(f"{machine()}; ONNX Runtime {threads} intra-op threads\n")
+            model, prep = create_model(name).eval(), Preprocessing()
+            row = {"model": name}
+            row["torch fp32"] = throughput(TorchBackend(model, prep), x, rep)
+            if bf16:
+                row["torch bf16"] = throughput(TorchBackend(model, prep, precision="bf16"), x, rep)
+            row["ONNX Runtime fp32"] = throughput(onnx_backend(ckpt, threads=threads), x, rep)
+            best = max(v for k, v in row.items() if k != "model")
+            row["best vs torch fp32"] = f"{best / row['torch fp32']:.1f}x"
+            row["export s"] = export_s
+            rows.append(row)
+            print(", ".join(f"{k} {v:.0f}" for k, v in row.items() if isinstance(v, float)))
+    print(f"\n### Forward patches/s ({len(x):,} real patches, best of {rep})\n")
+    print(f"{machine()}; ONNX Runtime: {threads} batches at once, one thread each\n")
     print(table(rows))
     print("\nTarget: cancernet >= 4,000 patches/s with the best engine.")
 

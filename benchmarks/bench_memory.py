@@ -1,17 +1,20 @@
-"""Peak memory of training cancernet on the full 277,524-patch cache from bench_ingest.py.
+"""Peak memory on the full 277,524-patch tree from bench_ingest.py: training and predict.
 
-Each variant runs in a fresh subprocess, which loads the data with ``load_patch_data`` (a
-cache hit), trains cancernet with ``train_one_epoch`` for one epoch (or ``--steps``) and
-reports its peak resident set (``VmHWM``, = ``ru_maxrss``) and, at the end, how much of the
-resident set is anonymous memory and how much is file pages of the memory map: file pages
-are clean page cache that the kernel may drop at any time, anonymous memory is not.
+Each variant runs in a fresh subprocess and reports its peak resident set (``VmHWM``, =
+``ru_maxrss``) and how much of the resident set is anonymous memory and how much is file
+pages (of a memory map, and the libraries): file pages are clean page cache that the
+kernel may drop at any time, anonymous memory is not.
 
-* memmap: the patch array stays memory-mapped, as ``idcscope train`` does.
-* in RAM: the array is read into process memory instead (``np.fromfile``, as ``np.load``
-  of an .npy or stacking decoded patches into one array would do).
+* memmap: training cancernet with ``train_one_epoch`` for one epoch (or ``--steps``) on the
+  decode cache (a cache hit), the array memory-mapped as ``idcscope train`` keeps it when
+  there is no stain normalisation or neighbourhood to compute.
+* in RAM: the same, the array read into process memory (``np.fromfile``, as ``np.load`` of
+  an .npy or stacking decoded patches into one array would do).
+* predict: ``idcscope predict CKPT`` on every PNG of the tree (``--checkpoint``), decoding
+  as it scores and writing rows as they are scored: no cache at all.
 
 Run bench_ingest.py first (with the same ``--quick`` / ``--root``).
-Usage: ``python benchmarks/bench_memory.py [--quick] [--steps N] [--root DIR]``.
+Usage: ``python benchmarks/bench_memory.py [--quick] [--steps N] [--root DIR] [--checkpoint CKPT]``.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def child(root: Path, cache: Path, steps: int, in_ram: bool, batch: int) -> None
 
     from idcscope.data.augment import create_augment
     from idcscope.data.dataset import load_patch_data
-    from idcscope.engine import PatchLoader, Preprocessing, train_one_epoch
+    from idcscope.data.preprocess import Planes, Preprocessing
+    from idcscope.engine import PatchLoader, train_one_epoch
     from idcscope.models import create_model
 
     sampler = PeakSampler()
@@ -75,6 +79,7 @@ def child(root: Path, cache: Path, steps: int, in_ram: bool, batch: int) -> None
         images = np.fromfile(images.filename, np.uint8).reshape(images.shape)
         data.images = images
     stages["after load"] = status_mb()["VmRSS"]
+    images = Planes(images)  # the model's layout, read through (see data.preprocess)
     rows = data.rows()
     torch.manual_seed(0)
     model = create_model("cancernet").to(memory_format=torch.channels_last)
@@ -108,7 +113,34 @@ def child(root: Path, cache: Path, steps: int, in_ram: bool, batch: int) -> None
                 "end_anon_mb": end.get("RssAnon"),
                 "end_file_mb": end.get("RssFile"),
                 **stages,
-                "array_gb": images.nbytes / 1e9,
+                "array_gb": data.images.nbytes / 1e9,
+            }
+        )
+    )
+
+
+def predict_child(root: Path, checkpoint: Path) -> None:
+    """``idcscope predict`` on every file under ``root``; one JSON line of memory figures."""
+    import tempfile
+
+    from idcscope.inference.predict import predict
+
+    sampler = PeakSampler()
+    sampler.start()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        df = predict(checkpoint, [root], Path(tmp) / "p.csv")
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "n_patches": len(df),
+                "seconds": seconds,
+                "img_per_s": len(df) / seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_anon_mb": sampler.peak["RssAnon"],
+                "peak_file_mb": sampler.peak["RssFile"],
+                "array_gb": 0.0,
             }
         )
     )
@@ -127,26 +159,34 @@ class _Limited:
         return itertools.islice(iter(self.loader), self.steps)
 
 
+VARIANTS = ("memmap", "in RAM", "predict")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="20 steps on bench_ingest's quick tree")
     ap.add_argument("--steps", type=int, default=0, help="train N steps (0: a full epoch)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--root", type=Path, default=None, help="default /tmp/idc-ingest[-quick]")
-    ap.add_argument(
-        "--variants", nargs="+", default=["memmap", "in RAM"], choices=["memmap", "in RAM"]
-    )
-    ap.add_argument("--child", choices=["memmap", "in RAM"], help=argparse.SUPPRESS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--checkpoint", type=Path, help="the model for the predict variant")
+    ap.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = args.root or Path("/tmp/idc-ingest-quick" if args.quick else "/tmp/idc-ingest")
     cache = Path(f"{root}-cache")
     steps = 20 if args.quick and not args.steps else args.steps
+    if args.child == "predict":
+        logging.basicConfig(level=logging.WARNING)
+        predict_child(root, args.checkpoint)
+        return
     if args.child:
         logging.basicConfig(level=logging.WARNING)
         child(root, cache, steps, args.child == "in RAM", args.batch_size)
         return
     if not cache.is_dir():
         raise SystemExit(f"no cache at {cache}: run benchmarks/bench_ingest.py first")
+    if "predict" in args.variants and not args.checkpoint:
+        raise SystemExit("the predict variant needs --checkpoint CKPT")
     rows = []
     for variant in args.variants:
         cmd = [
@@ -160,6 +200,7 @@ def main() -> None:
             str(steps),
             "--batch-size",
             str(args.batch_size),
+            *(["--checkpoint", str(args.checkpoint)] if args.checkpoint else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
@@ -193,7 +234,8 @@ def main() -> None:
         "(file pages: the shared libraries, libs_file_mb, plus the memory map) are sampled "
         "every 20 ms. Mapped file pages are clean page cache the kernel may drop at any time; "
         "the kernel also maps neighbouring cached pages on each fault (fault-around), so a "
-        "memory map's RSS overstates what was read. Target: peak RSS <= 3 GB on the full cache."
+        "memory map's RSS overstates what was read. Targets: training peak RSS <= 3 GB on the "
+        "full cache; predict <= 2 GB on every file of the tree."
     )
 
 

@@ -29,7 +29,8 @@ import torch.nn as nn
 from _common import best_of, decoded_sample, machine, setup_torch, table
 
 from idcscope.data.augment import create_augment
-from idcscope.engine import PatchLoader, Preprocessing, autocast, to_float, train_one_epoch
+from idcscope.data.preprocess import Preprocessing, to_float
+from idcscope.engine import PatchLoader, autocast, train_one_epoch
 from idcscope.models import create_model
 
 MODELS = {
