@@ -29,7 +29,8 @@ PAD_VALUE = 255
 MAX_PIXELS = 4096 * 4096  # far above any patch; guards against decompression bombs
 DECODE_ERRORS = (OSError, ValueError)  # what decode_patch raises for a file it cannot use
 _PNG = b"\x89PNG\r\n\x1a\n"
-_MAX_FAST_BYTES = 1 << 20  # a 50x50 RGB PNG is a few kB: more is left to Pillow
+_FIRST_READ = 1 << 16  # a 50x50 RGB PNG is a few kB
+_MAX_FAST_BYTES = 1 << 20  # more than this is left to Pillow
 _CHUNK = 256  # files per task: enough to amortise the call, small enough to spread out
 
 
@@ -53,9 +54,15 @@ def decode_patch(path: str | Path, size: int = PATCH_SIZE) -> tuple[np.ndarray, 
         ValueError: the image is too large for a patch (a decompression bomb), or a decoder
             failed in some other way; the message says how.
     """
-    # The builtin open and one read: this runs once per file at thousands of files per second.
-    with open(path, "rb") as f:  # noqa: PTH123
-        data = f.read(_MAX_FAST_BYTES)
+    # Bare file descriptors: this runs once per file, thousands of times a second, and a
+    # buffered file object costs a third more than the read itself.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, _FIRST_READ)
+        if len(data) == _FIRST_READ:  # not a small patch: read on, up to the fast path's limit
+            data += os.read(fd, _MAX_FAST_BYTES - _FIRST_READ)
+    finally:
+        os.close(fd)
     png = head_size(data[:24])  # a bad header is refused here, with what is wrong with it
     fast = None
     if png and len(data) < _MAX_FAST_BYTES and _fast_png(data, size):

@@ -69,7 +69,7 @@ class Index:
 
 def parse_patch_name(name: str) -> dict | None:
     """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png``; None if the name does not match."""
-    m = _NAME.fullmatch(Path(name).stem)
+    m = _NAME.fullmatch(os.path.splitext(os.path.basename(name))[0])  # noqa: PTH119, PTH122
     if m is None:
         return None
     return {"patient": m["patient"], "x": int(m["x"]), "y": int(m["y"]), "label": int(m["label"])}
@@ -84,7 +84,7 @@ def image_size(path: Path) -> tuple[int, int]:
     from .decode import MAX_PIXELS, head_size
 
     try:
-        with path.open("rb") as f:
+        with Path(path).open("rb") as f:
             size = head_size(f.read(24))
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
@@ -156,7 +156,7 @@ def index_files(paths: list[str | Path], keep_missing: bool = False) -> Index:
         if p.is_dir():
             # Strings in the order of Path objects (part by part), and os.path below: a
             # table of plain strings is 4x faster to build, and predict waits for it.
-            found = sorted(map(str, _walk_images(p)), key=lambda s: s.split(os.sep))  # noqa: PTH206
+            found = sorted(_walk_images(p), key=lambda s: s.split(os.sep))  # noqa: PTH206
             if not found:
                 logger.warning(
                     "%s: no image files (%s) in this folder", p, ", ".join(IMAGE_SUFFIXES)
@@ -210,9 +210,11 @@ def _index_kaggle(root: Path, patient_dirs: list[Path], sizes: bool) -> tuple[li
             if folder_label is None:
                 logger.warning("%s: not a class folder (expected 0 or 1), ignored", cdir)
                 continue
-            for f in sorted(_walk_images(cdir)):
-                rel = f.relative_to(root).as_posix()
-                meta = parse_patch_name(f.name)
+            top, under = f"{pdir.name}/{cdir.name}/", len(str(cdir)) + 1
+            # Strings, in the order of Path objects: a Path per file costs more than its row.
+            for name in sorted(_walk_images(cdir), key=lambda s: s.split(os.sep)):  # noqa: PTH206
+                f, rel = name, top + name[under:].replace(os.sep, "/")
+                meta = parse_patch_name(os.path.basename(name))  # noqa: PTH119
                 if meta is None:
                     skipped.append((rel, "file name is not <patient>_idx5_x<X>_y<Y>_class<C>.png"))
                     continue
@@ -235,7 +237,7 @@ def _index_plain(root: Path, class_dirs: list[Path], sizes: bool) -> tuple[list[
     skipped: list[tuple[str, str]] = []
     for cdir in class_dirs:
         label = class_from_folder(cdir.name)
-        for f in sorted(_walk_images(cdir)):
+        for f in sorted(map(Path, _walk_images(cdir))):
             rel = f.relative_to(root).as_posix()
             meta = parse_patch_name(f.name) or {}
             if meta.get("label", label) != label:
@@ -246,12 +248,13 @@ def _index_plain(root: Path, class_dirs: list[Path], sizes: bool) -> tuple[list[
 
 
 def _walk_images(folder: Path):
+    """Image files under ``folder``, as strings (Path objects cost more than the walk)."""
     # os.walk with followlinks=False cannot loop on symlinked folders.
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
-                yield Path(dirpath) / name
+                yield os.path.join(dirpath, name)  # noqa: PTH118
 
 
 def _row(f: Path, rel: str, patient: str, meta: dict, label: int) -> dict:
@@ -264,7 +267,7 @@ def _row(f: Path, rel: str, patient: str, meta: dict, label: int) -> dict:
     }
 
 
-def _append_sized(rows: list[dict], skipped: list, row: dict, f: Path, sizes: bool = True) -> None:
+def _append_sized(rows: list[dict], skipped: list, row: dict, f, sizes: bool = True) -> None:
     if not sizes:
         rows.append({**row, "width": -1, "height": -1})
         return

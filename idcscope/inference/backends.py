@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,15 @@ from ..data.augment import dihedral_all
 from ..data.preprocess import Preprocessing, to_float
 from ..engine import autocast, fuse_for_inference
 from ..errors import IdcscopeError
+from .workers import FORWARD, Workers, workers
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnx")
-# Patches per forward pass: small batches keep ONNX Runtime's activations in cache (32:
-# 4,300 patches/s, 512: 3,500 on 2 cores); torch's per-call overhead wants larger ones.
-BATCH = {"onnx": 32, "torch": 256}
+# Patches per forward pass: small batches keep activations in cache on a CPU (ONNX
+# Runtime, 2 cores: 4,300 patches/s at 32, 3,500 at 512; torch fp32: 2,600 at 64, 1,100
+# at 1,024); a GPU wants large ones.
+BATCH = {"onnx": 32, "torch": 64, "cuda": 512}
 
 
 def as_float(x: np.ndarray) -> np.ndarray:
@@ -63,7 +64,12 @@ class TorchBackend:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.prep = fuse_for_inference(model.to(device)), prep
         self.device, self.precision = device, precision
-        self.batch_size = batch_size or BATCH["torch"]
+        self.batch_size = batch_size or BATCH["cuda" if device.startswith("cuda") else "torch"]
+
+    def submit(self, x: np.ndarray, tta: bool = False, priority: tuple = ()):
+        """The function that scores ``x`` when called: torch runs in the caller, on its
+        own threads, once the caller is ready for the result."""
+        return lambda: self.logits(x, tta)
 
     @torch.no_grad()
     def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -81,30 +87,42 @@ class TorchBackend:
 class OnnxBackend:
     """An exported graph in ONNX Runtime (normalisation inside, see ``inference.onnx``).
 
-    Batches run ``parallel`` at a time, each on one thread: on 2 cores that scores 4,600
-    patches/s where one run over 2 intra-op threads scores 3,500 (no thread handshakes
-    inside a layer, and the decoding threads fill any gap).
+    Each batch runs on one thread, as many at once as ``pool`` has workers (one per
+    core): on 2 cores that scores 4,600 patches/s where one run over 2 intra-op threads
+    scores 3,500 (no thread handshakes inside a layer), and the same workers decode and
+    prepare the next patches in between (``workers``).
     """
 
     name = "onnx"
 
-    def __init__(self, model, batch_size: int | None = None, parallel: int = 1):
-        self.model, self.batch_size = model, batch_size or BATCH["onnx"]
-        self.parallel = max(1, parallel)
-        self._pool = ThreadPoolExecutor(self.parallel) if self.parallel > 1 else None
+    def __init__(self, model, batch_size: int | None = None, pool: Workers | None = None):
+        self.model, self.batch_size, self.pool = model, batch_size or BATCH["onnx"], pool
 
     def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        """float32 logits of uint8 model input ``x`` (the mean over 8 views with ``tta``)."""
+        return self.submit(x, tta)()
+
+    def submit(self, x: np.ndarray, tta: bool = False, priority: tuple = (FORWARD, -1)):
+        """Queue the batches of ``x`` on the workers, at ``priority``; returns the function
+        that waits for their logits. Never call that function from a worker thread."""
+
         def run(part: np.ndarray) -> np.ndarray:
             if tta:  # the 8 views in one run, then the mean of their logits
                 return self.model.logits(as_float(_views(part))).reshape(8, len(part), -1).mean(0)
             return self.model.logits(as_float(part))
 
         parts = [x[s : s + self.batch_size] for s in range(0, len(x), self.batch_size)]
-        if self._pool is not None and len(parts) > 1:
-            out = list(self._pool.map(run, parts))
+        if self.pool is None:
+            done = [run(p) for p in parts]
+            futures = None
         else:
-            out = [run(p) for p in parts]
-        return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+            futures = [self.pool.submit(priority, run, p) for p in parts]
+
+        def wait() -> np.ndarray:
+            out = done if futures is None else [f.result() for f in futures]
+            return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+        return wait
 
 
 def create_backend(
@@ -135,8 +153,7 @@ def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None 
     ``threads`` batches at once (default: one per core)."""
     from .onnx import OnnxModel
 
-    parallel = threads or len(os.sched_getaffinity(0))
-    return OnnxBackend(OnnxModel.from_path(path, threads=1), batch_size, parallel)
+    return OnnxBackend(OnnxModel.from_path(path, threads=1), batch_size, workers(threads))
 
 
 def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:

@@ -45,7 +45,8 @@ def predict(
         out_csv: also write the table here, bucket by bucket as the rows are scored.
         batch_size: patches per forward pass (default: the engine's best).
         tta: average the logits of the 8 dihedral transforms.
-        workers: decoding threads (default: the cores).
+        workers: worker threads (default: one per core; under torchrun the cores are
+            shared between the processes on a machine).
         engine: "auto" (the faster here), "torch" or "onnx".
         precision: "fp32", "bf16" or "auto" for the torch engine.
         context: use each patch's place (from the coordinates in its name, among the
@@ -69,7 +70,7 @@ def predict(
         else:
             predictor = Predictor(
                 model, engine, tta=tta, batch_size=batch_size, precision=precision,
-                context=context, workers=workers, threads=ctx.threads,
+                context=context, threads=workers or ctx.threads,
             )  # fmt: skip
         out = _predict_table(predictor, table, out_csv, ctx)
     finally:

@@ -26,6 +26,7 @@ from ..progress import progress_bar
 from ..spatial.context import smooth_rows
 from .backends import create_backend
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
+from .workers import FORWARD, workers
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ class Predictor:
         context: use the patches' places when coordinates are given: the neighbourhood a
             model sees and the smoothing of its logits over the grid. False scores every
             patch alone, as if it came without coordinates.
-        threads: ONNX Runtime's threads (default: every core).
-        workers: threads that decode and prepare patches (default: every core).
+        threads: worker threads that decode, prepare and run ONNX Runtime's batches
+            (default: one per core; see ``inference.workers``).
     """
 
     def __init__(
@@ -120,14 +121,13 @@ class Predictor:
         precision: str = "fp32",
         context: bool = True,
         threads: int | None = None,
-        workers: int | None = None,
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         self.members = [
             load_member(p, engine, device, precision, batch_size, threads) for p in paths
         ]
         self.paths = [m.path for m in self.members]
-        self.tta, self.context, self.workers = tta, context, workers
+        self.tta, self.context, self.threads = tta, context, threads
         self.threshold = float(np.mean([m.ckpt.get("threshold", 0.5) for m in self.members]))
 
     @property
@@ -191,21 +191,31 @@ class Predictor:
             g, xy = where(loaded)
             return [m.prep.model_input(loaded.patches, g, xy) for m in self.members]
 
-        for loaded in run_pipeline(buckets, source, prepare, self.workers):
+        def launch(loaded: Loaded) -> list:
+            priority = (FORWARD, loaded.bucket.index)
+            return [
+                m.backend.submit(x, self.tta, priority)
+                for m, x in zip(self.members, loaded.prepared, strict=True)
+            ]
+
+        def finish(loaded: Loaded, waits) -> Scored:
             g, xy = where(loaded)
             calibrated, raw = [], []
-            for member, x in zip(self.members, loaded.prepared, strict=True):
-                logits = member.backend.logits(x, self.tta)
-                logits = smooth_rows(logits, None, g, xy, member.ckpt.get("context"))
+            for member, wait in zip(self.members, waits, strict=True):
+                logits = smooth_rows(wait(), None, g, xy, member.ckpt.get("context"))
                 calibrated.append(probabilities(logits, member.temperature))
                 raw.append(probabilities(logits))
-            yield Scored(
+            return Scored(
                 loaded.bucket,
                 _spread(np.mean(calibrated, axis=0), loaded.ok),
                 _spread(np.mean(raw, axis=0), loaded.ok),
                 loaded.reasons,
                 loaded.patches,
             )
+
+        pool = workers(self.threads)
+        for loaded in run_pipeline(buckets, source, prepare, launch, pool):
+            yield finish(loaded, loaded.launched)
 
     def score_files(
         self, table, root: str | Path = "", desc: str = "predict", keep_patches: bool = False

@@ -4,24 +4,28 @@ Work is cut into buckets: runs of consecutive patients (or slides) holding at le
 hundred patches. Stain statistics, the neighbourhood and the spatial context all stay
 within a patient, so a bucket is scored completely on its own, and the same buckets are
 scored the same way however the work is shared out (one process, or many under
-torchrun). Each bucket's files are decoded on every core (threads: libpng releases the
-GIL), prepared (stain, neighbourhood) in one more thread, and forwarded in the calling
-thread; every stage runs a few buckets ahead of the next, so the cores never wait for one
-another, and only those few buckets are ever in memory.
+torchrun). The process's worker threads (``workers``: one per core; libpng and ONNX
+Runtime release the GIL) decode each bucket's files, prepare it (stain, neighbourhood)
+and run the model on its batches, the earliest bucket's most advanced stage first, a few
+buckets ahead of the one being written: the cores are never idle nor oversubscribed,
+and only those few buckets are ever in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.decode import PATCH_SIZE, decode_into, default_workers
+from ..data.decode import PATCH_SIZE, decode_into
 from ..spatial.grid import group_order
+from .workers import DECODE, PREPARE, Workers
 
 BUCKET = 512  # patches: a bucket is whole patients, at least this many patches
 CHUNK = 256  # files decoded per task
@@ -85,17 +89,24 @@ class Loaded:
     ok: np.ndarray  # per bucket row
     reasons: list[str]  # per bucket row, "" where ok
     prepared: object = None  # what ``prepare`` made of the patches
+    launched: object = None  # what ``launch`` returned: handles of its forward passes
 
 
 def run_pipeline(
     buckets: list[Bucket],
     source,
     prepare: Callable[[Loaded], object],
-    workers: int | None = None,
+    launch: Callable[[Loaded], object],
+    pool: Workers,
     ahead: int = 3,
 ) -> Iterator[Loaded]:
-    """Yield each bucket, loaded and prepared, in order, while the next ones are decoded
-    (``workers`` threads) and prepared (one thread) in the background.
+    """Yield each bucket, decoded, prepared and launched, in order, while the next
+    ``ahead`` are decoded and prepared by the same worker threads.
+
+    A bucket's files are decoded in chunks; when the last chunk is in, its preparation is
+    queued; when that is done, ``launch`` starts its forward passes (queuing them on the
+    pool too). Every stage is queued only once the one before it is done, so no worker
+    ever waits for another.
 
     numpy's BLAS is held to one thread meanwhile: its idle workers spin for a while after
     every small product of the stain normalisation, and on 2 cores that spinning took a
@@ -103,26 +114,16 @@ def run_pipeline(
     """
     from threadpoolctl import threadpool_limits
 
-    workers = workers or default_workers()
-    with (
-        threadpool_limits(limits=1, user_api="blas"),
-        ThreadPoolExecutor(workers) as decoders,
-        ThreadPoolExecutor(1) as preparer,
-    ):
-        pending: deque[Future] = deque()
-        queue = iter(buckets)
+    queue = iter(buckets)
+    pending: deque[Future] = deque()
 
-        def submit() -> None:
-            bucket = next(queue, None)
-            if bucket is None:
-                return
-            parts = [
-                decoders.submit(source.load, bucket.rows[s : s + CHUNK])
-                for s in range(0, len(bucket.rows), CHUNK)
-            ]
-            pending.append(preparer.submit(_assemble, bucket, parts, prepare))
+    def submit() -> None:
+        bucket = next(queue, None)
+        if bucket is not None:
+            pending.append(_start(bucket, source, prepare, launch, pool))
 
-        for _ in range(ahead + workers):
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(1 + ahead):
             submit()
         while pending:
             loaded = pending.popleft().result()
@@ -130,12 +131,51 @@ def run_pipeline(
             yield loaded
 
 
-def _assemble(bucket: Bucket, parts: list[Future], prepare) -> Loaded:
-    loads = [p.result() for p in parts]
+def _start(bucket: Bucket, source, prepare, launch, pool: Workers) -> Future:
+    """Queue a bucket's decoding; the future is done once it is prepared and launched."""
+    done: Future = Future()
+    chunks = [bucket.rows[s : s + CHUNK] for s in range(0, len(bucket.rows), CHUNK)]
+    parts: list = [None] * len(chunks)
+    left = [len(chunks)]
+    lock = threading.Lock()
+
+    def finish() -> None:
+        try:
+            loaded = _assemble(bucket, parts)
+            loaded.prepared = prepare(loaded)
+            loaded.launched = launch(loaded)
+            done.set_result(loaded)
+        except BaseException as e:  # raised where the bucket is awaited
+            _fail(done, e)
+
+    def decoded(i: int, future: Future) -> None:
+        try:
+            parts[i] = future.result()
+        except BaseException as e:
+            _fail(done, e)
+            return
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            pool.submit((PREPARE, bucket.index), finish)
+
+    if not chunks:
+        pool.submit((PREPARE, bucket.index), finish)
+    for i, rows in enumerate(chunks):
+        future = pool.submit((DECODE, bucket.index), source.load, rows)
+        future.add_done_callback(functools.partial(decoded, i))
+    return done
+
+
+def _fail(done: Future, error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # another chunk failed first
+        done.set_exception(error)
+
+
+def _assemble(bucket: Bucket, loads: list) -> Loaded:
     ok = np.concatenate([o for _, o, _ in loads]) if loads else np.zeros(0, bool)
     patches = [p[o] for p, o, _ in loads]
     empty = np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
     reasons = [r for *_, part in loads for r in part]
-    loaded = Loaded(bucket, np.concatenate(patches) if patches else empty, ok, reasons)
-    loaded.prepared = prepare(loaded)
-    return loaded
+    return Loaded(bucket, np.concatenate(patches) if patches else empty, ok, reasons)
