@@ -19,6 +19,7 @@ from .data import splits as splitting
 from .data.manifest import index_dataset, summarize
 from .errors import IdcscopeError
 from .inference.predictor import Predictor
+from .inference.stream import young_garbage_only
 from .report import write_html_report
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(checkpoint, engine, tta=tta, batch_size=batch_size, context=context)
     ckpt = predictor.checkpoints[0]
-    index = index_dataset(data_dir, read_sizes=False)
+    with young_garbage_only():  # indexing makes objects by the hundred thousand
+        index = index_dataset(data_dir, read_sizes=False)
     ckpt_splits = ckpt.get("splits", {})
     warnings = _warnings(predictor, index.table, split)
     chosen = np.ones(len(index.table), bool)

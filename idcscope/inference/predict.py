@@ -18,7 +18,7 @@ from ..distributed import init_distributed, shard, shutdown
 from ..errors import DataError
 from ..progress import progress_bar
 from .predictor import Predictor, Scored
-from .stream import FileSource, make_buckets
+from .stream import FileSource, make_buckets, young_garbage_only
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def predict(
     Returns:
         The table (under torchrun: the merged table on rank 0, an empty one elsewhere).
     """
-    index = index_files(paths)
+    with young_garbage_only():  # indexing makes objects by the hundred thousand
+        index = index_files(paths)
     table = index.table
     if table.empty and not index.skipped:
         raise DataError(
