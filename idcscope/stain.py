@@ -430,11 +430,12 @@ def normalize_per_patient(
     # numpy releases the GIL in sorts, ufuncs and gathers, so threads scale across cores.
     # A bar only for work a person waits on (training data), not for each batch scored.
     bar = progress_bar(f"stain ({normalizer_name})", len(images)) if len(images) > 10_000 else None
-    with (
-        bar or contextlib.nullcontext(lambda n: None) as advance,
-        ThreadPoolExecutor(workers) as pool,
-    ):
-        fallbacks = sum(pool.map(run, [groups[i::workers] for i in range(workers)]))
+    with bar or contextlib.nullcontext(lambda n: None) as advance:
+        if workers == 1:  # in the caller: a new thread would also need its own table
+            fallbacks = run(groups)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                fallbacks = sum(pool.map(run, [groups[i::workers] for i in range(workers)]))
     logger.debug("%s stain: %d patients, %d fell back", normalizer_name, len(groups), fallbacks)
     return target
 

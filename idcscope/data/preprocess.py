@@ -54,6 +54,7 @@ class Preprocessing:
         groups: np.ndarray | None = None,
         coords: tuple[np.ndarray, np.ndarray] | None = None,
         out: np.ndarray | None = None,
+        workers: int | None = None,
     ) -> np.ndarray:
         """uint8 (N, C, H, W) model input of uint8 (N, H, W, 3) patches.
 
@@ -63,6 +64,9 @@ class Preprocessing:
             coords: ``(xs, ys)``, each patch's top-left corner in slide pixels, NaN or
                 negative where unknown; None: no patch has a place (each is seen alone).
             out: uint8 (N, C, H, W) array to fill; a new one when None.
+            workers: threads for the stain normalisation, each on whole patients (the
+                cores when None; 1 runs it in the caller, as a worker thread of the
+                scoring pipeline must).
         """
         n, h, w, _ = patches.shape
         out = np.empty((n, self.channels, h, w), np.uint8) if out is None else out
@@ -75,7 +79,9 @@ class Preprocessing:
         else:
             from ..stain import normalize_per_patient
 
-            normalize_per_patient(patches, groups, self.stain, self.stain_reference, planes=out)
+            normalize_per_patient(
+                patches, groups, self.stain, self.stain_reference, workers=workers, planes=out
+            )
         if self.neighbourhood:
             from .neighbourhood import add_neighbourhood
 

@@ -189,7 +189,8 @@ class Predictor:
 
         def prepare(loaded: Loaded) -> list[np.ndarray]:
             g, xy = where(loaded)
-            return [m.prep.model_input(loaded.patches, g, xy) for m in self.members]
+            # On a worker thread, beside the others: no threads of its own.
+            return [m.prep.model_input(loaded.patches, g, xy, workers=1) for m in self.members]
 
         def launch(loaded: Loaded) -> list:
             priority = (FORWARD, loaded.bucket.index)
