@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 # torch is installed first and pinned: the local CPU wheel, not a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/idcscope demo --out runs/demo
 
+# The tests a developer runs between edits (minutes); test-slow trains on the real sample.
+# CI runs both, every time.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import decoded_sample, machine, setup_torch, table
+from features import extract_features, train_head
 
 from idcscope.data.augment import create_augment
 from idcscope.data.preprocess import Preprocessing
-from idcscope.engine import PatchLoader, train_one_epoch
-from idcscope.features import extract_features, train_head
 from idcscope.models import create_model
+from idcscope.training.loop import PatchLoader, train_one_epoch
 
 EPOCHS, BATCH = 20, 32  # the study's recipe
 KAGGLE_TRAIN = round(0.70 * 277_524)

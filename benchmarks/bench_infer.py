@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from _common import best_of, decoded_sample, machine, setup_torch, table
 
-from idcscope.checkpoint import save_checkpoint
 from idcscope.data.preprocess import Preprocessing
-from idcscope.engine import resolve_precision
 from idcscope.inference.backends import TorchBackend, onnx_backend
 from idcscope.inference.onnx import export_onnx
 from idcscope.models import create_model, list_models
+from idcscope.models.checkpoint import save_checkpoint
+from idcscope.models.runtime import resolve_precision
 
 
 def make_checkpoint(name: str, path: Path) -> Path:

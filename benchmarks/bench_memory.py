@@ -66,8 +66,8 @@ def child(root: Path, cache: Path, steps: int, in_ram: bool, batch: int) -> None
     from idcscope.data.augment import create_augment
     from idcscope.data.dataset import load_patch_data
     from idcscope.data.preprocess import Planes, Preprocessing
-    from idcscope.engine import PatchLoader, train_one_epoch
     from idcscope.models import create_model
+    from idcscope.training.loop import PatchLoader, train_one_epoch
 
     sampler = PeakSampler()
     sampler.start()

@@ -170,7 +170,7 @@ def main() -> None:
     predictor = Predictor(args.checkpoint)  # the default engine: the faster here
     prep = predictor.members[0].prep
     x = prep.model_input(_decoded(paths), groups, coords)
-    from idcscope.checkpoint import load_model
+    from idcscope.models.checkpoint import load_model
 
     model, _ = load_model(args.checkpoint)
     torch_backend, onnx_ = TorchBackend(model, prep), onnx_backend(args.checkpoint)
@@ -186,7 +186,7 @@ def main() -> None:
             "predict": lambda: n / _timed(lambda: predict(predictor, folders, csv)),
         }
         if len(args.data) == 1 and not args.quick:
-            from idcscope.evaluate import evaluate
+            from idcscope.evaluation.evaluate import evaluate
 
             ev_n = len(index_files([args.data[0]]).table)
             measures["evaluate"] = lambda: (

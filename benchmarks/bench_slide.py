@@ -24,9 +24,10 @@ from _common import SAMPLE, machine, setup_torch, table
 
 from idcscope.data.decode import decode_files
 from idcscope.data.manifest import index_dataset
-from idcscope.heatmap import dice_iou, patient_mosaic
 from idcscope.inference import Predictor
-from idcscope.slide import slide_inference, write_tiff_slide
+from idcscope.spatial.heatmap import dice_iou, patient_mosaic
+from idcscope.spatial.slide import slide_inference
+from idcscope.spatial.wsi import write_tiff_slide
 
 
 def patient_slide(patient: str, scan_mpp: float, folder: Path):

@@ -30,8 +30,9 @@ from _common import best_of, decoded_sample, machine, setup_torch, table
 
 from idcscope.data.augment import create_augment
 from idcscope.data.preprocess import Preprocessing, to_float
-from idcscope.engine import PatchLoader, autocast, train_one_epoch
 from idcscope.models import create_model
+from idcscope.models.runtime import autocast
+from idcscope.training.loop import PatchLoader, train_one_epoch
 
 MODELS = {
     "cancernet": "cancernet",

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from idcscope.config import make_config
-from idcscope.cv import HEADLINE, cross_validate, markdown_table, summarize_folds
-from idcscope.evaluate import evaluate
+from idcscope.evaluation.evaluate import evaluate
+from idcscope.training.config import make_config
+from idcscope.training.cv import HEADLINE, cross_validate, markdown_table, summarize_folds
 
 # The model sees the patch alone: the candidates from before the neighbourhood input.
 ALONE = {"neighbourhood": 0}

@@ -34,8 +34,8 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(synthetic_root, tmp_path_factory) -> Path:
     """One tiny training run (2 epochs on the synthetic patients), shared by the tests."""
-    from idcscope.config import make_config
-    from idcscope.train import train
+    from idcscope.training.config import make_config
+    from idcscope.training.train import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = make_config(
@@ -95,8 +95,8 @@ def real_sample() -> Path:
 def real_run(real_sample, tmp_path_factory) -> Path:
     """The default recipe trained on 10 patients of the real sample (5 epochs, seed 0),
     2 validation and 4 test patients held out: a model that tells IDC on real tissue."""
-    from idcscope.config import make_config
-    from idcscope.train import train
+    from idcscope.training.config import make_config
+    from idcscope.training.train import train
 
     out = tmp_path_factory.mktemp("real_run")
     cfg = make_config(

@@ -17,15 +17,14 @@ import pytest
 from typer.testing import CliRunner
 
 from idcscope.cli import app
-from idcscope.config import make_config
 from idcscope.data.manifest import index_dataset
 from idcscope.errors import DataError, IdcscopeError
-from idcscope.evaluate import evaluate
-from idcscope.heatmap import patient_heatmap
+from idcscope.evaluation.evaluate import evaluate
 from idcscope.inference.predict import predict
-from idcscope.train import train
-
-from .badinputs import (
+from idcscope.spatial.heatmap import patient_heatmap
+from idcscope.training.config import make_config
+from idcscope.training.train import train
+from tests.badinputs import (
     BAD_PATIENT,
     KINDS,
     SPECS,
@@ -166,7 +165,7 @@ def test_every_input_is_accounted_for(entry, corpus, outcomes):
 
 
 def test_train_counts_add_up(corpus, run_dir):
-    from idcscope.checkpoint import read_checkpoint
+    from idcscope.models.checkpoint import read_checkpoint
 
     s = read_checkpoint(run_dir / "best.pt")["data_summary"]
     n_skipped = len(pd.read_csv(run_dir / "skipped.csv"))
@@ -344,7 +343,7 @@ def slide_image() -> np.ndarray:
 
 
 def _slide(checkpoint, path, out, **kw):
-    from idcscope.slide import slide_inference
+    from idcscope.spatial.slide import slide_inference
 
     return slide_inference(str(checkpoint), path, out, **kw)
 
@@ -367,7 +366,7 @@ def test_slide_without_resolution_asks_for_it(checkpoint, slide_image, tmp_path)
 
 
 def test_slide_truncated_in_its_last_tiles(checkpoint, slide_image, tmp_path):
-    from idcscope.slide import write_tiff_slide
+    from idcscope.spatial.wsi import write_tiff_slide
 
     data = write_tiff_slide(slide_image, tmp_path / "full.tif", mpp=1.0).read_bytes()
     path = tmp_path / "cut.tif"
@@ -377,7 +376,7 @@ def test_slide_truncated_in_its_last_tiles(checkpoint, slide_image, tmp_path):
 
 
 def test_slide_truncated_in_half(checkpoint, slide_image, tmp_path):
-    from idcscope.slide import write_tiff_slide
+    from idcscope.spatial.wsi import write_tiff_slide
 
     data = write_tiff_slide(slide_image, tmp_path / "full.tif", mpp=1.0).read_bytes()
     path = tmp_path / "cut.tif"

@@ -6,8 +6,7 @@ from idcscope.data.cache import load_or_build
 from idcscope.data.dataset import load_patch_data
 from idcscope.data.decode import decode_patch
 from idcscope.data.manifest import index_dataset
-
-from .conftest import write_patch
+from tests.conftest import write_patch
 
 
 def test_decode_pads_small_patches_with_white(tmp_path):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from idcscope.calibration import (
+from idcscope.evaluation.metrics import expected_calibration_error, youden_threshold
+from idcscope.inference.calibration import probabilities
+from idcscope.training.calibration import (
     T_BOUNDS,
     calibration_report,
     choose_threshold,
     fit_temperature,
-    probabilities,
 )
-from idcscope.metrics import expected_calibration_error, youden_threshold
 
 
 def _calibrated(n: int = 20_000, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

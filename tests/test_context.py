@@ -91,7 +91,7 @@ def test_smooth_rows_indexes_per_image_arrays_by_rows():
 @pytest.fixture(scope="module")
 def context_ckpt(trained_run, tmp_path_factory):
     """The shared run's checkpoint with a known context width and temperature 1."""
-    from idcscope.checkpoint import update_checkpoint
+    from idcscope.models.checkpoint import update_checkpoint
 
     path = tmp_path_factory.mktemp("context") / "best.pt"
     path.write_bytes((trained_run / "best.pt").read_bytes())
@@ -102,7 +102,7 @@ def context_ckpt(trained_run, tmp_path_factory):
 def unsmoothed_ckpt(context_ckpt, tmp_path_factory):
     """The same model without spatial context: what the smoothing starts from. (The
     neighbourhood input stays; ``context=False`` would drop it too.)"""
-    from idcscope.checkpoint import update_checkpoint
+    from idcscope.models.checkpoint import update_checkpoint
 
     path = tmp_path_factory.mktemp("unsmoothed") / "best.pt"
     path.write_bytes(context_ckpt.read_bytes())
@@ -148,10 +148,10 @@ def test_evaluate_predict_and_heatmap_use_the_patches_places(
 ):
     import pandas as pd
 
-    from idcscope.evaluate import evaluate
-    from idcscope.heatmap import patient_heatmap
+    from idcscope.evaluation.evaluate import evaluate
     from idcscope.inference import Predictor
     from idcscope.inference.predict import predict
+    from idcscope.spatial.heatmap import patient_heatmap
 
     runs = {}
     for context, ckpt in ((True, context_ckpt), (False, unsmoothed_ckpt)):
@@ -183,8 +183,9 @@ def test_slide_tiles_are_smoothed_over_the_tile_grid(
     import pandas as pd
 
     from idcscope.data.dataset import load_patch_data
-    from idcscope.heatmap import patient_mosaic
-    from idcscope.slide import slide_inference, write_tiff_slide
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.slide import slide_inference
+    from idcscope.spatial.wsi import write_tiff_slide
 
     data = load_patch_data(synthetic_root)
     one = data.rows(data.patients == data.patients[0])

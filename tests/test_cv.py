@@ -4,8 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from idcscope.cli import app
-from idcscope.cv import fold_splits
 from idcscope.data.manifest import index_dataset
+from idcscope.training.cv import fold_splits
 
 
 def test_fold_splits_never_cross_patients(synthetic_root):
@@ -56,8 +56,8 @@ def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
 
 def test_a_killed_cv_resumes_at_its_unfinished_fold(cv_run, monkeypatch):
     """Finished folds are read back; only a fold without fold.json trains again."""
-    import idcscope.cv as cv_module
-    from idcscope.config import config_from_dict
+    import idcscope.training.cv as cv_module
+    from idcscope.training.config import config_from_dict
 
     out, result = cv_run
     assert result.exit_code == 0, result.output

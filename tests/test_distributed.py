@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from idcscope.checkpoint import read_checkpoint
-from idcscope.config import make_config
-from idcscope.engine import PatchLoader
-from idcscope.train import train
+from idcscope.models.checkpoint import read_checkpoint
+from idcscope.training.config import make_config
+from idcscope.training.loop import PatchLoader
+from idcscope.training.train import train
 
 
 def _history(run):
@@ -104,7 +104,7 @@ def _diverge_on_rank_1(rank: int, store_path: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from idcscope.data.preprocess import Preprocessing
-    from idcscope.engine import train_one_epoch
+    from idcscope.training.loop import train_one_epoch
 
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -183,8 +183,9 @@ def test_two_processes_share_out_slides(trained_run, synthetic_root, tmp_path):
     import pandas as pd
 
     from idcscope.data.dataset import load_patch_data
-    from idcscope.heatmap import patient_mosaic
-    from idcscope.slide import slides_inference, write_tiff_slide
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.slide import slides_inference
+    from idcscope.spatial.wsi import write_tiff_slide
 
     data = load_patch_data(synthetic_root)
     slides = []

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from idcscope.cli import app
 from idcscope.errors import IdcscopeError
-from idcscope.explain import GradCAM, explain_patches, overlay, saliency
+from idcscope.inference.explain import GradCAM, explain_patches, overlay, saliency
 from idcscope.models import create_model, list_models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

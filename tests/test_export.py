@@ -9,16 +9,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from idcscope.calibration import probabilities
-from idcscope.checkpoint import load_model, save_checkpoint
 from idcscope.cli import app
 from idcscope.data.decode import decode_files
 from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
 from idcscope.inference.backends import OnnxBackend, TorchBackend, as_float
+from idcscope.inference.calibration import probabilities
 from idcscope.inference.onnx import FORMAT, OnnxModel, cached_onnx, export_onnx
 from idcscope.inference.predict import predict
 from idcscope.models import create_model, list_models
+from idcscope.models.checkpoint import load_model, save_checkpoint
 
 PREP = Preprocessing(mean=(0.80, 0.62, 0.76), std=(0.13, 0.17, 0.11), mpp=4.0)
 
@@ -129,7 +129,7 @@ def cancernet_ckpt(tmp_path_factory, patches):
 
 
 def test_the_graph_is_cached_beside_the_checkpoint(cancernet_ckpt, tmp_path):
-    from idcscope.checkpoint import update_checkpoint
+    from idcscope.models.checkpoint import update_checkpoint
 
     graph = cached_onnx(cancernet_ckpt)
     assert graph == cancernet_ckpt.with_suffix(".onnx")
@@ -163,11 +163,17 @@ def test_auto_picks_an_engine_and_remembers_it(cancernet_ckpt):
     assert record[predictor.engine] == max(record["torch"], record["onnx"])
 
 
+@pytest.fixture(scope="module")
+def cancernet_onnx(cancernet_ckpt, tmp_path_factory):
+    """The cancernet checkpoint exported once, to a file of its own."""
+    return export_onnx(cancernet_ckpt, tmp_path_factory.mktemp("cn_onnx") / "m.onnx")
+
+
 @pytest.mark.parametrize("tta", [False, True])
-def test_predict_onnx_equals_torch(cancernet_ckpt, synthetic_root, tmp_path, tta):
+def test_predict_onnx_equals_torch(cancernet_ckpt, cancernet_onnx, synthetic_root, tta):
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
     ref = predict(cancernet_ckpt, [patient], engine="torch", tta=tta)
-    onnx_file = export_onnx(cancernet_ckpt, tmp_path / "m.onnx")
+    onnx_file = cancernet_onnx
     for source in (cancernet_ckpt, onnx_file):  # a .pt is exported on the fly
         df = predict(source, [patient], engine="onnx", tta=tta)
         assert list(df.columns) == list(ref.columns)
@@ -181,8 +187,8 @@ def test_predict_onnx_normalises_stains_per_patient_like_torch(
     cancernet_ckpt, synthetic_root, patches, tmp_path
 ):
     """A stain-normalising checkpoint: ONNX Runtime gets the same normalised patches."""
-    from idcscope.checkpoint import update_checkpoint
-    from idcscope.stain import fit_reference
+    from idcscope.data.stain import fit_reference
+    from idcscope.models.checkpoint import update_checkpoint
 
     ckpt = tmp_path / "stain.pt"
     ckpt.write_bytes(cancernet_ckpt.read_bytes())

@@ -1,4 +1,10 @@
-"""Cached backbone features give the same logits as the model, and train only its head."""
+"""Cached backbone features give the same logits as the model, and train only its head.
+
+The feature cache is a benchmark's tool (``benchmarks/features.py``), not the package's.
+"""
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,8 +13,10 @@ import torch
 from idcscope.data.augment import _dihedral
 from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
-from idcscope.features import extract_features, split_frozen, train_head
 from idcscope.models import create_model
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from features import extract_features, split_frozen, train_head
 
 PREP = Preprocessing(channels_last=False)
 

@@ -7,12 +7,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from idcscope.checkpoint import read_checkpoint
 from idcscope.cli import app
 from idcscope.errors import DataError
-from idcscope.heatmap import dice_iou, patient_heatmap, patient_mosaic, probability_grid
-
-from .conftest import write_patch
+from idcscope.models.checkpoint import read_checkpoint
+from idcscope.spatial.heatmap import dice_iou, patient_heatmap, patient_mosaic, probability_grid
+from tests.conftest import write_patch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RED, BLUE = (220, 20, 30), (20, 30, 220)

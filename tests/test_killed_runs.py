@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-from idcscope.checkpoint import read_checkpoint, save_checkpoint, update_checkpoint
-from idcscope.config import make_config
 from idcscope.data import splits as splitting
 from idcscope.errors import IdcscopeError
-from idcscope.train import train
+from idcscope.models.checkpoint import read_checkpoint, save_checkpoint, update_checkpoint
+from idcscope.training.config import make_config
+from idcscope.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -63,7 +63,7 @@ def arm_kill_point() -> None:
 
         decode.decode_into = decode_half
     elif point.startswith("batch:"):
-        import idcscope.engine as engine
+        import idcscope.training.loop as engine
 
         epoch, batch = map(int, point.split(":")[1:])
         real_iter = engine.PatchLoader.__iter__
@@ -90,7 +90,7 @@ def arm_kill_point() -> None:
 
         torch.save = save
     elif point == "finalize":
-        import idcscope.train as train_module
+        import idcscope.training.train as train_module
 
         train_module.finalize = lambda *args, **kwargs: _die()
     elif point:
@@ -178,7 +178,7 @@ def reference(data_dir, tmp_path_factory) -> Path:
 
 def _resume(data: Path, run: Path, cache: Path, caplog) -> None:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="idcscope.train"):
+    with caplog.at_level(logging.INFO, logger="idcscope.training.train"):
         train(_config(data, run, cache_dir=str(cache)), resume=True)
 
 
@@ -334,8 +334,7 @@ def test_split_file_interrupted_keeps_the_old_one(tmp_path, monkeypatch):
 def test_damaged_patch_cache_is_decoded_again(damage, tmp_path, caplog):
     from idcscope.data.cache import load_or_build
     from idcscope.data.manifest import index_dataset
-
-    from .conftest import write_patch
+    from tests.conftest import write_patch
 
     for k in range(3):
         write_patch(
@@ -362,7 +361,7 @@ def test_damaged_patch_cache_is_decoded_again(damage, tmp_path, caplog):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    import idcscope.train as train_module
+    import idcscope.training.train as train_module
 
     real, epochs_started = train_module.train_one_epoch, []
 

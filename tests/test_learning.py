@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from idcscope.evaluate import evaluate
+from idcscope.evaluation.evaluate import evaluate
 
 
 @pytest.mark.slow

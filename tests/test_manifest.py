@@ -4,8 +4,7 @@ import pytest
 
 from idcscope.data.manifest import image_size, index_dataset, index_files, parse_patch_name
 from idcscope.errors import DataError
-
-from .conftest import write_patch
+from tests.conftest import write_patch
 
 
 def test_parse_patch_name():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from idcscope.metrics import (
+from idcscope.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
     classification_report_text,

@@ -72,7 +72,7 @@ def test_hub_download_offline_gives_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("name", ["cancernet", "resnet18"])
 def test_batchnorm_folding_keeps_the_outputs(name):
-    from idcscope.engine import fuse_for_inference
+    from idcscope.models.runtime import fuse_for_inference
 
     torch.manual_seed(0)
     model = create_model(name)

@@ -8,8 +8,7 @@ from idcscope.data.augment import create_augment
 from idcscope.data.neighbourhood import GLASS, add_neighbourhood, block_planes
 from idcscope.data.preprocess import Preprocessing
 from idcscope.spatial.grid import neighbour_rows
-
-from .conftest import same_blocks
+from tests.conftest import same_blocks
 
 # Patient "a": an L of five patches and one without a place; patient "b": one patch at the
 # same coordinates as a's first.
@@ -117,7 +116,7 @@ def test_dropped_neighbours_look_like_a_patch_without_a_place():
 def nbhd_ckpt(trained_run, tmp_path_factory):
     """The shared run's model (the default recipe: it sees each patch's 3x3 neighbourhood),
     without logit smoothing on top."""
-    from idcscope.checkpoint import read_checkpoint, update_checkpoint
+    from idcscope.models.checkpoint import read_checkpoint, update_checkpoint
 
     path = tmp_path_factory.mktemp("nbhd") / "best.pt"
     path.write_bytes((trained_run / "best.pt").read_bytes())
@@ -154,8 +153,8 @@ def reference(nbhd_ckpt, synthetic_root):
 
 
 def test_the_checkpoint_describes_its_neighbourhood(nbhd_ckpt, reference):
-    from idcscope.checkpoint import read_checkpoint
     from idcscope.inference import Predictor
+    from idcscope.models.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(nbhd_ckpt)
     assert ckpt["model"]["kwargs"]["in_chans"] == 6
@@ -187,10 +186,10 @@ def test_every_entry_point_shows_the_model_the_neighbours(
 ):
     import pandas as pd
 
-    from idcscope.evaluate import evaluate
-    from idcscope.explain import explain_patches
-    from idcscope.heatmap import patient_heatmap
+    from idcscope.evaluation.evaluate import evaluate
+    from idcscope.inference.explain import explain_patches
     from idcscope.inference.predict import predict
+    from idcscope.spatial.heatmap import patient_heatmap
 
     data, rows, _, ref = reference
     ref = ref["placed"]
@@ -214,8 +213,9 @@ def test_every_entry_point_shows_the_model_the_neighbours(
 def test_slide_tiles_see_their_neighbouring_tiles(nbhd_ckpt, reference, tmp_path):
     import pandas as pd
 
-    from idcscope.heatmap import patient_mosaic
-    from idcscope.slide import slide_inference, write_tiff_slide
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.slide import slide_inference
+    from idcscope.spatial.wsi import write_tiff_slide
 
     data, rows, _, ref = reference
     one = rows[data.patients[rows] == data.patients[rows[0]]]
@@ -241,7 +241,7 @@ def test_no_context_scores_every_patch_alone(nbhd_ckpt, reference, synthetic_roo
     """--no-context: the patches' places are not used, neighbours included."""
     import pandas as pd
 
-    from idcscope.evaluate import evaluate
+    from idcscope.evaluation.evaluate import evaluate
     from idcscope.inference import Predictor
     from idcscope.inference.predict import predict
 

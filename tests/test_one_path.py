@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from idcscope.evaluate import evaluate
-from idcscope.explain import explain_patches
-from idcscope.heatmap import patient_heatmap
+from idcscope.evaluation.evaluate import evaluate
+from idcscope.inference.explain import explain_patches
 from idcscope.inference.predict import predict
 from idcscope.serve import Settings, create_app
+from idcscope.spatial.heatmap import patient_heatmap
 
 ATOL = 1e-4
 PATIENT = "9124"  # the smallest whole patient of the sample: 465 patches, mostly IDC

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from idcscope import plots
-from idcscope.metrics import per_patient_metrics
+from idcscope.evaluation import plots
+from idcscope.evaluation.metrics import per_patient_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -158,7 +158,7 @@ def test_history_twin_axis_when_ax_given():
 
 def test_reliability_title_has_ece(scores):
     y, p, _ = scores
-    from idcscope.metrics import expected_calibration_error
+    from idcscope.evaluation.metrics import expected_calibration_error
 
     ax = plots.plot_reliability(y, p, n_bins=10).axes[0]
     assert f"{expected_calibration_error(y, p, n_bins=10):.3f}" in ax.get_title()
@@ -179,7 +179,7 @@ def test_per_patient_skips_none_and_sorts():
 
 def test_pyplot_is_never_imported():
     # pyplot would pick a GUI backend and keep global figure state; check in a fresh process.
-    code = "import sys, idcscope.plots; assert 'matplotlib.pyplot' not in sys.modules"
+    code = "import sys, idcscope.evaluation.plots; assert 'matplotlib.pyplot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

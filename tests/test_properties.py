@@ -29,8 +29,7 @@ from idcscope.data.splits import (
     save_splits,
 )
 from idcscope.errors import DataError
-
-from .badinputs import bomb_png
+from tests.badinputs import bomb_png
 
 FEW = settings(max_examples=50, deadline=None)
 SOME = settings(max_examples=100, deadline=None)

@@ -4,9 +4,13 @@ import re
 import numpy as np
 import pytest
 
-from idcscope import plots
-from idcscope.metrics import binary_metrics, classification_report_text, per_patient_metrics
-from idcscope.report import write_html_report
+from idcscope.evaluation import plots
+from idcscope.evaluation.metrics import (
+    binary_metrics,
+    classification_report_text,
+    per_patient_metrics,
+)
+from idcscope.evaluation.report import write_html_report
 
 LEAK = "Image-level random split: patients leak between train and test; numbers are <optimistic>."
 

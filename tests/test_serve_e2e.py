@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from idcscope.serve import Settings, create_app
-
-from .conftest import serving
-from .test_serve import files, image_bytes
+from tests.conftest import serving
+from tests.test_serve import files, image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +28,8 @@ def server(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
-    )
+    from playwright import sync_api  # the test extra
+
     exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("no `chromium` on PATH (CI installs Debian's chromium package)")
@@ -84,9 +82,7 @@ def test_health_answers_while_an_analysis_waits(server):
         thread = threading.Thread(target=post)
         thread.start()
         time.sleep(0.5)  # the upload is in and waits for the model
-        t0 = time.monotonic()
-        health = httpx.get(f"{url}/api/health", timeout=5).json()
-        assert time.monotonic() - t0 < 2
+        health = httpx.get(f"{url}/api/health", timeout=5).json()  # answers, not queued
         assert health["busy"] is True
         assert "r" not in result
     finally:
@@ -160,14 +156,11 @@ def test_refused_upload_is_explained_in_the_page(page, tmp_path):
 
 
 def test_slide_in_the_page(page, server, patient, tmp_path):
-    slide = pytest.importorskip("idcscope.slide")
-    if not hasattr(slide, "write_tiff_slide"):
-        pytest.skip("idcscope.slide has no write_tiff_slide to make a test slide")
     health = httpx.get(server[0] + "/api/health").json()
-    if not health["slides"]:
-        pytest.skip("whole-slide reading (openslide) is not available")
+    assert health["slides"]  # openslide is a dependency: the page offers slides
     from idcscope.data.decode import decode_files
-    from idcscope.heatmap import patient_mosaic
+    from idcscope.spatial import wsi
+    from idcscope.spatial.heatmap import patient_mosaic
 
     pngs = sorted(patient.rglob("*.png"))
     xy = [p.name.split("_")[2:4] for p in pngs]
@@ -175,7 +168,7 @@ def test_slide_in_the_page(page, server, patient, tmp_path):
     mosaic, _ = patient_mosaic(
         decoded.images, [int(x[1:]) for x, _ in xy], [int(y[1:]) for _, y in xy]
     )
-    path = slide.write_tiff_slide(mosaic, tmp_path / "synthetic.tif", mpp=4.0)
+    path = wsi.write_tiff_slide(mosaic, tmp_path / "synthetic.tif", mpp=4.0)
     page.click("#tab-slide")
     page.set_input_files("#slide-input", str(path))
     page.wait_for_selector("#slide-results:not([hidden])")

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from idcscope.errors import DataError
-from idcscope.slide import (
+from idcscope.spatial.slide import slide_inference
+from idcscope.spatial.wsi import (
     open_slide,
-    otsu_threshold,
     read_mpp,
-    slide_inference,
     tile_grid,
     tissue_mask,
     write_tiff_slide,
@@ -26,7 +25,7 @@ def patient(real_sample):
     """One real patient: patches, their grid cells, and the rebuilt tissue at 4 µm/px."""
     from idcscope.data.decode import decode_files
     from idcscope.data.manifest import index_dataset
-    from idcscope.heatmap import patient_mosaic
+    from idcscope.spatial.heatmap import patient_mosaic
 
     ix = index_dataset(real_sample / PATIENT)
     t = ix.table
@@ -152,9 +151,7 @@ def test_slide_errors_name_the_file_and_the_fix(trained_run, tmp_path):
     assert out["grid"] == [11, 11]
 
 
-def test_otsu_separates_two_populations():
-    values = np.concatenate([np.full(500, 60), np.full(500, 220)]).astype(np.uint8)
-    assert 60 <= otsu_threshold(values) < 220
+def test_tissue_mask_separates_stain_from_glass():
     thumb = np.full((40, 40, 3), 240, np.uint8)
     thumb[10:30, 10:30] = (150, 80, 160)
     mask = tissue_mask(thumb)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from idcscope.errors import IdcscopeError
-from idcscope.stain import (
+from idcscope.data.stain import (
     create_normalizer,
     fit_reference,
     list_normalizers,
     normalize_per_patient,
     tissue_mask,
 )
+from idcscope.errors import IdcscopeError
 
 METHODS = ["reinhard", "macenko"]
 H_E = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # Ruifrok & Johnston

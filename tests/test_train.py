@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from idcscope.checkpoint import load_model, read_checkpoint
-from idcscope.config import make_config
 from idcscope.errors import CheckpointError, IdcscopeError
-from idcscope.evaluate import evaluate
+from idcscope.evaluation.evaluate import evaluate
 from idcscope.inference.predict import predict
-from idcscope.train import train
+from idcscope.models.checkpoint import load_model, read_checkpoint
+from idcscope.training.config import make_config
+from idcscope.training.train import train
 
 
 def _cfg(data, out, **kw):
@@ -146,7 +146,7 @@ def test_predict_files_and_folders(run_dir, synthetic_root, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(synthetic_root, tmp_path, monkeypatch):
-    import idcscope.train as T
+    import idcscope.training.train as T
 
     train(_cfg(synthetic_root, tmp_path / "full", epochs=2))
     real, calls = T.train_one_epoch, []
@@ -216,7 +216,7 @@ def test_non_checkpoint_is_refused(tmp_path):
 
 
 def test_one_class_training_data_is_refused(tmp_path):
-    from .conftest import write_patch
+    from tests.conftest import write_patch
 
     for p in ("1", "2", "3", "4", "5"):
         for k in range(4):
@@ -235,7 +235,7 @@ def test_calibration_and_threshold_come_from_validation(run_dir):
     # temperature scaling minimises the validation NLL, so it cannot make it worse
     assert cal["nll_after"] <= cal["nll_before"] + 1e-6
     y, p = ckpt["validation"]["labels"].numpy(), ckpt["validation"]["prob"].numpy()
-    from idcscope.metrics import youden_threshold
+    from idcscope.evaluation.metrics import youden_threshold
 
     assert ckpt["threshold"] == pytest.approx(youden_threshold(y, p))
 
@@ -263,7 +263,7 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patc
     import torch
     import torch.nn.functional as F
 
-    from idcscope.objective import FocalLoss
+    from idcscope.training.objective import FocalLoss
 
     torch.manual_seed(0)
     logits, y = torch.randn(64, 2) * 3, torch.randint(0, 2, (64,))
@@ -278,8 +278,8 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_discounts_easy_patc
 
 
 def test_balanced_sampler_draws_both_classes_equally_and_the_loss_is_unweighted():
-    from idcscope.engine import PatchLoader
-    from idcscope.objective import make_loss
+    from idcscope.training.loop import PatchLoader
+    from idcscope.training.objective import make_loss
 
     labels = (np.arange(1000) % 10 == 0).astype(np.int64)  # 10% positive
     images = np.arange(1000)[:, None]
@@ -300,7 +300,7 @@ def test_balanced_sampler_draws_both_classes_equally_and_the_loss_is_unweighted(
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
-    from idcscope import engine
+    from idcscope.models import runtime as engine
 
     assert make_config("default").precision == "auto"
     for caps, expected in [
@@ -316,3 +316,18 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
         autocasting = isinstance(engine.autocast("auto"), torch.autocast)
         assert autocasting == (expected == "bf16")
     engine._native_bf16.cache_clear()
+
+
+def test_a_run_log_leaves_the_root_logger_as_it_was(tmp_path):
+    import logging
+
+    from idcscope.cli.app import log_to_file
+
+    root, log = logging.getLogger(), logging.getLogger("idcscope.test")
+    before = list(root.handlers)
+    with log_to_file(tmp_path / "run"):
+        log.warning("inside the run")
+    log.warning("after the run")
+    assert root.handlers == before
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "inside the run" in text and "after the run" not in text

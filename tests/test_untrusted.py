@@ -18,13 +18,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from idcscope.checkpoint import FORMAT, REQUIRED_KEYS, load_model, read_checkpoint, save_checkpoint
 from idcscope.data.preprocess import Preprocessing
 from idcscope.errors import CheckpointError, DataError
 from idcscope.inference import Predictor
 from idcscope.models import create_model
-
-from .conftest import write_patch
+from idcscope.models.checkpoint import (
+    FORMAT,
+    REQUIRED_KEYS,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
+from tests.conftest import write_patch
 
 
 class Payload:
@@ -116,9 +121,9 @@ def test_planted_pickle_is_refused(loader, how, tmp_path, marker):
 
 
 def test_entry_points_refuse_a_planted_pickle(tmp_path, marker):
-    from idcscope.evaluate import evaluate
-    from idcscope.heatmap import patient_heatmap
+    from idcscope.evaluation.evaluate import evaluate
     from idcscope.inference.predict import predict
+    from idcscope.spatial.heatmap import patient_heatmap
 
     evil = _plant(tmp_path / "evil.pt", marker, PLANTS[0])
     patch = write_patch(tmp_path / "data" / "1" / "0" / "1_idx5_x1_y1_class0.png")
@@ -245,8 +250,8 @@ def test_malformed_split_file(content, tmp_path):
 
 
 def test_yaml_config_cannot_run_code(tmp_path, marker):
-    from idcscope.config import make_config
     from idcscope.errors import IdcscopeError
+    from idcscope.training.config import make_config
 
     path = tmp_path / "evil.yaml"
     path.write_text(f"epochs: !!python/object/apply:builtins.open ['{marker}', 'w']\n")

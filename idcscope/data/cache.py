@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .decode import PATCH_SIZE, PatchArray, decode_files
+from . import PATCH_SIZE
+from .decode import PatchArray, decode_files
 
 logger = logging.getLogger(__name__)
 

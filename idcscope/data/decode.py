@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import progress_bar
-from .preprocess import PATCH_SIZE
+from . import PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import PATCH_MPP, PATCH_SIZE
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The Kaggle IDC patches: 50x50 px cut from slides scanned at 40x, downsampled to 2.5x
-# (4 µm/px). Everything else reads both from a checkpoint's preprocessing.
-PATCH_SIZE = 50
-PATCH_MPP = 4.0
 
 
 @dataclass
@@ -77,7 +75,7 @@ class Preprocessing:
         if self.stain == "none":
             _to_planes(patches, out)
         else:
-            from ..stain import normalize_per_patient
+            from .stain import normalize_per_patient
 
             normalize_per_patient(
                 patches, groups, self.stain, self.stain_reference, workers=workers, planes=out

@@ -22,9 +22,11 @@ from PIL import Image
 from scipy import ndimage
 from scipy.special import expit as _sigmoid
 
+from . import PATCH_SIZE
+
 logger = logging.getLogger(__name__)
 
-PATCH = 50
+PATCH = PATCH_SIZE
 # Ruifrok & Johnston optical-density vectors (as in skimage.color.rgb2hed); eosin gets more
 # blue absorption, closer to the purplish pink of the Kaggle scans.
 _H = np.array([0.65, 0.70, 0.29])

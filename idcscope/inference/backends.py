@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from ..data.augment import dihedral_all
 from ..data.preprocess import Preprocessing, to_float
-from ..engine import autocast, fuse_for_inference
 from ..errors import IdcscopeError
+from ..models.runtime import autocast, fuse_for_inference
 from .workers import FORWARD, Workers, workers
 
 logger = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model, read_checkpoint
 from ..data.cache import default_cache_dir
 from ..errors import IdcscopeError
+from ..models.checkpoint import load_model, read_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..calibration import probabilities
-from ..data.preprocess import PATCH_SIZE, Preprocessing
+from ..data import PATCH_SIZE
+from ..data.preprocess import Preprocessing
 from ..progress import progress_bar
 from ..spatial.context import smooth_rows
 from .backends import create_backend
+from .calibration import probabilities
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
 from .workers import FORWARD, workers
 
@@ -84,7 +85,7 @@ def load_member(path, engine, device, precision, batch_size, threads) -> Member:
         backend = onnx_backend(path, batch_size, threads)
         meta = backend.model.metadata
         return Member(path, meta, Preprocessing(**meta.get("preprocessing", {})), backend)
-    from ..checkpoint import load_model
+    from ..models.checkpoint import load_model
 
     model, ckpt = load_model(path, device)
     ckpt.pop("state_dict", None)

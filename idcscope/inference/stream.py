@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.decode import PATCH_SIZE, decode_into
+from ..data import PATCH_SIZE
+from ..data.decode import decode_into
 from ..spatial.grid import group_order
 from .workers import DECODE, PREPARE, Workers
 

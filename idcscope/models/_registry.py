@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from ..errors import IdcscopeError
+from .zoo import create_timm_model, timm_has, timm_names
 
 _models: dict[str, Callable[..., nn.Module]] = {}
 
@@ -23,12 +24,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 def list_models(include_timm: bool = False) -> list[str]:
     names = sorted(_models)
     if include_timm:
-        from .._compat import ensure_torchvision
-
-        ensure_torchvision()
-        import timm
-
-        names += [n for n in timm.list_models() if n not in _models]
+        names += [n for n in timm_names() if n not in _models]
     return names
 
 
@@ -48,8 +44,6 @@ def create_model(
         return _models[name](
             num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs
         )
-    from .timm_models import create_timm_model, timm_has
-
     if timm_has(name):
         return create_timm_model(name, num_classes, pretrained, weights, **kwargs)
     raise IdcscopeError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..data import PATCH_SIZE
 from ._registry import register_model
 from .pretrained import load_backbone_weights
 
@@ -43,7 +44,7 @@ class CancerNet(nn.Module):
         hidden: int = 256,
         drop: float = 0.1,
         head_drop: float = 0.5,
-        in_size: int = 50,
+        in_size: int = PATCH_SIZE,
         in_chans: int = 3,
     ):
         super().__init__()

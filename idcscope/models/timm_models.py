@@ -1,4 +1,4 @@
-"""ImageNet backbones through timm: the study's ResNet-50 with its new head, and the zoo."""
+"""Registered ImageNet backbones through timm: the study's ResNet-50 with its new head."""
 
 from __future__ import annotations
 
@@ -7,46 +7,10 @@ import logging
 import torch
 import torch.nn as nn
 
-from .._compat import ensure_torchvision
 from ._registry import register_model
-from .pretrained import hub_error, load_backbone_weights
-
-ensure_torchvision()
-import timm  # noqa: E402
+from .zoo import backbone, create_timm_model, last_feature_module
 
 logger = logging.getLogger(__name__)
-
-
-def timm_has(name: str) -> bool:
-    return timm.is_model(name)
-
-
-def _backbone(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    try:
-        model = timm.create_model(name, pretrained=pretrained and not weights, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
-        if pretrained:
-            raise hub_error(name, e) from e
-        raise
-    if weights:
-        load_backbone_weights(model, weights)
-    return model
-
-
-def _last_feature_module(model: nn.Module) -> str:
-    info = getattr(model, "feature_info", None)
-    if info:
-        return info[-1]["module"]
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1]
-
-
-def create_timm_model(
-    name: str, num_classes: int = 2, pretrained: bool = False, weights: str | None = None, **kwargs
-) -> nn.Module:
-    model = _backbone(name, pretrained, weights, num_classes=num_classes, **kwargs)
-    model.cam_layer = _last_feature_module(model)
-    return model
 
 
 class FrozenBackboneNet(nn.Module):
@@ -74,7 +38,7 @@ class FrozenBackboneNet(nn.Module):
         )
         self.frozen = freeze
         self.backbone.requires_grad_(not freeze)
-        self.cam_layer = "backbone." + _last_feature_module(backbone)
+        self.cam_layer = "backbone." + last_feature_module(backbone)
 
     def train(self, mode: bool = True) -> FrozenBackboneNet:
         super().train(mode)
@@ -98,8 +62,8 @@ def resnet50(
     **kwargs,
 ) -> FrozenBackboneNet:
     """The study's ResNet-50: ImageNet backbone, frozen unless ``fine_tune``, new dense head."""
-    backbone = _backbone("resnet50", pretrained, weights, num_classes=0, global_pool="", **kwargs)
-    return FrozenBackboneNet(backbone, num_classes, freeze=not fine_tune)
+    body = backbone("resnet50", pretrained, weights, num_classes=0, global_pool="", **kwargs)
+    return FrozenBackboneNet(body, num_classes, freeze=not fine_tune)
 
 
 @register_model

@@ -34,8 +34,8 @@ def label_from_name(name: str) -> int | None:
 
 
 def slides_supported() -> bool:
-    """Whether whole-slide analysis can run here (idcscope.slide and openslide present)."""
-    return all(importlib.util.find_spec(m) for m in ("idcscope.slide", "openslide"))
+    """Whether whole-slide analysis can run here: openslide (a dependency) imports."""
+    return importlib.util.find_spec("openslide") is not None
 
 
 class Analyst:
@@ -47,7 +47,7 @@ class Analyst:
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        from ..explain import Explainer
+        from ..inference.explain import Explainer
 
         self.predictor = Predictor(checkpoint, device=device)
         self.explainer = Explainer(self.predictor)
@@ -115,7 +115,7 @@ class Analyst:
 
     def patient(self, job: Job, archive: Path, max_members: int, max_bytes: int) -> dict:
         """Heatmap, summary and predictions of the one patient in a zip."""
-        from ..heatmap import patient_heatmap
+        from ..spatial.heatmap import patient_heatmap
 
         unpacked = extract_patient_zip(archive, job.folder / "patient", max_members, max_bytes)
         with self.lock:
@@ -143,9 +143,9 @@ class Analyst:
     # ------------------------------------------------------------------------- slide
 
     def slide(self, job: Job, path: Path, name: str, mpp: float | None = None) -> dict:
-        """Tile a whole-slide image, score its tissue and map IDC (see idcscope.slide)."""
+        """Tile a whole-slide image, score its tissue and map IDC (see idcscope.spatial.slide)."""
         try:
-            from ..slide import slide_inference
+            from ..spatial.slide import slide_inference
         except ImportError as e:
             raise UploadError(501, f"whole-slide analysis is not available here: {e}") from e
         with self.lock:
@@ -168,7 +168,7 @@ def _write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.nd
     """The patch and its CAM and saliency overlays as enlarged PNGs; returns their URLs."""
     from PIL import Image
 
-    from ..explain import overlay
+    from ..inference.explain import overlay
 
     urls = {}
     for kind, img in (

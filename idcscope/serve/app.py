@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -68,6 +68,7 @@ def create_app(checkpoint: str | Path, settings: Settings | None = None) -> Fast
 
     app = FastAPI(title="idcscope", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.analyst, app.state.jobs, app.state.settings = analyst, jobs, settings
+    app.state.page = (files("idcscope.serve") / "static" / "index.html").read_text("utf-8")
     app.add_middleware(_SecurityHeaders)
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(IdcscopeError, _analysis_error)
@@ -75,93 +76,110 @@ def create_app(checkpoint: str | Path, settings: Settings | None = None) -> Fast
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _internal_error)
     app.mount("/static", StaticFiles(packages=[("idcscope.serve", "static")]), name="static")
-    page = (files("idcscope.serve") / "static" / "index.html").read_text(encoding="utf-8")
-    max_bytes = int(settings.max_upload_mb * MB)
+    app.include_router(routes)
+    return app
 
-    async def run_job(kind: str, work: Callable[[Job], Awaitable[dict]]) -> dict:
-        job = jobs.create(kind)
-        try:
-            result = await work(job)
-        except BaseException:
-            jobs.discard(job)
-            raise
-        jobs.finish(job)
-        return {"job": job.id, **result}
 
-    async def receive(request: Request, job: Job, suffixes, max_files: int = 1):
-        folder = job.folder / "upload"
-        folder.mkdir()
-        return await receive_files(request, folder, suffixes, max_bytes, max_files)
+# The routes read the server's analyst, jobs and settings from ``request.app.state``.
+routes = APIRouter()
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page)
 
-    @app.get("/api/health")
-    async def health() -> dict:
-        """Liveness, the model, the limits, and whether an analysis is running."""
-        limits = {k: v for k, v in asdict(settings).items() if k not in ("temp_dir", "device")}
-        return {
-            "status": "ok",
-            "busy": analyst.lock.locked(),
-            "model": analyst.describe(),
-            "slides": slides_supported(),
-            "limits": limits
-            | {
-                "patch_suffixes": PATCH_SUFFIXES,
-                "zip_suffixes": ZIP_SUFFIXES,
-                "slide_suffixes": SLIDE_SUFFIXES,
-            },
-        }
+async def _run_job(request: Request, kind: str, work: Callable[[Job], Awaitable[dict]]) -> dict:
+    """``work`` in a new job folder; the job is kept when it succeeds, removed otherwise."""
+    jobs: JobStore = request.app.state.jobs
+    job = jobs.create(kind)
+    try:
+        result = await work(job)
+    except BaseException:
+        jobs.discard(job)
+        raise
+    jobs.finish(job)
+    return {"job": job.id, **result}
 
-    @app.post("/api/patches")
-    async def patches(request: Request) -> dict:
-        """Patch images (PNG/JPEG, field ``files``): P(IDC), Grad-CAM and saliency for each."""
 
-        async def work(job: Job) -> dict:
-            uploads = await receive(request, job, PATCH_SUFFIXES, settings.max_patch_files)
-            return await run_in_threadpool(analyst.patches, job, uploads)
+async def _receive(request: Request, job: Job, suffixes, max_files: int = 1):
+    folder = job.folder / "upload"
+    folder.mkdir()
+    max_bytes = int(request.app.state.settings.max_upload_mb * MB)
+    return await receive_files(request, folder, suffixes, max_bytes, max_files)
 
-        return await run_job("patches", work)
 
-    @app.post("/api/patient")
-    async def patient(request: Request) -> dict:
-        """One patient's patches as a zip: heatmap, IDC area, Dice/IoU, predictions."""
+@routes.get("/", include_in_schema=False)
+async def index(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page)
 
-        async def work(job: Job) -> dict:
-            (upload,) = await receive(request, job, ZIP_SUFFIXES)
-            limit = int(settings.max_unzipped_mb * MB)
-            return await run_in_threadpool(
-                analyst.patient, job, upload.path, settings.max_zip_members, limit
-            )
 
-        return await run_job("patient", work)
+@routes.get("/api/health")
+async def health(request: Request) -> dict:
+    """Liveness, the model, the limits, and whether an analysis is running."""
+    state = request.app.state
+    limits = {k: v for k, v in asdict(state.settings).items() if k not in ("temp_dir", "device")}
+    return {
+        "status": "ok",
+        "busy": state.analyst.lock.locked(),
+        "model": state.analyst.describe(),
+        "slides": slides_supported(),
+        "limits": limits
+        | {
+            "patch_suffixes": PATCH_SUFFIXES,
+            "zip_suffixes": ZIP_SUFFIXES,
+            "slide_suffixes": SLIDE_SUFFIXES,
+        },
+    }
 
-    @app.post("/api/slide")
-    async def slide(
-        request: Request,
-        mpp: float | None = Query(None, gt=0, description="µm per pixel, if the file lacks it"),
-    ) -> dict:
-        """A whole-slide image: tissue tiles scored, IDC overlay, GeoJSON and tile table."""
 
-        async def work(job: Job) -> dict:
-            (upload,) = await receive(request, job, SLIDE_SUFFIXES)
-            return await run_in_threadpool(analyst.slide, job, upload.path, upload.name, mpp)
+@routes.post("/api/patches")
+async def patches(request: Request) -> dict:
+    """Patch images (PNG/JPEG, field ``files``): P(IDC), Grad-CAM and saliency for each."""
+    state = request.app.state
 
-        return await run_job("slide", work)
+    async def work(job: Job) -> dict:
+        uploads = await _receive(request, job, PATCH_SUFFIXES, state.settings.max_patch_files)
+        return await run_in_threadpool(state.analyst.patches, job, uploads)
 
-    @app.get("/api/jobs/{job_id}/files/{name}")
-    async def download(job_id: str, name: str) -> FileResponse:
-        """A result file, by the job's id and the name the job published it under."""
-        path = jobs.file(job_id, name)
-        if path is None:
-            raise HTTPException(404, f"no file {name!r} in job {job_id!r} (jobs are kept a while)")
-        inline = path.suffix in _INLINE
-        return FileResponse(
-            path, filename=name, content_disposition_type="inline" if inline else "attachment"
+    return await _run_job(request, "patches", work)
+
+
+@routes.post("/api/patient")
+async def patient(request: Request) -> dict:
+    """One patient's patches as a zip: heatmap, IDC area, Dice/IoU, predictions."""
+    state = request.app.state
+
+    async def work(job: Job) -> dict:
+        (upload,) = await _receive(request, job, ZIP_SUFFIXES)
+        limit = int(state.settings.max_unzipped_mb * MB)
+        return await run_in_threadpool(
+            state.analyst.patient, job, upload.path, state.settings.max_zip_members, limit
         )
 
-    return app
+    return await _run_job(request, "patient", work)
+
+
+@routes.post("/api/slide")
+async def slide(
+    request: Request,
+    mpp: float | None = Query(None, gt=0, description="µm per pixel, if the file lacks it"),
+) -> dict:
+    """A whole-slide image: tissue tiles scored, IDC overlay, GeoJSON and tile table."""
+    analyst = request.app.state.analyst
+
+    async def work(job: Job) -> dict:
+        (upload,) = await _receive(request, job, SLIDE_SUFFIXES)
+        return await run_in_threadpool(analyst.slide, job, upload.path, upload.name, mpp)
+
+    return await _run_job(request, "slide", work)
+
+
+@routes.get("/api/jobs/{job_id}/files/{name}")
+async def download(request: Request, job_id: str, name: str) -> FileResponse:
+    """A result file, by the job's id and the name the job published it under."""
+    path = request.app.state.jobs.file(job_id, name)
+    if path is None:
+        raise HTTPException(404, f"no file {name!r} in job {job_id!r} (jobs are kept a while)")
+    inline = path.suffix in _INLINE
+    return FileResponse(
+        path, filename=name, content_disposition_type="inline" if inline else "attachment"
+    )
 
 
 async def _upload_error(request: Request, e: UploadError) -> JSONResponse:

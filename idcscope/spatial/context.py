@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..calibration import fit_temperature
+from ..training.calibration import fit_temperature
 from .grid import STEP, smooth
 
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries

@@ -17,7 +17,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-STEP = 50  # grid step of the Kaggle patches in slide pixels: their size
+from ..data import PATCH_SIZE
+
+STEP = PATCH_SIZE  # grid step of the Kaggle patches in slide pixels: their size
 TRUNCATE = 3.0  # the smoothing Gaussian reaches 3 sigma
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import metrics
+from ..data import splits as splitting
+from ..data.dataset import load_patch_data
+from ..evaluation import metrics
+from ..evaluation.evaluate import evaluate
 from .config import TrainConfig
-from .data import splits as splitting
-from .data.dataset import load_patch_data
-from .evaluate import evaluate
 from .train import train
 
 logger = logging.getLogger(__name__)

@@ -7,15 +7,23 @@ model will output. Nothing here ever sees test patients.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from . import metrics
-from .calibration import calibration_report, choose_threshold, fit_temperature, probabilities
+from ..data.dataset import PatchData
+from ..evaluation import metrics
+from ..inference.calibration import probabilities
+from ..models.checkpoint import read_checkpoint, update_checkpoint
+from ..spatial.context import fit_sigma
+from ..spatial.grid import STEP, smooth
+from .calibration import calibration_report, choose_threshold, fit_temperature
 from .config import TrainConfig
-from .data.dataset import PatchData
-from .spatial.context import fit_sigma
-from .spatial.grid import STEP, smooth
+from .loop import validation_pass
+
+logger = logging.getLogger(__name__)
 
 
 def fit_on_validation(
@@ -52,3 +60,34 @@ def fit_on_validation(
         "val_metrics": val,
     }
     return fields, prob
+
+
+def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
+    """With the best weights, fit what the validation patients decide (``posthoc``).
+
+    It is stored in both checkpoints, with the validation labels and calibrated
+    probabilities, so that nothing downstream ever needs the test data to decide anything.
+    """
+    best = read_checkpoint(out / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    device = next(model.parameters()).device.type
+    _, logits = validation_pass(model, data, val_rows, prep, "fp32", device)
+    fitted, val_prob = fit_on_validation(logits, data, val_rows, cfg)
+    images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
+    summary = {**fitted, "best_epoch": best["epoch"], "images_per_s": images_per_s}
+    val_record = {
+        "labels": torch.from_numpy(data.labels[val_rows].astype(np.int64)),
+        "prob": torch.from_numpy(val_prob.astype(np.float32)),
+    }
+    for name in ("best.pt", "last.pt"):
+        update_checkpoint(out / name, **summary, validation=val_record)
+    logger.info(
+        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s, %d patches)",
+        best["epoch"],
+        summary["context"]["sigma"],
+        summary["temperature"],
+        summary["threshold"],
+        summary["threshold_method"],
+        len(val_rows),
+    )
+    return summary

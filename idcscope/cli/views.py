@@ -1,6 +1,6 @@
 """``idcscope`` commands that show a person where and why: explain, heatmap, slide, serve.
 
-Registered on the app of :mod:`idcscope.cli`, which imports this module.
+Registered on ``cli.app.app`` when the ``cli`` package is imported.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import Context, Engine, _fail, app, logger
+from .app import Context, Engine, Tta, app, fail, logger
 
 
 @app.command()
@@ -31,15 +31,15 @@ def explain(
     P(IDC) is what ``predict`` gives the same files; the maps are computed on the input
     the model scored.
     """
-    from .errors import IdcscopeError
-    from .explain import explain_patches
+    from ..errors import IdcscopeError
+    from ..inference.explain import explain_patches
 
     try:
         rows = explain_patches(
             checkpoint, paths, out, upscale=upscale, cam_method=cam, engine=engine
         )
     except IdcscopeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     n_bad = sum(1 for r in rows if r["error"])
     logger.info("explained %d patches in %s (%d unreadable)", len(rows) - n_bad, out, n_bad)
 
@@ -50,20 +50,20 @@ def heatmap(
     patient_dir: Annotated[Path, typer.Argument(help="One patient's folder: <patient>/<0|1>/.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the JSON summary.")],
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
-    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
 ) -> None:
     """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
-    from .errors import IdcscopeError
-    from .heatmap import patient_heatmap
-    from .inference.predictor import Predictor
+    from ..errors import IdcscopeError
+    from ..inference.predictor import Predictor
+    from ..spatial.heatmap import patient_heatmap
 
     try:
         predictor = Predictor(checkpoint, engine, tta=tta, context=context)
         summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
     except IdcscopeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
     logger.info("heatmap: %s", summary["files"]["heatmap"])
 
@@ -79,7 +79,7 @@ def slide(
         float | None, typer.Option(help="µm per level-0 pixel, if the files lack it.")
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
-    tta: Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")] = False,
+    tta: Tta = False,
     min_tissue: Annotated[float, typer.Option(help="Tissue fraction to score a tile.")] = 0.25,
     context: Context = True,
     engine: Engine = "auto",
@@ -89,8 +89,8 @@ def slide(
     One row per slide goes to OUT/slides.csv. Under torchrun the slides are shared out
     between the processes.
     """
-    from .errors import IdcscopeError
-    from .slide import slides_inference
+    from ..errors import IdcscopeError
+    from ..spatial.slide import slides_inference
 
     try:
         summaries = slides_inference(
@@ -105,7 +105,7 @@ def slide(
             engine=engine,
         )
     except IdcscopeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if int(os.environ.get("RANK", "0")) == 0:
         for summary in summaries:
             print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
@@ -123,13 +123,13 @@ def serve(
     """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps."""
     import uvicorn
 
-    from .errors import IdcscopeError
-    from .serve import Settings, create_app
+    from ..errors import IdcscopeError
+    from ..serve import Settings, create_app
 
     try:
         web = create_app(checkpoint, Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs))
     except IdcscopeError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no authentication: anyone who reaches %s:%d can upload files", host, port)
     logger.info("open http://%s:%d (research use only: not a medical device)", host, port)

@@ -104,7 +104,7 @@ def write_html_report(
     Args:
         out_dir: Folder to write into (created if missing).
         title: Page title and heading.
-        metrics: Output of :func:`idcscope.metrics.binary_metrics`, optionally with
+        metrics: Output of :func:`idcscope.evaluation.metrics.binary_metrics`, optionally with
             ``n_patients``, ``class_names`` and ``per_patient`` (a list of per-patient dicts).
         figures: Caption -> image path (PNG), relative to ``out_dir`` or absolute. A missing
             file is reported in the warning box rather than failing the whole report.

@@ -17,28 +17,17 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from .metrics import expected_calibration_error, threshold_for_sensitivity, youden_threshold
+from ..evaluation.metrics import (
+    expected_calibration_error,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+from ..inference.calibration import _margin
 
 logger = logging.getLogger(__name__)
 
 T_BOUNDS = (0.05, 20.0)
 _EPS = 1e-12  # probability clip for the log-likelihood of hard 0/1 predictions
-
-
-def _margin(logits: Any) -> np.ndarray:
-    """Positive-class logit margin: z1 - z0 for (N, 2) logits, the logit itself for (N,)."""
-    z = logits.detach().cpu().double().numpy() if torch.is_tensor(logits) else np.asarray(logits)
-    z = z.astype(np.float64)
-    if z.ndim == 2 and z.shape[1] == 2:
-        return z[:, 1] - z[:, 0]
-    if z.ndim == 1:
-        return z
-    raise ValueError(f"expected (N, 2) logits or (N,) positive-class logits, got {z.shape}")
-
-
-def probabilities(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """P(IDC) = softmax(logits / T)[:, 1] of (N, 2) logits (array or tensor), in float64."""
-    return expit(_margin(logits) / temperature)
 
 
 def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = T_BOUNDS) -> float:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.preprocess import Preprocessing, to_float
-from .engine import autocast
-from .errors import IdcscopeError
-from .progress import progress_bar
+from idcscope.data.preprocess import Preprocessing, to_float
+from idcscope.errors import IdcscopeError
+from idcscope.models.runtime import autocast
+from idcscope.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def extract_features(
     Returns:
         Features (views, len(rows), C) on the CPU.
     """
-    from .data.augment import dihedral_all
+    from idcscope.data.augment import dihedral_all
 
     if views not in (1, 8):
         raise ValueError(f"views must be 1 or 8, got {views}")

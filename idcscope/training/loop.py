@@ -1,4 +1,4 @@
-"""The training engine: batches from a uint8 model-input array, one epoch, precision.
+"""The training loop: batches from a uint8 model-input array, and one epoch.
 
 Batches are gathered from the (memory-mapped) uint8 array, turned into float tensors,
 augmented as whole batches and normalised; no per-sample Python work sits on the hot path.
@@ -6,8 +6,6 @@ augmented as whole batches and normalised; no per-sample Python work sits on the
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
 import time
@@ -17,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data.preprocess import Preprocessing, to_float
-from .progress import progress_bar
+from ..data.preprocess import Preprocessing, to_float
+from ..models.runtime import autocast
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -77,66 +76,6 @@ class PatchLoader:
             yield self.images[idx], torch.from_numpy(self.labels[idx].astype(np.int64))
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with each BatchNorm folded into the convolution or linear before it.
-
-    Same outputs (to float rounding), one pass over each activation fewer. Models that
-    torch.fx cannot trace are returned unchanged (in eval mode).
-    """
-    import copy
-
-    from torch.fx.experimental.optimization import fuse
-
-    model.eval()
-    try:
-        fused = fuse(copy.deepcopy(model))
-    except Exception as e:  # tracing is best effort: an untraceable model still works as is
-        logger.debug("BatchNorm folding skipped for %s: %s", type(model).__name__, e)
-        return model
-    if _n_batchnorms(fused) == _n_batchnorms(model):  # nothing folded: keep the original
-        return model
-    # Folded weights are new tensors in the default layout: give them the model's.
-    if any(
-        p.dim() == 4
-        and p.is_contiguous(memory_format=torch.channels_last)
-        and not p.is_contiguous()
-        for p in model.parameters()
-    ):
-        fused = fused.to(memory_format=torch.channels_last)
-    return fused
-
-
-def _n_batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-@functools.cache
-def _native_bf16(device_type: str) -> bool:
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        caps = getattr(torch.cpu, "get_capabilities", dict)()
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    return False
-
-
-def resolve_precision(precision: str, device: str = "cpu") -> str:
-    """``"auto"`` is bf16 where the hardware computes it natively, fp32 elsewhere.
-
-    Emulated bf16 is far slower than fp32: on an AVX2-only CPU, training ``cancernet``
-    under bf16 autocast runs at a tenth of its fp32 speed.
-    """
-    if precision != "auto":
-        return precision
-    return "bf16" if _native_bf16(torch.device(device).type) else "fp32"
-
-
-def autocast(precision: str, device: str = "cpu"):
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_one_epoch(
     model: nn.Module,
     loader: PatchLoader,
@@ -184,3 +123,16 @@ def train_one_epoch(
         "images_per_s": seen / max(elapsed, 1e-9),
         "train_seconds": elapsed,
     }
+
+
+def validation_pass(
+    model, data, rows, prep, precision: str, device="cpu"
+) -> tuple[float, torch.Tensor]:
+    """Validation loss and logits of the patches at ``rows``, computed as inference does."""
+    from ..inference.backends import TorchBackend
+
+    backend = TorchBackend(model, prep, device, precision)
+    logits = torch.from_numpy(backend.logits(np.asarray(data.images[rows])))
+    y = torch.from_numpy(data.labels[rows].astype(np.int64))
+    loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
+    return loss, logits

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import splits as splitting
+from ..data.manifest import index_dataset, summarize
+from ..errors import IdcscopeError
+from ..inference.predictor import Predictor
+from ..inference.stream import young_garbage_only
 from . import metrics, plots
-from .data import splits as splitting
-from .data.manifest import index_dataset, summarize
-from .errors import IdcscopeError
-from .inference.predictor import Predictor
-from .inference.stream import young_garbage_only
 from .report import write_html_report
 
 logger = logging.getLogger(__name__)

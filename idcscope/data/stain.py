@@ -6,6 +6,11 @@ training patients); both are plain floats and lists, stored in checkpoints. A pa
 far fewer distinct colours (5-15% of its pixels here) than pixels, so maps are evaluated once
 per distinct colour and scattered back (exact, several times faster), and fits weigh colours
 by their counts (all pixels' statistics, in any patch order). Glass and black are kept.
+
+Why not ``torchstain`` (1.4.1), measured on the 848 patches of sample patient 10254: its
+Reinhard normaliser fits on every pixel of an image, glass included, and moves white glass
+by up to 24 grey levels (this one leaves it at 255); and it takes 8x as long, whether the
+patient is given as one image (661 ms) or patch by patch (663 ms), against 82 ms here.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import IdcscopeError
-from .progress import progress_bar
+from ..errors import IdcscopeError
+from ..progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ class _Colours:
     """Distinct colours of uint8 images: counts, (3, n) ``rgb`` and ``od``, tissue, black."""
 
     def __init__(self, images: np.ndarray):
-        from .data._kernels import pack_colours
+        from ._kernels import pack_colours
 
         self.key, self.shape = pack_colours(np.ascontiguousarray(images)), images.shape
         s = np.sort(self.key)
@@ -126,7 +131,7 @@ class _Colours:
             table[self.uniq], keys = values, self.key
         if planes is None:
             return table[keys].view(np.uint8).reshape(-1, 4)[:, :3].reshape(self.shape)
-        from .data._kernels import unpack_to_planes
+        from ._kernels import unpack_to_planes
 
         unpack_to_planes(table, keys, planes)
         return planes

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
-    from .data.preprocess import Preprocessing
-    from .errors import IdcscopeError
-    from .models import create_model
+    from ..data.preprocess import Preprocessing
+    from ..errors import IdcscopeError
+    from . import create_model
 
     ckpt = read_checkpoint(path)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

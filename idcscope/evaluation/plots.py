@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc as area_under
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
-from idcscope.metrics import expected_calibration_error, reliability_curve
+from idcscope.evaluation.metrics import expected_calibration_error, reliability_curve
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def plot_per_patient(per_patient: Sequence[Mapping[str, Any]], ax: Axes | None =
     """Horizontal bars of per-patient AUC, sorted, skipping patients whose AUC is undefined.
 
     Args:
-        per_patient: Output of :func:`idcscope.metrics.per_patient_metrics`.
+        per_patient: Output of :func:`idcscope.evaluation.metrics.per_patient_metrics`.
         ax: Axes to draw into; a new figure sized to the number of patients when ``None``.
     """
     rows = sorted((r for r in per_patient if r.get("auc") is not None), key=lambda r: r["auc"])

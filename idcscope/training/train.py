@@ -19,15 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import metrics
-from .calibration import probabilities
-from .checkpoint import read_checkpoint, save_checkpoint, update_checkpoint
-from .config import TrainConfig, save_config
-from .data import splits as splitting
-from .data.augment import create_augment
-from .data.dataset import PatchData, load_patch_data
-from .data.manifest import CLASS_NAMES
-from .data.preprocess import (
+from ..data import splits as splitting
+from ..data.augment import create_augment
+from ..data.dataset import PatchData, load_patch_data
+from ..data.manifest import CLASS_NAMES
+from ..data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PATCH_MPP,
@@ -35,12 +31,17 @@ from .data.preprocess import (
     Preprocessing,
     channel_stats,
 )
-from .distributed import DistContext, init_distributed, shutdown
-from .engine import PatchLoader, resolve_precision, train_one_epoch
-from .errors import IdcscopeError
-from .models import create_model
+from ..distributed import DistContext, init_distributed, shutdown
+from ..errors import IdcscopeError
+from ..evaluation import metrics
+from ..inference.calibration import probabilities
+from ..models import create_model
+from ..models.checkpoint import read_checkpoint, save_checkpoint
+from ..models.runtime import resolve_precision
+from .config import TrainConfig, save_config
+from .loop import PatchLoader, train_one_epoch, validation_pass
 from .objective import make_loss, make_optimizer
-from .posthoc import fit_on_validation
+from .posthoc import finalize
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray
     input of every patch (``Preprocessing.model_input``, as inference computes it)."""
     reference = None
     if cfg.stain != "none":
-        from .stain import fit_reference
+        from ..data.stain import fit_reference
 
         reference = fit_reference(data.images[train_rows], cfg.stain, data.patients[train_rows])
     prep = Preprocessing(
@@ -100,19 +101,6 @@ def make_preprocessing(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray
     return dataclasses.replace(prep, mean=mean, std=std)
 
 
-def validation_pass(
-    model, data, rows, prep, precision: str, device="cpu"
-) -> tuple[float, torch.Tensor]:
-    """Validation loss and logits of the patches at ``rows``, computed as inference does."""
-    from .inference.backends import TorchBackend
-
-    backend = TorchBackend(model, prep, device, precision)
-    logits = torch.from_numpy(backend.logits(np.asarray(data.images[rows])))
-    y = torch.from_numpy(data.labels[rows].astype(np.int64))
-    loss = nn.functional.cross_entropy(logits, y).item() if len(rows) else math.nan
-    return loss, logits
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the training ``cfg`` describes; returns the summary also stored in ``best.pt``.
 
@@ -126,6 +114,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         shutdown(ctx)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a training run works with, built once: the model (and its DDP wrapper), the
+    batches, the optimiser and schedule, the loss, augmentation and the checkpoint fields."""
+
+    model: nn.Module
+    net: nn.Module
+    loader: PatchLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: nn.Module
+    augment: object
+    generator: torch.Generator
+    prep: Preprocessing
+    meta: dict
+
+
 def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
     out = Path(cfg.out)
     if cfg.threads:
@@ -135,6 +140,37 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     data, splits = _load_data(cfg, ctx, out)
+    train_rows, val_rows = _split_rows(cfg, data, splits, out)
+    run = _make_run(cfg, ctx, data, train_rows, splits)
+    history: list[dict] = []
+    start_epoch, best_loss = 0, math.inf
+    if resume and (out / "last.pt").exists():
+        start_epoch, best_loss, history = _restore(out / "last.pt", run, ctx)
+        logger.info("resuming %s at epoch %d", out, start_epoch + 1)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        stats = _train_epoch(run, cfg, ctx, out, epoch)
+        if ctx.is_main:
+            val_loss = _validate(run, cfg, ctx, out, data, val_rows, epoch, stats, history, t0)
+            improved = val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1)
+            best_loss = val_loss if improved else best_loss
+            _save(
+                run,
+                out,
+                epoch,
+                val_loss,
+                best_loss,
+                history,
+                keep_best=improved or cfg.keep == "last",
+            )
+        ctx.barrier()  # nobody starts the next epoch (or resumes) before last.pt exists
+    if not ctx.is_main:
+        return {}
+    return finalize(out, run.model, data, val_rows, run.prep, cfg, history)
+
+
+def _split_rows(cfg: TrainConfig, data: PatchData, splits: dict, out: Path):
+    """The training and validation rows; a clear error when there is nothing to learn."""
     if len(data.rows()) == 0:
         raise IdcscopeError(
             f"{cfg.data}: none of the {data.n_files} files could be read; "
@@ -146,7 +182,10 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         raise IdcscopeError(f"{cfg.data}: no training patches after the split")
     if len(np.unique(data.labels[train_rows])) < 2:
         raise IdcscopeError(f"{cfg.data}: the training patients have only one class")
+    return train_rows, val_rows
 
+
+def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, splits) -> _Run:
     model = _build_model(cfg).to(ctx.device)
     net = model
     if ctx.enabled:
@@ -166,16 +205,12 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         world=ctx.world,
     )
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
-    loss_fn = make_loss(cfg, data.labels[train_rows]).to(ctx.device)
     augment = create_augment(cfg.augment)
     if cfg.neighbourhood:
-        from .data.neighbourhood import DropNeighbours
+        from ..data.neighbourhood import DropNeighbours
 
         augment = DropNeighbours(augment, cfg.drop_neighbours, cfg.neighbourhood)
     logger.info("%s precision on %s", resolve_precision(cfg.precision, ctx.device), ctx.device)
-    # Each process draws its own augmentations; the single-process run is rank 0's stream.
-    generator = torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank)
-
     meta = {
         "model": {"name": cfg.model, "kwargs": model_kwargs(cfg)},
         "config": dataclasses.asdict(cfg),
@@ -185,88 +220,79 @@ def _train(cfg: TrainConfig, resume: bool, ctx: DistContext) -> dict:
         "data_summary": data.summary(),
         "world_size": ctx.world,
     }
-    history: list[dict] = []
-    start_epoch, best_loss = 0, math.inf
-    if resume and (out / "last.pt").exists():
-        start_epoch, best_loss, history = _restore(
-            out / "last.pt", model, optimizer, scheduler, generator, ctx
-        )
-        logger.info("resuming %s at epoch %d", out, start_epoch + 1)
+    return _Run(
+        model, net, loader, optimizer, scheduler,
+        make_loss(cfg, data.labels[train_rows]).to(ctx.device), augment,
+        # Each process draws its own augmentations; one process draws rank 0's stream.
+        torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank), prep, meta,
+    )  # fmt: skip
 
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.epoch = epoch
-        t0 = time.perf_counter()
-        try:
-            stats = train_one_epoch(
-                net,
-                loader,
-                optimizer,
-                scheduler,
-                loss_fn,
-                prep,
-                augment,
-                generator,
-                cfg.precision,
-                ctx.device,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            )
-        except FloatingPointError as e:
-            raise _diverged(out, epoch, str(e)) from e
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise _diverged(out, epoch, "the weights became NaN or infinite")
-        # Each process saw its own shard: report the whole batch, as one process would.
-        stats["train_loss"], stats["train_acc"] = map(
-            ctx.mean, (stats["train_loss"], stats["train_acc"])
-        )
-        stats["images_per_s"] *= ctx.world
-        if ctx.is_main:
-            val_loss, val_logits = validation_pass(
-                model, data, val_rows, prep, cfg.precision, ctx.device
-            )
-            if len(val_rows) and not math.isfinite(val_loss):
-                raise _diverged(out, epoch, f"the validation loss became {val_loss}")
-            val_prob = probabilities(val_logits)
-            val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
-            row = {
-                "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"],
-                **stats,
-                "val_loss": val_loss,
-                "val_auc": val.get("auc"),
-                "val_balanced_accuracy": val.get("balanced_accuracy"),
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append({k: row.get(k) for k in HISTORY_FIELDS})
-            _write_history(out / "history.csv", history)
-            logger.info(
-                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %s  %.0f img/s",
-                epoch + 1,
-                cfg.epochs,
-                stats["train_loss"],
-                val_loss,
-                _fmt(val.get("auc")),
-                stats["images_per_s"],
-            )
-            improved = val_loss < best_loss or (math.isnan(val_loss) and epoch == cfg.epochs - 1)
-            best_loss = val_loss if improved else best_loss
-            if improved or cfg.keep == "last":
-                save_checkpoint(out / "best.pt", model, **meta, epoch=epoch + 1, val_loss=val_loss)
-            save_checkpoint(
-                out / "last.pt",
-                model,
-                **meta,
-                epoch=epoch + 1,
-                best_val_loss=best_loss,
-                history=history,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler else {},
-                generator=generator.get_state(),
-                torch_rng=torch.get_rng_state(),
-            )
-        ctx.barrier()  # nobody starts the next epoch (or resumes) before last.pt exists
-    if not ctx.is_main:
-        return {}
-    return finalize(out, model, data, val_rows, prep, cfg, history)
+
+def _train_epoch(run: _Run, cfg: TrainConfig, ctx: DistContext, out: Path, epoch: int) -> dict:
+    """One epoch of every process; its loss and accuracy over the whole batch."""
+    run.loader.epoch = epoch
+    try:
+        stats = train_one_epoch(
+            run.net, run.loader, run.optimizer, run.scheduler, run.loss_fn, run.prep,
+            run.augment, run.generator, cfg.precision, ctx.device,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )  # fmt: skip
+    except FloatingPointError as e:
+        raise _diverged(out, epoch, str(e)) from e
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise _diverged(out, epoch, "the weights became NaN or infinite")
+    # Each process saw its own shard: report the whole batch, as one process would.
+    stats["train_loss"], stats["train_acc"] = map(
+        ctx.mean, (stats["train_loss"], stats["train_acc"])
+    )
+    stats["images_per_s"] *= ctx.world
+    return stats
+
+
+def _validate(run: _Run, cfg, ctx, out, data, val_rows, epoch, stats, history, t0) -> float:
+    """Validation loss and metrics of the epoch, appended to the history and logged."""
+    val_loss, val_logits = validation_pass(
+        run.model, data, val_rows, run.prep, cfg.precision, ctx.device
+    )
+    if len(val_rows) and not math.isfinite(val_loss):
+        raise _diverged(out, epoch, f"the validation loss became {val_loss}")
+    val_prob = probabilities(val_logits)
+    val = metrics.binary_metrics(data.labels[val_rows], val_prob) if len(val_rows) else {}
+    row = {
+        "epoch": epoch + 1,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **stats,
+        "val_loss": val_loss,
+        "val_auc": val.get("auc"),
+        "val_balanced_accuracy": val.get("balanced_accuracy"),
+        "seconds": time.perf_counter() - t0,
+    }
+    history.append({k: row.get(k) for k in HISTORY_FIELDS})
+    _write_history(out / "history.csv", history)
+    logger.info(
+        "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %s  %.0f img/s",
+        epoch + 1, cfg.epochs, stats["train_loss"], val_loss, _fmt(val.get("auc")),
+        stats["images_per_s"],
+    )  # fmt: skip
+    return val_loss
+
+
+def _save(run: _Run, out: Path, epoch, val_loss, best_loss, history, keep_best: bool) -> None:
+    """``best.pt`` when it is the one to keep, and the resumable ``last.pt`` every epoch."""
+    if keep_best:
+        save_checkpoint(out / "best.pt", run.model, **run.meta, epoch=epoch + 1, val_loss=val_loss)
+    save_checkpoint(
+        out / "last.pt",
+        run.model,
+        **run.meta,
+        epoch=epoch + 1,
+        best_val_loss=best_loss,
+        history=history,
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict() if run.scheduler else {},
+        generator=run.generator.get_state(),
+        torch_rng=torch.get_rng_state(),
+    )
 
 
 def _diverged(out: Path, epoch: int, why: str) -> IdcscopeError:
@@ -328,38 +354,7 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
-    """With the best weights, fit what the validation patients decide (``posthoc``).
-
-    It is stored in both checkpoints, with the validation labels and calibrated
-    probabilities, so that nothing downstream ever needs the test data to decide anything.
-    """
-    best = read_checkpoint(out / "best.pt")
-    model.load_state_dict(best["state_dict"])
-    device = next(model.parameters()).device.type
-    _, logits = validation_pass(model, data, val_rows, prep, "fp32", device)
-    fitted, val_prob = fit_on_validation(logits, data, val_rows, cfg)
-    images_per_s = float(np.median([h["images_per_s"] for h in history])) if history else None
-    summary = {**fitted, "best_epoch": best["epoch"], "images_per_s": images_per_s}
-    val_record = {
-        "labels": torch.from_numpy(data.labels[val_rows].astype(np.int64)),
-        "prob": torch.from_numpy(val_prob.astype(np.float32)),
-    }
-    for name in ("best.pt", "last.pt"):
-        update_checkpoint(out / name, **summary, validation=val_record)
-    logger.info(
-        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s, %d patches)",
-        best["epoch"],
-        summary["context"]["sigma"],
-        summary["temperature"],
-        summary["threshold"],
-        summary["threshold_method"],
-        len(val_rows),
-    )
-    return summary
-
-
-def _restore(path: Path, model, optimizer, scheduler, generator, ctx) -> tuple[int, float, list]:
+def _restore(path: Path, run: _Run, ctx: DistContext) -> tuple[int, float, list]:
     ckpt = read_checkpoint(path)
     if ckpt.get("world_size", 1) != ctx.world:
         logger.warning(
@@ -368,11 +363,11 @@ def _restore(path: Path, model, optimizer, scheduler, generator, ctx) -> tuple[i
             ckpt.get("world_size", 1),
             ctx.world,
         )
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt.get("scheduler"):
-        scheduler.load_state_dict(ckpt["scheduler"])
-    generator.set_state(ckpt["generator"])
+    run.model.load_state_dict(ckpt["state_dict"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scheduler is not None and ckpt.get("scheduler"):
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.generator.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])  # dropout draws continue as if never interrupted
     return int(ckpt["epoch"]), float(ckpt["best_val_loss"]), list(ckpt["history"])
 

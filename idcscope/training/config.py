@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import IdcscopeError
+from ..errors import IdcscopeError
 
 
 @dataclass
@@ -87,14 +87,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "onecycle"
-    keep: str = "val_loss"
+    keep: str = "last"
     augment: str = "default"
-    imbalance: str = "class_weight"
+    imbalance: str = "balanced_sampler"
     label_smoothing: float = 0.0
-    stain: str = "none"
-    context: str = "none"
-    neighbourhood: int = 0
-    drop_neighbours: float = 0.0
+    stain: str = "reinhard"
+    context: str = "grid"
+    neighbourhood: int = 1
+    drop_neighbours: float = 0.2
     precision: str = "auto"
     channels_last: bool = True
     split: str = "patient"
@@ -109,21 +109,15 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict] = {
-    # Ours: class-balanced sampling, dihedral + stain/colour augmentation, one-cycle AdamW
-    # to its end, per-patient Reinhard stain normalisation, the 3x3 neighbourhood as model
-    # input (a fifth of the training patches shown without it, so a lone patch is still
-    # scored) and spatial context on the scores: the recipe study's winner under
-    # patient-level CV (benchmarks/RECIPES.md).
-    "default": {
-        "stain": "reinhard",
-        "context": "grid",
-        "keep": "last",
-        "neighbourhood": 1,
-        "drop_neighbours": 0.2,
-        "imbalance": "balanced_sampler",
-    },
+    # Ours, the dataclass defaults: class-balanced sampling, dihedral + stain/colour
+    # augmentation, one-cycle AdamW to its end, per-patient Reinhard stain normalisation,
+    # the 3x3 neighbourhood as model input (a fifth of the training patches shown without
+    # it, so a lone patch is still scored) and spatial context on the scores: the recipe
+    # study's winner under patient-level CV (benchmarks/RECIPES.md).
+    "default": {},
     # The original study: Adam, lr decayed as INIT_LR / EPOCHS, 20 epochs of batch 32, the
-    # Keras augmentation set, no imbalance handling, checkpoint on validation loss.
+    # Keras augmentation set, no imbalance handling, no stain normalisation, the patch
+    # alone, checkpoint on validation loss.
     "report": {
         "epochs": 20,
         "batch_size": 32,
@@ -131,9 +125,13 @@ RECIPES: dict[str, dict] = {
         "weight_decay": 0.0,
         "optimizer": "adam",
         "schedule": "keras_decay",
+        "keep": "val_loss",
         "augment": "report",
         "imbalance": "none",
         "stain": "none",
+        "context": "none",
+        "neighbourhood": 0,
+        "drop_neighbours": 0.0,
     },
 }
 

@@ -1,0 +1,174 @@
+"""``idcscope train``, ``cv`` and ``demo``: models from data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import (
+    ConfigFile,
+    Epochs,
+    ModelName,
+    Recipe,
+    Seed,
+    Threads,
+    Tta,
+    app,
+    fail,
+    log_to_file,
+    logger,
+    print_headline,
+)
+
+# The options of ``train`` that set the config field of the same name.
+_CONFIG_OPTIONS = (
+    "model", "epochs", "seed", "batch_size", "lr", "augment", "imbalance", "stain", "keep",
+    "context", "neighbourhood", "drop_neighbours", "split", "pretrained", "weights",
+    "precision", "threshold", "target_sensitivity",
+)  # fmt: skip
+
+
+@app.command()
+def train(
+    data_dir: Path,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, config.")],
+    model: ModelName = None,
+    epochs: Epochs = None,
+    seed: Seed = None,
+    recipe: Recipe = "default",
+    config: ConfigFile = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default|strong")] = None,
+    imbalance: Annotated[
+        str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
+    ] = None,
+    stain: Annotated[str | None, typer.Option(help="none|reinhard|macenko, per patient.")] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="last|val_loss: the epoch best.pt holds.")
+    ] = None,
+    context: Annotated[
+        str | None, typer.Option(help="grid (neighbours' scores, width fitted) | none.")
+    ] = None,
+    neighbourhood: Annotated[
+        int | None, typer.Option(help="0|1|2: the block of neighbours the model also sees.")
+    ] = None,
+    drop_neighbours: Annotated[
+        float | None, typer.Option(help="Share of training patches shown without neighbours.")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
+    pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
+    fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
+    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp32")] = None,
+    threshold: Annotated[
+        str | None, typer.Option(help="youden|sensitivity, on validation.")
+    ] = None,
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="For --threshold sensitivity.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
+    threads: Threads = 0,
+) -> None:
+    """Train a patch classifier; writes best.pt, last.pt, history.csv and config.yaml."""
+    options = dict(locals())  # before anything else is defined: the options as given
+    from ..errors import IdcscopeError
+    from ..training.config import make_config
+    from ..training.train import train as run_training
+
+    try:
+        cfg = make_config(
+            recipe,
+            config,
+            data=str(data_dir),
+            out=str(out),
+            threads=threads or None,
+            model_kwargs={"fine_tune": True} if fine_tune else None,
+            **{k: options[k] for k in _CONFIG_OPTIONS},
+        )
+        with log_to_file(out):
+            summary = run_training(cfg, resume=resume)
+    except (IdcscopeError, FloatingPointError) as e:
+        raise fail(e) from e
+    if not summary:
+        return  # a distributed process other than rank 0
+    val = summary["val_metrics"]
+    logger.info(
+        "done: %s/best.pt (epoch %d, val AUC %s, threshold %.3f)",
+        out,
+        summary["best_epoch"],
+        val.get("auc"),
+        summary["threshold"],
+    )
+
+
+@app.command()
+def cv(
+    data_dir: Path,
+    out: Annotated[Path, typer.Option(help="Folder for the folds, cv.json and cv.md.")],
+    folds: Annotated[int, typer.Option(help="Number of patient folds.")] = 5,
+    recipe: Recipe = "default",
+    config: ConfigFile = None,
+    model: ModelName = None,
+    epochs: Epochs = None,
+    seed: Seed = None,
+    tta: Tta = False,
+    threads: Threads = 0,
+) -> None:
+    """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs."""
+    from ..errors import IdcscopeError
+    from ..training.config import make_config
+    from ..training.cv import cross_validate
+
+    try:
+        cfg = make_config(
+            recipe,
+            config,
+            data=str(data_dir),
+            out=str(out),
+            model=model,
+            epochs=epochs,
+            seed=seed,
+            threads=threads or None,
+        )
+        with log_to_file(out):
+            result = cross_validate(cfg, folds=folds, tta=tta)
+    except IdcscopeError as e:
+        raise fail(e) from e
+    print((out / "cv.md").read_text())
+    pooled = result["pooled"]
+    logger.info("pooled over %d patients: AUC %.4f", pooled["n_patients"], pooled["auc"])
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the data, the run and the report.")] = Path(
+        "runs/demo"
+    ),
+    epochs: Annotated[int, typer.Option()] = 8,
+    threads: Threads = 0,
+) -> None:
+    """End to end on built-in synthetic data: generate, train, evaluate, report."""
+    from ..data.synthetic import make_synthetic_dataset
+    from ..evaluation.evaluate import evaluate as run_evaluation
+    from ..training.config import make_config
+    from ..training.train import train as run_training
+
+    data = out / "data"
+    if not data.exists():
+        make_synthetic_dataset(data, n_patients=12, seed=0)
+    cfg = make_config(
+        "default",
+        data=str(data),
+        out=str(out / "run"),
+        epochs=epochs,
+        threads=threads or None,
+        cache_dir=str(out / "cache"),
+    )
+    with log_to_file(out / "run"):
+        run_training(cfg)
+    m = run_evaluation(out / "run" / "best.pt", data, out / "eval", split="test")
+    print_headline(m)
+    print(f"\nReport: {(out / 'eval' / 'report.html').resolve()}")

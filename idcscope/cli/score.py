@@ -1,0 +1,111 @@
+"""``idcscope evaluate``, ``predict``, ``ensemble``, ``export`` and ``models``: scoring with a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import Context, Engine, ReportDir, Tta, app, fail, logger, print_headline
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path,
+    data_dir: Path,
+    out: ReportDir,
+    split: Annotated[str | None, typer.Option(help="Only this split of the checkpoint's.")] = None,
+    tta: Tta = False,
+    context: Context = True,
+    engine: Engine = "auto",
+) -> None:
+    """Evaluate a checkpoint on held-out patients; writes metrics, plots and an HTML report."""
+    report(checkpoint, data_dir, out, split=split, tta=tta, context=context, engine=engine)
+
+
+@app.command()
+def predict(
+    checkpoint: Path,
+    paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
+    out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred, error.")],
+    tta: Tta = False,
+    engine: Engine = "auto",
+    context: Context = True,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Patches per forward pass (default: the engine's best).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding threads (default: cores).")] = None,
+) -> None:
+    """Predict P(IDC) for patches with nothing but a checkpoint (or an exported .onnx).
+
+    Rows are written as they are scored. Under torchrun the patients are shared out
+    between the processes and rank 0 writes the one table.
+    """
+    from ..errors import IdcscopeError
+    from ..inference.predict import predict as run_prediction
+
+    try:
+        df = run_prediction(
+            checkpoint, paths, out, batch_size=batch_size, tta=tta, workers=workers,
+            engine=engine, context=context,
+        )  # fmt: skip
+    except IdcscopeError as e:
+        raise fail(e) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("wrote %d rows to %s", len(df), out)
+
+
+@app.command()
+def ensemble(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder of patients to test on.")],
+    out: ReportDir,
+    split: Annotated[str | None, typer.Option(help="Only this split of the first model's.")] = None,
+    tta: Tta = False,
+    context: Context = True,
+    engine: Engine = "auto",
+) -> None:
+    """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
+    report(list(checkpoints), data, out, split=split, tta=tta, context=context, engine=engine)
+
+
+def report(checkpoints, data: Path, out: Path, **options) -> None:
+    """``evaluate`` on ``data``, its headline metrics printed and its report named."""
+    from ..errors import IdcscopeError
+    from ..evaluation.evaluate import evaluate as run_evaluation
+
+    try:
+        m = run_evaluation(checkpoints, data, out, **options)
+    except IdcscopeError as e:
+        raise fail(e) from e
+    print_headline(m)
+    logger.info("report: %s", (out / "report.html").resolve())
+
+
+@app.command()
+def export(
+    checkpoint: Path,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Default: CHECKPOINT with .onnx.")] = None,
+) -> None:
+    """Export a checkpoint, normalisation and metadata included, for ONNX Runtime."""
+    from ..errors import IdcscopeError
+    from ..inference.onnx import export_onnx
+
+    if not onnx:
+        raise fail(IdcscopeError("choose an export format: --onnx"))
+    try:
+        path = export_onnx(checkpoint, out)
+    except IdcscopeError as e:
+        raise fail(e) from e
+    logger.info("wrote %s", path)
+
+
+@app.command()
+def models(timm: Annotated[bool, typer.Option(help="Also list timm's zoo.")] = False) -> None:
+    """List the model names ``--model`` accepts."""
+    from ..models import list_models
+
+    print("\n".join(list_models(include_timm=timm)))

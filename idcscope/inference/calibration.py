@@ -1,0 +1,26 @@
+"""Calibrated probabilities: ``softmax(logits / T)``, with the temperature T a checkpoint
+carries (fitted by ``training.calibration``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import expit
+
+
+def _margin(logits: Any) -> np.ndarray:
+    """Positive-class logit margin: z1 - z0 for (N, 2) logits, the logit itself for (N,)."""
+    z = logits.detach().cpu().double().numpy() if torch.is_tensor(logits) else np.asarray(logits)
+    z = z.astype(np.float64)
+    if z.ndim == 2 and z.shape[1] == 2:
+        return z[:, 1] - z[:, 0]
+    if z.ndim == 1:
+        return z
+    raise ValueError(f"expected (N, 2) logits or (N,) positive-class logits, got {z.shape}")
+
+
+def probabilities(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """P(IDC) = softmax(logits / T)[:, 1] of (N, 2) logits (array or tensor), in float64."""
+    return expit(_margin(logits) / temperature)

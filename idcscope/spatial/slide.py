@@ -1,0 +1,243 @@
+"""Whole-slide inference: tile a pyramidal slide at the model's resolution and map P(IDC).
+
+The IDC patches are 50x50 pixels at about 4 µm/px (2.5x). A slide scanned at 0.25 µm/px
+(40x) is therefore cut into tiles of 800x800 level-0 pixels, each read from the pyramid
+level closest to (and not coarser than) 4 µm/px and resized to 50x50. Only tiles that an
+Otsu tissue mask on a thumbnail calls tissue are scored. Tiles are read a row band at a
+time, so memory stays bounded by one band plus the tissue tiles themselves.
+
+Outputs: a per-tile CSV, a heatmap overlay PNG, and the IDC regions as GeoJSON polygons in
+level-0 pixel coordinates, the convention QuPath imports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..data import PATCH_SIZE
+from .wsi import THUMB_PX, Scan, TileGrid, read_slide
+
+logger = logging.getLogger(__name__)
+
+PATCH = PATCH_SIZE
+
+
+def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:
+    """IDC regions (tiles at or above ``threshold``, merged) as a GeoJSON FeatureCollection.
+
+    Coordinates are level-0 pixels, y down, as QuPath expects; each region records its area
+    in mm², its tile count and mean P(IDC).
+    """
+    import shapely
+    from scipy import ndimage
+
+    hot = np.nan_to_num(prob, nan=0.0) >= threshold
+    labels, n = ndimage.label(hot)  # 4-connected: regions touching at a corner stay apart
+    features = []
+    mm2_per_px = (grid.slide_mpp / 1000) ** 2
+    for k in range(1, n + 1):
+        r, c = np.nonzero(labels == k)
+        boxes = shapely.box(c * grid.tile, r * grid.tile, (c + 1) * grid.tile, (r + 1) * grid.tile)
+        geom = shapely.union_all(boxes).simplify(0)
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": json.loads(shapely.to_geojson(geom)),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"IDC region {k}",
+                    "classification": {"name": "IDC", "color": [214, 39, 40]},
+                    "isLocked": False,
+                    "measurements": {
+                        "area_mm2": round(geom.area * mm2_per_px, 5),
+                        "n_tiles": len(r),
+                        "mean_prob_idc": round(float(prob[r, c].mean()), 4),
+                    },
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def slide_inference(
+    predictor,
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    slide_mpp: float | None = None,
+    threshold: float | None = None,
+    tta: bool = False,
+    batch_size: int | None = None,
+    min_tissue: float = 0.25,
+    context: bool = True,
+    engine: str = "auto",
+) -> dict:
+    """Score every tissue tile of a slide and write the heatmap, tile table and IDC GeoJSON.
+
+    Args:
+        predictor: An :class:`~idcscope.inference.Predictor`, or a checkpoint path (or a
+            list of them, for an ensemble).
+        slide_path: A slide OpenSlide reads (.svs, .ndpi, .mrxs, tiled .tif, ...) or a plain
+            image.
+        out_dir: Receives ``<slide>_tiles.csv``, ``<slide>_overlay.png``,
+            ``<slide>_idc.geojson`` and ``<slide>_slide.json``.
+        slide_mpp: Microns per level-0 pixel, when the file does not record it.
+        threshold: Decision threshold; defaults to the checkpoint's (chosen on validation).
+        tta: Average the 8 dihedral transforms of each tile.
+        batch_size: Tiles per forward pass.
+        min_tissue: Fraction of a tile the tissue mask must cover for it to be scored.
+        context: Score each tile with its neighbouring tiles (neighbourhood input and
+            spatial context, as far as the model has them); False scores each alone.
+        engine: The Predictor's engine, when ``predictor`` is a path.
+
+    Returns:
+        The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s) and
+        the files written.
+    """
+    from ..inference.predictor import Predictor
+
+    if not isinstance(predictor, Predictor):
+        predictor = Predictor(predictor, engine, tta=tta, batch_size=batch_size, context=context)
+    prep = predictor.checkpoints[0]["preprocessing"]
+    mpp, patch = float(prep["mpp"]), int(prep["patch_size"])
+    threshold = predictor.threshold if threshold is None else float(threshold)
+    path, out = Path(slide_path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
+    t_read = time.perf_counter() - t0
+    grid, rows, cols = scan.grid, scan.rows, scan.cols
+    prob = np.full((grid.rows, grid.cols), np.nan)
+    if len(scan.tiles):  # one slide is one patient for stain normalisation and spatial context
+        where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
+        group = np.full(len(scan.tiles), path.stem)
+        prob[rows, cols] = predictor.predict_proba(scan.tiles, None, group, where)
+    elapsed = time.perf_counter() - t0
+
+    summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
+    summary["files"] = _write_maps(out, path, scan, prob, threshold, mpp * patch / THUMB_PX)
+    (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(
+        "%s: %d tissue tiles, %s, %.1f tiles/s",
+        path.name, summary["n_tiles"], _found(summary), summary["tiles_per_s"] or 0,
+    )  # fmt: skip
+    return summary
+
+
+def _summary(path, scan: Scan, prob, threshold, predictor, mpp, elapsed, t_read) -> dict:
+    grid, n = scan.grid, len(scan.tiles)
+    hot = int((prob[scan.rows, scan.cols] >= threshold).sum())
+    tile_mm2 = (grid.tile * grid.slide_mpp / 1000) ** 2
+    t_score = elapsed - t_read
+    return {
+        "slide": str(path),
+        "slide_mpp": grid.slide_mpp,
+        "mpp": mpp,
+        "level": grid.level,
+        "grid": [grid.rows, grid.cols],
+        "tile_px_level0": round(grid.tile, 3),
+        "threshold": threshold,
+        "tta": predictor.tta,
+        "context_sigma": predictor.context_sigma,
+        "n_tiles": n,
+        "n_idc_tiles": hot,
+        "idc_fraction": hot / n if n else None,
+        "tissue_mm2": round(n * tile_mm2, 4),
+        "idc_mm2": round(hot * tile_mm2, 4),
+        "engine": predictor.engine,
+        "seconds": round(elapsed, 3),
+        "seconds_reading": round(t_read, 3),
+        "seconds_scoring": round(t_score, 3),
+        "tiles_per_s": round(n / elapsed, 1) if n else None,
+        "scoring_tiles_per_s": round(n / t_score, 1) if n and t_score > 0 else None,
+    }
+
+
+def _found(summary: dict) -> str:
+    n = summary["n_tiles"]
+    return (
+        "no tissue found"
+        if not n
+        else f"IDC in {summary['n_idc_tiles'] / n:.0%} of {n} tissue tiles"
+    )
+
+
+def _write_maps(out: Path, path: Path, scan: Scan, prob, threshold, thumb_mpp) -> dict:
+    """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths."""
+    from .heatmap import _save_png, plot_patient_heatmap
+
+    name, grid, rows, cols = path.stem, scan.grid, scan.rows, scan.cols
+    files = {
+        "tiles_csv": out / f"{name}_tiles.csv",
+        "geojson": out / f"{name}_idc.geojson",
+        "overlay": out / f"{name}_overlay.png",
+    }
+    pd.DataFrame(
+        {
+            "row": rows,
+            "col": cols,
+            "x": np.round(cols * grid.tile).astype(int),
+            "y": np.round(rows * grid.tile).astype(int),
+            "size": round(grid.tile, 3),
+            "tissue": scan.fraction[rows, cols].round(3),
+            "prob_idc": prob[rows, cols].round(6),
+            "pred": (prob[rows, cols] >= threshold).astype(int),
+        }
+    ).to_csv(files["tiles_csv"], index=False)
+    files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")
+    hot = int((prob[rows, cols] >= threshold).sum())
+    found = _found({"n_tiles": len(scan.tiles), "n_idc_tiles": hot})
+    fig = plot_patient_heatmap(
+        scan.thumb, prob, (0, 0), threshold, patch=THUMB_PX, mpp=thumb_mpp,
+        title=f"{path.name}: {found}",
+    )  # fmt: skip
+    _save_png(fig, files["overlay"])
+    return {k: str(v) for k, v in files.items()}
+
+
+SUMMARY_COLUMNS = (
+    "slide", "n_tiles", "n_idc_tiles", "idc_fraction", "tissue_mm2", "idc_mm2", "seconds",
+    "tiles_per_s",
+)  # fmt: skip
+
+
+def slides_inference(model, slide_paths: list, out_dir: str | Path, **options) -> list[dict]:
+    """:func:`slide_inference` of several slides, and ``slides.csv``: a row per slide.
+
+    Under torchrun the slides are shared out between the processes (whole slides, every
+    ``world``-th one per rank), each writes its slides' files, and rank 0 writes the table,
+    in the order the slides were given, as one process does. Returns the slides'
+    summaries (rank 0: all of them, in that order).
+    """
+    from ..distributed import init_distributed, shard, shutdown
+    from ..inference.predictor import Predictor
+
+    ctx = init_distributed("cpu")
+    try:
+        predictor = model
+        if not isinstance(model, Predictor):
+            keys = ("engine", "tta", "batch_size", "context")
+            kwargs = {k: options.pop(k) for k in keys if k in options}
+            predictor = Predictor(model, threads=ctx.threads, **kwargs)
+        mine = shard(list(enumerate(slide_paths)), ctx)
+        rows = [(i, slide_inference(predictor, p, out_dir, **options)) for i, p in mine]
+        if ctx.enabled:
+            import torch.distributed as dist
+
+            gathered: list | None = [None] * ctx.world if ctx.is_main else None
+            dist.gather_object(rows, gathered, dst=0)
+            rows = [r for part in gathered or [] for r in part]
+    finally:
+        shutdown(ctx)
+    summaries = [s for _, s in sorted(rows, key=lambda r: r[0])]
+    if ctx.is_main:
+        table = pd.DataFrame([{k: s[k] for k in SUMMARY_COLUMNS} for s in summaries])
+        table.reindex(columns=SUMMARY_COLUMNS).to_csv(Path(out_dir) / "slides.csv", index=False)
+    return summaries
