@@ -87,18 +87,29 @@ def report(checkpoints, data: Path, out: Path, **options) -> None:
 @app.command()
 def export(
     checkpoint: Path,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format).")] = False,
-    out: Annotated[Path | None, typer.Option(help="Default: CHECKPOINT with .onnx.")] = None,
+    onnx: Annotated[bool, typer.Option("--onnx", help="An ONNX graph for ONNX Runtime.")] = False,
+    bundle: Annotated[
+        bool, typer.Option("--bundle", help="A model folder: config.json, model.safetensors.")
+    ] = False,
+    card: Annotated[Path | None, typer.Option(help="Model card (markdown) for --bundle.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Default: CHECKPOINT with .onnx; a folder for --bundle.")
+    ] = None,
 ) -> None:
-    """Export a checkpoint, normalisation and metadata included, for ONNX Runtime."""
+    """Export a checkpoint: an ONNX graph (normalisation and metadata included), or a model
+    folder in the Hugging Face layout that every command takes as a checkpoint."""
     from ..errors import IdcscopeError
     from ..inference.onnx import export_onnx
+    from ..models.bundle import save_bundle
 
-    if not onnx:
-        raise fail(IdcscopeError("choose an export format: --onnx"))
     try:
-        path = export_onnx(checkpoint, out)
-    except IdcscopeError as e:
+        if onnx == bundle:
+            raise IdcscopeError("choose one export format: --onnx or --bundle")
+        if bundle and out is None:
+            raise IdcscopeError("--bundle needs --out FOLDER")
+        text = card.read_text() if card else None
+        path = export_onnx(checkpoint, out) if onnx else save_bundle(checkpoint, out, text)
+    except (IdcscopeError, OSError) as e:
         raise fail(e) from e
     logger.info("wrote %s", path)
 

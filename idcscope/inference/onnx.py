@@ -162,7 +162,8 @@ def cached_onnx(checkpoint: str | Path) -> Path:
 
     checkpoint = Path(checkpoint)
     digest = graph_digest(read_checkpoint(checkpoint))
-    beside = checkpoint.with_suffix(".onnx")
+    # A model folder keeps its graph inside (read-only when installed: then the cache).
+    beside = checkpoint / "model.onnx" if checkpoint.is_dir() else checkpoint.with_suffix(".onnx")
     shared = default_cache_dir() / "onnx" / f"{digest[:32]}.onnx"
     for path in (beside, shared):
         if path.is_file() and _graph_digest(path) == digest:

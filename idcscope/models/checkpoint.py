@@ -53,7 +53,12 @@ def _atomic_save(obj: dict, path: Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of a ``.pt`` file or of a model folder (``models.bundle``)."""
+    from .bundle import is_bundle, read_bundle
+
     path = Path(path)
+    if is_bundle(path):
+        return read_bundle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..training.calibration import fit_temperature
 from .grid import STEP, smooth
 
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
@@ -37,6 +36,8 @@ def fit_sigma(
     are), so widths are compared at their best calibration. Returns the width and the
     log-loss of every candidate.
     """
+    from ..training.calibration import fit_temperature  # scipy and sklearn: fitting only
+
     labels = np.asarray(labels, dtype=np.int64)
     losses = {}
     for sigma in sigmas:
