@@ -1,6 +1,8 @@
+import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from idcscope.data.manifest import image_size, index_dataset, index_files, parse_patch_name
 from idcscope.errors import DataError
@@ -100,3 +102,78 @@ def test_real_sample_index(real_sample):
     assert len(ix.table) == 14637 and ix.n_patients == 14
     assert int(ix.table["label"].sum()) == 3447
     assert ((ix.table["width"] < 50) | (ix.table["height"] < 50)).sum() > 0
+
+
+# ----------------------------------------------------------------------------- several folders
+
+
+def _two_folders(synthetic_root, tmp_path):
+    """The synthetic patients split over two folders; the first patient in both, each
+    folder holding some of its files, and one file in both."""
+    import shutil
+
+    patients = sorted(p for p in synthetic_root.iterdir() if p.is_dir())
+    a, b = tmp_path / "kaggle", tmp_path / "extra" / "more"
+    for i, p in enumerate(patients):
+        shutil.copytree(p, (a if i % 2 == 0 else b) / p.name)
+    shared = patients[0]
+    files = sorted(shared.rglob("*.png"))
+    for f in files[: len(files) // 2 + 1]:  # one past the half: that file is in both
+        target = b / f.relative_to(synthetic_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+        if f != files[len(files) // 2]:
+            (a / f.relative_to(synthetic_root)).unlink()
+    return a, b, shared.name
+
+
+def test_several_folders_are_one_dataset_merged_by_patient(synthetic_root, tmp_path):
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.data.manifest import index_datasets
+
+    a, b, shared = _two_folders(synthetic_root, tmp_path)
+    whole = index_dataset(synthetic_root).table
+    merged = index_datasets([a, b])
+    assert merged.root == tmp_path
+    assert len(merged.table) == len(whole)  # the file in both folders is counted once
+    assert sorted(merged.table["path"].str.rsplit("/", n=1).str[-1]) == sorted(
+        whole["path"].str.rsplit("/", n=1).str[-1]
+    )
+    assert merged.table["path"].str.startswith(("kaggle/", "extra/more/")).all()
+    assert merged.n_patients == whole["patient"].nunique()
+    rows = merged.table[merged.table["patient"] == shared]
+    assert (
+        rows["path"].str.startswith("kaggle/").any() and rows["path"].str.startswith("extra/").any()
+    )
+    data = load_patch_data([a, b])
+    assert data.ok.all() and len(data.table) == len(whole)
+
+
+def test_a_patch_in_two_folders_with_other_pixels_is_an_error(synthetic_root, tmp_path):
+    from idcscope.data.manifest import index_datasets
+
+    a, b, _ = _two_folders(synthetic_root, tmp_path)
+    both = [p for p in b.rglob("*.png") if (a / p.relative_to(b)).exists()]
+    assert len(both) == 1
+    Image.new("RGB", (50, 50), (200, 40, 120)).save(both[0])
+    with pytest.raises(DataError, match=r"same patch as .*other pixels"):
+        index_datasets([a, b])
+
+
+def test_train_and_evaluate_take_several_folders(synthetic_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+
+    a, b, _ = _two_folders(synthetic_root, tmp_path)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(
+        app, ["train", str(a), str(b), "--out", str(run), "--epochs", "1", "--threads", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(
+        app, ["evaluate", str(run / "best.pt"), str(a), str(b), "--out", str(tmp_path / "ev")]
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == len(index_dataset(synthetic_root).table)

@@ -25,6 +25,9 @@ ConfigFile = Annotated[Path | None, typer.Option(help="YAML file of config value
 ModelName = Annotated[str | None, typer.Option(help="Model name (see `idcscope models`).")]
 Epochs = Annotated[int | None, typer.Option()]
 Seed = Annotated[int | None, typer.Option()]
+DataDirs = Annotated[
+    list[Path], typer.Argument(help="Dataset folders; several are merged by patient id.")
+]
 Tta = Annotated[bool, typer.Option(help="Average the 8 dihedral transforms.")]
 ReportDir = Annotated[Path, typer.Option(help="Folder for metrics.json, plots and report.html.")]
 Engine = Annotated[
@@ -55,6 +58,11 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
     logging.basicConfig(
         level=level, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
     )
+
+
+def data_arg(folders: list[Path]) -> str | list[str]:
+    """The config's ``data``: one folder as a string, several as a list."""
+    return str(folders[0]) if len(folders) == 1 else [str(f) for f in folders]
 
 
 def fail(e: Exception) -> typer.Exit:

@@ -9,6 +9,7 @@ import typer
 
 from .app import (
     ConfigFile,
+    DataDirs,
     Epochs,
     ModelName,
     Recipe,
@@ -16,6 +17,7 @@ from .app import (
     Threads,
     Tta,
     app,
+    data_arg,
     fail,
     log_to_file,
     logger,
@@ -32,7 +34,7 @@ _CONFIG_OPTIONS = (
 
 @app.command()
 def train(
-    data_dir: Path,
+    data_dir: DataDirs,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, config.")],
     model: ModelName = None,
     epochs: Epochs = None,
@@ -82,7 +84,7 @@ def train(
         cfg = make_config(
             recipe,
             config,
-            data=str(data_dir),
+            data=data_arg(data_dir),
             out=str(out),
             threads=threads or None,
             model_kwargs={"fine_tune": True} if fine_tune else None,
@@ -106,7 +108,7 @@ def train(
 
 @app.command()
 def cv(
-    data_dir: Path,
+    data_dir: DataDirs,
     out: Annotated[Path, typer.Option(help="Folder for the folds, cv.json and cv.md.")],
     folds: Annotated[int, typer.Option(help="Number of patient folds.")] = 5,
     recipe: Recipe = "default",
@@ -126,7 +128,7 @@ def cv(
         cfg = make_config(
             recipe,
             config,
-            data=str(data_dir),
+            data=data_arg(data_dir),
             out=str(out),
             model=model,
             epochs=epochs,

@@ -8,13 +8,24 @@ from typing import Annotated
 
 import typer
 
-from .app import Context, Engine, ReportDir, Tta, app, fail, logger, print_headline
+from .app import (
+    Context,
+    DataDirs,
+    Engine,
+    ReportDir,
+    Tta,
+    app,
+    data_arg,
+    fail,
+    logger,
+    print_headline,
+)
 
 
 @app.command()
 def evaluate(
     checkpoint: Path,
-    data_dir: Path,
+    data_dir: DataDirs,
     out: ReportDir,
     split: Annotated[str | None, typer.Option(help="Only this split of the checkpoint's.")] = None,
     tta: Tta = False,
@@ -22,7 +33,9 @@ def evaluate(
     engine: Engine = "auto",
 ) -> None:
     """Evaluate a checkpoint on held-out patients; writes metrics, plots and an HTML report."""
-    report(checkpoint, data_dir, out, split=split, tta=tta, context=context, engine=engine)
+    report(
+        checkpoint, data_arg(data_dir), out, split=split, tta=tta, context=context, engine=engine
+    )
 
 
 @app.command()

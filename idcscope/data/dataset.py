@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import load_or_build
-from .manifest import index_dataset, summarize
+from .manifest import index_datasets, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,14 @@ class PatchData:
 
 
 def load_patch_data(
-    root: str | Path,
+    root: str | Path | list,
     cache_dir: str | Path | None = None,
     rebuild_cache: bool = False,
     workers: int | None = None,
 ) -> PatchData:
-    """Index ``root`` and decode its patches (from the cache when already decoded)."""
-    index = index_dataset(root)
+    """Index ``root`` (a dataset folder, or several: ``index_datasets``) and decode its
+    patches (from the cache when already decoded)."""
+    index = index_datasets(root)
     decoded = load_or_build(
         index.root,
         index.table,

@@ -144,6 +144,70 @@ def index_dataset(root: str | Path, read_sizes: bool = True) -> Index:
     return Index(root=root, table=table, layout=layout, skipped=skipped)
 
 
+def roots_text(roots) -> str:
+    """One dataset folder, or several, as a person reads them in a message."""
+    return str(roots) if isinstance(roots, str | Path) else " + ".join(map(str, roots))
+
+
+def index_datasets(roots, read_sizes: bool = True) -> Index:
+    """Several dataset folders indexed as one (one folder: ``index_dataset``).
+
+    Patients are merged by id across folders (the Kaggle download and extra patients of
+    the same slides, say); paths are relative to the folders' common parent. A file name
+    found twice for one patient is kept once when both files hold the same pixels and
+    label, and is an error naming both files otherwise.
+    """
+    roots = [roots] if isinstance(roots, str | Path) else list(roots)
+    if len(roots) == 1:
+        return index_dataset(roots[0], read_sizes)
+    indexes = [index_dataset(r, read_sizes) for r in roots]
+    base = Path(os.path.commonpath([str(ix.root.resolve()) for ix in indexes]))
+    tables, skipped = [], []
+    for ix in indexes:
+        prefix = ix.root.resolve().relative_to(base).as_posix()
+        table = ix.table.copy()
+        table["path"] = prefix + "/" + table["path"] if prefix != "." else table["path"]
+        tables.append(table)
+        skipped += [(f"{prefix}/{p}", why) for p, why in ix.skipped]
+    table = _without_duplicates(pd.concat(tables, ignore_index=True), base)
+    layouts = {ix.layout for ix in indexes}
+    return Index(base, table, layouts.pop() if len(layouts) == 1 else "mixed", skipped)
+
+
+def _without_duplicates(table: pd.DataFrame, base: Path) -> pd.DataFrame:
+    names = table["path"].str.rsplit("/", n=1).str[-1]
+    key = table["patient"] + "/" + names
+    again = key.duplicated(keep=False)
+    drop = []
+    for _, rows in table[again].groupby(key[again]):
+        first = rows.iloc[0]
+        for _, other in rows.iloc[1:].iterrows():
+            why = _conflict(base / first["path"], base / other["path"])
+            if why or other["label"] != first["label"]:
+                raise DataError(
+                    f"{base / other['path']}: the same patch as {base / first['path']} "
+                    f"(patient {first['patient']}, same file name) with "
+                    f"{why or 'another label'}; remove one of them"
+                )
+            drop.append(other.name)
+    if drop:
+        logger.info("%d patches found in two folders, each kept once", len(drop))
+    return table.drop(index=drop).reset_index(drop=True)
+
+
+def _conflict(a: Path, b: Path) -> str:
+    """ "" when two files hold the same image, else how they differ."""
+    if a.read_bytes() == b.read_bytes():
+        return ""
+    from .decode import DECODE_ERRORS, decode_patch
+
+    try:
+        same = np.array_equal(decode_patch(a)[0], decode_patch(b)[0])
+    except DECODE_ERRORS as e:
+        return f"a file that cannot be compared ({e})"
+    return "" if same else "other pixels"
+
+
 def index_files(paths: list[str | Path], keep_missing: bool = False) -> Index:
     """Index loose files and folders (for prediction): labels and patients where names tell.
 

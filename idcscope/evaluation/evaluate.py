@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import splits as splitting
-from ..data.manifest import index_dataset, summarize
+from ..data.manifest import index_datasets, roots_text, summarize
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
@@ -48,7 +48,7 @@ def evaluate(
     predictor = Predictor(checkpoint, engine, tta=tta, batch_size=batch_size, context=context)
     ckpt = predictor.checkpoints[0]
     with young_garbage_only():  # indexing makes objects by the hundred thousand
-        index = index_dataset(data_dir, read_sizes=False)
+        index = index_datasets(data_dir, read_sizes=False)
     ckpt_splits = ckpt.get("splits", {})
     warnings = _warnings(predictor, index.table, split)
     chosen = np.ones(len(index.table), bool)
@@ -56,7 +56,7 @@ def evaluate(
         chosen = splitting.assign(index.table, ckpt_splits) == split
     table = index.table[chosen].reset_index(drop=True)
     if table.empty:
-        raise IdcscopeError(f"{data_dir}: no patches to evaluate (split={split!r})")
+        raise IdcscopeError(f"{roots_text(data_dir)}: no patches to evaluate (split={split!r})")
     scored = predictor.score_files(table, index.root, desc="evaluate")
     skipped = index.skipped + [
         (p, r) for p, r in zip(table["path"], scored.reasons, strict=True) if r
@@ -67,7 +67,7 @@ def evaluate(
     ok = scored.ok
     if not ok.any():
         raise IdcscopeError(
-            f"{data_dir}: none of the {len(table) + len(index.skipped)} files could be read; "
+            f"{roots_text(data_dir)}: none of the {len(table) + len(index.skipped)} files could be read; "
             f"the reasons are in {out / 'skipped.csv'}"
         )
     table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
@@ -91,7 +91,7 @@ def evaluate(
         checkpoint=", ".join(map(str, predictor.paths)),
         n_models=len(predictor.members),
         engine=predictor.engine,
-        data=str(data_dir),
+        data=roots_text(data_dir),
         split=split or "all",
         split_method=ckpt_splits.get("method", "patient"),
         tta=tta,

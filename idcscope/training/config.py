@@ -20,7 +20,8 @@ class TrainConfig:
     """Everything that decides a training run.
 
     Attributes:
-        data: dataset root (Kaggle IDC layout or ``<class>/`` folders).
+        data: dataset root (Kaggle IDC layout or ``<class>/`` folders), or a list of them,
+            merged by patient id (``data.manifest.index_datasets``).
         out: run folder for checkpoints, history and config.
         recipe: the preset these values started from ("default" or "report").
         model: registry or timm model name.
@@ -74,7 +75,7 @@ class TrainConfig:
         cache_dir: where decoded patch arrays are kept (default ``$IDCSCOPE_CACHE``).
     """
 
-    data: str = ""
+    data: str | list[str] = ""
     out: str = "runs/idcscope"
     recipe: str = "default"
     model: str = "cancernet"

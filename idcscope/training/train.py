@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..data import splits as splitting
 from ..data.augment import create_augment
 from ..data.dataset import PatchData, load_patch_data
-from ..data.manifest import CLASS_NAMES
+from ..data.manifest import CLASS_NAMES, roots_text
 from ..data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -173,15 +173,15 @@ def _split_rows(cfg: TrainConfig, data: PatchData, splits: dict, out: Path):
     """The training and validation rows; a clear error when there is nothing to learn."""
     if len(data.rows()) == 0:
         raise IdcscopeError(
-            f"{cfg.data}: none of the {data.n_files} files could be read; "
+            f"{roots_text(cfg.data)}: none of the {data.n_files} files could be read; "
             f"the reasons are in {out / 'skipped.csv'}"
         )
     which = splitting.assign(data.table, splits)
     train_rows, val_rows = data.rows(which == "train"), data.rows(which == "val")
     if len(train_rows) == 0:
-        raise IdcscopeError(f"{cfg.data}: no training patches after the split")
+        raise IdcscopeError(f"{roots_text(cfg.data)}: no training patches after the split")
     if len(np.unique(data.labels[train_rows])) < 2:
-        raise IdcscopeError(f"{cfg.data}: the training patients have only one class")
+        raise IdcscopeError(f"{roots_text(cfg.data)}: the training patients have only one class")
     return train_rows, val_rows
 
 
