@@ -304,7 +304,9 @@ def test_cli_index_refuses_label_conflict(tmp_path, caplog):
 
 def test_cli_predict_writes_a_row_per_file(corpus, checkpoint, tmp_path):
     out = tmp_path / "preds.csv"
-    res = CliRunner().invoke(app, ["predict", str(checkpoint), str(corpus.root), "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["predict", str(corpus.root), "--out", str(out), "--model", str(checkpoint)]
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out, keep_default_na=False)
     assert len(df) == len(corpus.files)
@@ -315,7 +317,15 @@ def test_cli_predict_writes_a_row_per_file(corpus, checkpoint, tmp_path):
 def test_cli_predict_refuses_an_empty_folder(checkpoint, tmp_path, caplog):
     (tmp_path / "nothing").mkdir()
     res = CliRunner().invoke(
-        app, ["predict", str(checkpoint), str(tmp_path / "nothing"), "--out", str(tmp_path / "p")]
+        app,
+        [
+            "predict",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "p"),
+            "--model",
+            str(checkpoint),
+        ],
     )
     assert res.exit_code == 1
     assert "nothing: no image files" in caplog.text
@@ -325,7 +335,7 @@ def test_cli_predict_refuses_an_empty_folder(checkpoint, tmp_path, caplog):
 def test_cli_stops_on_label_conflict(command, checkpoint, tmp_path, caplog):
     bad = make_label_conflict(tmp_path / "data")
     target = tmp_path / "data" if command == "evaluate" else bad.parents[1]
-    args = [command, str(checkpoint), str(target), "--out", str(tmp_path / "out")]
+    args = [command, str(target), "--out", str(tmp_path / "out"), "--model", str(checkpoint)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1
     assert bad.name in caplog.text

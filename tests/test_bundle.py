@@ -116,7 +116,7 @@ def test_cli_exports_a_bundle_that_predict_takes(trained_run, synthetic_root, tm
     assert (folder / "README.md").read_text() == "# a card\n"
     patient = str(sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0])
     for model, csv in ((str(folder), tmp_path / "a.csv"), (ckpt, tmp_path / "b.csv")):
-        res = run(app, ["predict", model, patient, "--out", str(csv)])
+        res = run(app, ["predict", patient, "--out", str(csv), "--model", model])
         assert res.exit_code == 0, res.output
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     res = run(app, ["export", ckpt, "--bundle"])

@@ -45,7 +45,9 @@ def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
     out, _ = cv_run
     members = [str(out / f"fold{i}" / "best.pt") for i in range(2)]
     result = CliRunner().invoke(
-        app, ["ensemble", *members, "--data", str(synthetic_root), "--out", str(tmp_path / "ens")]
+        app,
+        ["ensemble", str(synthetic_root), "--out", str(tmp_path / "ens")]
+        + [arg for m in members for arg in ("--model", m)],
     )
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "ens" / "metrics.json").read_text())

@@ -172,7 +172,7 @@ def test_two_processes_predict_the_table_one_process_writes(trained_run, tmp_pat
     assert n > 3 * BUCKET
     ckpt = trained_run / "best.pt"
     predict(ckpt, [root], tmp_path / "one.csv", engine="onnx")
-    _torchrun("predict", str(ckpt), str(root), "--out", str(tmp_path / "two.csv"),
+    _torchrun("predict", "--model", str(ckpt), str(root), "--out", str(tmp_path / "two.csv"),
               "--engine", "onnx")  # fmt: skip
     one, two = ((tmp_path / f"{n}.csv").read_bytes() for n in ("one", "two"))
     assert two == one  # the same rows, in the same order, to the byte
@@ -196,7 +196,7 @@ def test_two_processes_share_out_slides(trained_run, synthetic_root, tmp_path):
         slides.append(write_tiff_slide(mosaic, tmp_path / f"{pid}.tif", mpp=4.0))
     ckpt = trained_run / "best.pt"
     slides_inference(ckpt, slides, tmp_path / "one", engine="onnx")
-    _torchrun("slide", str(ckpt), *map(str, slides), "--out", str(tmp_path / "two"),
+    _torchrun("slide", "--model", str(ckpt), *map(str, slides), "--out", str(tmp_path / "two"),
               "--engine", "onnx")  # fmt: skip
     timing = ["seconds", "tiles_per_s"]
     one, two = (

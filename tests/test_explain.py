@@ -187,13 +187,16 @@ def test_explain_patches_end_to_end(checkpoint, patches, tmp_path):
 
 def test_cli_explain(checkpoint, patches, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["explain", str(checkpoint), str(patches[0]), "--out", str(tmp_path)])
+    res = runner.invoke(
+        app, ["explain", str(patches[0]), "--out", str(tmp_path), "--model", str(checkpoint)]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / f"{patches[0].stem}_explain.png").is_file()
     res = runner.invoke(
         app,
         [
             "explain",
+            "--model",
             str(checkpoint),
             str(patches[1].parent),
             "--out",
@@ -207,6 +210,7 @@ def test_cli_explain(checkpoint, patches, tmp_path):
         list(patches[1].parent.glob("*.png"))
     )
     res = runner.invoke(
-        app, ["explain", str(tmp_path / "none.pt"), str(patches[0]), "--out", str(tmp_path)]
+        app,
+        ["explain", str(patches[0]), "--out", str(tmp_path), "--model", str(tmp_path / "none.pt")],
     )
     assert res.exit_code == 1

@@ -218,7 +218,7 @@ def test_cli_export_and_predict(cancernet_ckpt, synthetic_root, tmp_path):
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
     csv = tmp_path / "preds.csv"
     result = runner.invoke(
-        app, ["predict", str(out), str(patient), "--out", str(csv), "--engine", "onnx"]
+        app, ["predict", str(patient), "--out", str(csv), "--engine", "onnx", "--model", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert csv.read_text().startswith("path,patient,x,y,prob_idc,pred")

@@ -145,6 +145,7 @@ def test_cli_heatmap(checkpoint, patient, tmp_path):
         app,
         [
             "heatmap",
+            "--model",
             str(checkpoint),
             str(patient),
             "--out",
@@ -159,6 +160,7 @@ def test_cli_heatmap(checkpoint, patient, tmp_path):
     assert s["threshold"] == 0.5
     assert s["tta"] is True
     res = runner.invoke(
-        app, ["heatmap", str(checkpoint), str(tmp_path / "nobody"), "--out", str(tmp_path)]
+        app,
+        ["heatmap", str(tmp_path / "nobody"), "--out", str(tmp_path), "--model", str(checkpoint)],
     )
     assert res.exit_code == 1

@@ -172,7 +172,16 @@ def test_train_and_evaluate_take_several_folders(synthetic_root, tmp_path):
     )
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(
-        app, ["evaluate", str(run / "best.pt"), str(a), str(b), "--out", str(tmp_path / "ev")]
+        app,
+        [
+            "evaluate",
+            str(a),
+            str(b),
+            "--out",
+            str(tmp_path / "ev"),
+            "--model",
+            str(run / "best.pt"),
+        ],
     )
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())

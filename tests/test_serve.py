@@ -436,10 +436,10 @@ def test_cli_serve_builds_the_app(checkpoint, monkeypatch):
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda web, **kw: served.update(web=web, **kw))
-    res = CliRunner().invoke(cli, ["serve", str(checkpoint), "--port", "8123"])
+    res = CliRunner().invoke(cli, ["serve", "--model", str(checkpoint), "--port", "8123"])
     assert res.exit_code == 0, res.output
     assert served["port"] == 8123
     assert served["host"] == "127.0.0.1"
     served["web"].state.jobs.close()
-    res = CliRunner().invoke(cli, ["serve", "missing.pt"])
+    res = CliRunner().invoke(cli, ["serve", "--model", "missing.pt"])
     assert res.exit_code == 1

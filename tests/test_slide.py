@@ -164,11 +164,13 @@ def test_cli_slide(trained_run, slide_2mpp, tmp_path):
     from idcscope.cli import app
 
     ckpt = str(trained_run / "best.pt")
-    res = CliRunner().invoke(app, ["slide", ckpt, str(slide_2mpp), "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["slide", str(slide_2mpp), "--out", str(tmp_path), "--model", ckpt]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{") :])["n_tiles"] > 0
     assert (tmp_path / f"{PATIENT}_idc.geojson").exists()
     res = CliRunner().invoke(
-        app, ["slide", ckpt, str(tmp_path / "none.svs"), "--out", str(tmp_path)]
+        app, ["slide", str(tmp_path / "none.svs"), "--out", str(tmp_path), "--model", ckpt]
     )
     assert res.exit_code == 1

@@ -142,7 +142,9 @@ def test_cli_refuses_a_planted_pickle(tmp_path, marker, caplog):
 
     evil = _plant(tmp_path / "evil.pt", marker, PLANTS[0])
     patch = write_patch(tmp_path / "p.png")
-    res = CliRunner().invoke(app, ["predict", str(evil), str(patch), "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app, ["predict", str(patch), "--out", str(tmp_path / "o"), "--model", str(evil)]
+    )
     assert res.exit_code == 1
     assert "evil.pt: not a safe idcscope checkpoint" in caplog.text
     assert not marker.exists()

@@ -25,6 +25,13 @@ ConfigFile = Annotated[Path | None, typer.Option(help="YAML file of config value
 ModelName = Annotated[str | None, typer.Option(help="Model name (see `idcscope models`).")]
 Epochs = Annotated[int | None, typer.Option()]
 Seed = Annotated[int | None, typer.Option()]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help="A bundled model's name (`idcscope models`), a checkpoint (.pt, .onnx), a model "
+        "folder or hf://owner/name. Default: the model that ships with idcscope."
+    ),
+]
 DataDirs = Annotated[
     list[Path], typer.Argument(help="Dataset folders; several are merged by patient id.")
 ]
@@ -58,6 +65,17 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
     logging.basicConfig(
         level=level, format="%(message)s", datefmt="[%X]", handlers=[RichHandler(show_path=False)]
     )
+
+
+def model_path(spec: str | None) -> Path:
+    """The model ``--model`` names (the bundled one when None), or the exit that says why not."""
+    from ..errors import IdcscopeError
+    from ..models.bundle import DEFAULT_MODEL, resolve_model
+
+    try:
+        return resolve_model(spec or DEFAULT_MODEL)
+    except IdcscopeError as e:
+        raise fail(e) from e
 
 
 def data_arg(folders: list[Path]) -> str | list[str]:

@@ -21,6 +21,7 @@ from .app import (
     fail,
     log_to_file,
     logger,
+    model_path,
     print_headline,
 )
 
@@ -152,7 +153,8 @@ def demo(
     epochs: Annotated[int, typer.Option()] = 8,
     threads: Threads = 0,
 ) -> None:
-    """End to end on built-in synthetic data: generate, train, evaluate, report."""
+    """End to end: train and evaluate on built-in synthetic data, then the shipped model on
+    a real patient it never saw (Kaggle patient 9124, CC0): its heatmap and report."""
     from ..data.synthetic import make_synthetic_dataset
     from ..evaluation.evaluate import evaluate as run_evaluation
     from ..training.config import make_config
@@ -172,5 +174,24 @@ def demo(
     with log_to_file(out / "run"):
         run_training(cfg)
     m = run_evaluation(out / "run" / "best.pt", data, out / "eval", split="test")
+    print("Synthetic patients, the model just trained:")
     print_headline(m)
     print(f"\nReport: {(out / 'eval' / 'report.html').resolve()}")
+    real_patient(out / "real")
+
+
+def real_patient(out: Path) -> None:
+    """The shipped model on the bundled real patient: heatmap, metrics and report."""
+    from ..data import DEMO_PATIENTS
+    from ..evaluation.evaluate import evaluate as run_evaluation
+    from ..inference.predictor import Predictor
+    from ..spatial.heatmap import patient_heatmap
+
+    predictor = Predictor(model_path(None))
+    (patient,) = sorted(p for p in DEMO_PATIENTS.iterdir() if p.is_dir())
+    summary = patient_heatmap(predictor, patient, out)
+    m = run_evaluation(predictor.paths[0], DEMO_PATIENTS, out / "eval", n_boot=200)
+    print(f"\nReal patient {patient.name} (never seen in training), the shipped model:")
+    print_headline(m)
+    print(f"\nHeatmap: {Path(summary['files']['heatmap']).resolve()}")
+    print(f"Report: {(out / 'eval' / 'report.html').resolve()}")

@@ -12,35 +12,35 @@ from .app import (
     Context,
     DataDirs,
     Engine,
+    Model,
     ReportDir,
     Tta,
     app,
     data_arg,
     fail,
     logger,
+    model_path,
     print_headline,
 )
 
 
 @app.command()
 def evaluate(
-    checkpoint: Path,
     data_dir: DataDirs,
     out: ReportDir,
     split: Annotated[str | None, typer.Option(help="Only this split of the checkpoint's.")] = None,
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    model: Model = None,
 ) -> None:
-    """Evaluate a checkpoint on held-out patients; writes metrics, plots and an HTML report."""
-    report(
-        checkpoint, data_arg(data_dir), out, split=split, tta=tta, context=context, engine=engine
-    )
+    """Evaluate a model on held-out patients; writes metrics, plots and an HTML report."""
+    options = {"split": split, "tta": tta, "context": context, "engine": engine}
+    report(model_path(model), data_arg(data_dir), out, **options)
 
 
 @app.command()
 def predict(
-    checkpoint: Path,
     paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
     out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred, error.")],
     tta: Tta = False,
@@ -50,8 +50,10 @@ def predict(
         int | None, typer.Option(help="Patches per forward pass (default: the engine's best).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding threads (default: cores).")] = None,
+    model: Model = None,
 ) -> None:
-    """Predict P(IDC) for patches with nothing but a checkpoint (or an exported .onnx).
+    """Predict P(IDC) for patches (files or folders) with a model: the bundled one, a
+    checkpoint, an exported .onnx or a model folder.
 
     Rows are written as they are scored. Under torchrun the patients are shared out
     between the processes and rank 0 writes the one table.
@@ -61,7 +63,7 @@ def predict(
 
     try:
         df = run_prediction(
-            checkpoint, paths, out, batch_size=batch_size, tta=tta, workers=workers,
+            model_path(model), paths, out, batch_size=batch_size, tta=tta, workers=workers,
             engine=engine, context=context,
         )  # fmt: skip
     except IdcscopeError as e:
@@ -72,16 +74,21 @@ def predict(
 
 @app.command()
 def ensemble(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints.")],
-    data: Annotated[Path, typer.Option(help="Dataset folder of patients to test on.")],
+    data_dir: DataDirs,
     out: ReportDir,
     split: Annotated[str | None, typer.Option(help="Only this split of the first model's.")] = None,
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    model: Annotated[
+        list[str], typer.Option(help="Two or more models (as --model of evaluate).")
+    ] = (),
 ) -> None:
     """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
-    report(list(checkpoints), data, out, split=split, tta=tta, context=context, engine=engine)
+    if len(model) < 2:
+        raise fail(ValueError("an ensemble needs two or more --model"))
+    options = {"split": split, "tta": tta, "context": context, "engine": engine}
+    report([model_path(m) for m in model], data_arg(data_dir), out, **options)
 
 
 def report(checkpoints, data: Path, out: Path, **options) -> None:
@@ -129,7 +136,17 @@ def export(
 
 @app.command()
 def models(timm: Annotated[bool, typer.Option(help="Also list timm's zoo.")] = False) -> None:
-    """List the model names ``--model`` accepts."""
+    """The trained models that ship with idcscope (``--model`` of the commands that score),
+    with what their cards say of unseen patients; then the architectures ``train --model``
+    builds."""
     from ..models import list_models
+    from ..models.bundle import bundled_models, card_summary
 
-    print("\n".join(list_models(include_timm=timm)))
+    shipped = bundled_models()
+    print("Trained models (--model of predict, evaluate, explain, heatmap, slide, serve):")
+    for name, folder in shipped.items():
+        print(f"  {name}  ({folder})\n" + "\n".join(f"    {line}" for line in card_summary(folder)))
+    if not shipped:
+        print("  none bundled in this installation")
+    print("Architectures (--model of train):")
+    print("\n".join(f"  {n}" for n in list_models(include_timm=timm)))

@@ -12,12 +12,11 @@ from typing import Annotated
 
 import typer
 
-from .app import Context, Engine, Tta, app, fail, logger
+from .app import Context, Engine, Model, Tta, app, fail, logger, model_path
 
 
 @app.command()
 def explain(
-    checkpoint: Path,
     paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
     out: Annotated[Path, typer.Option(help="Folder for the panels and explanations.csv.")],
     upscale: Annotated[int, typer.Option(help="Pixel enlargement of the patches.")] = 4,
@@ -25,6 +24,7 @@ def explain(
         str | None, typer.Option(help="gradcam|hirescam (default: the model's).")
     ] = None,
     engine: Engine = "auto",
+    model: Model = None,
 ) -> None:
     """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch.
 
@@ -36,7 +36,7 @@ def explain(
 
     try:
         rows = explain_patches(
-            checkpoint, paths, out, upscale=upscale, cam_method=cam, engine=engine
+            model_path(model), paths, out, upscale=upscale, cam_method=cam, engine=engine
         )
     except IdcscopeError as e:
         raise fail(e) from e
@@ -46,13 +46,13 @@ def explain(
 
 @app.command()
 def heatmap(
-    checkpoint: Path,
     patient_dir: Annotated[Path, typer.Argument(help="One patient's folder: <patient>/<0|1>/.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the JSON summary.")],
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    model: Model = None,
 ) -> None:
     """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
     from ..errors import IdcscopeError
@@ -60,7 +60,7 @@ def heatmap(
     from ..spatial.heatmap import patient_heatmap
 
     try:
-        predictor = Predictor(checkpoint, engine, tta=tta, context=context)
+        predictor = Predictor(model_path(model), engine, tta=tta, context=context)
         summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
     except IdcscopeError as e:
         raise fail(e) from e
@@ -70,7 +70,6 @@ def heatmap(
 
 @app.command()
 def slide(
-    checkpoint: Path,
     slide_paths: Annotated[
         list[Path], typer.Argument(help="Slides: .svs, .ndpi, .mrxs, tiled .tif, ...")
     ],
@@ -83,6 +82,7 @@ def slide(
     min_tissue: Annotated[float, typer.Option(help="Tissue fraction to score a tile.")] = 0.25,
     context: Context = True,
     engine: Engine = "auto",
+    model: Model = None,
 ) -> None:
     """Tile whole slides at the model's resolution; write IDC heatmaps and GeoJSON regions.
 
@@ -94,7 +94,7 @@ def slide(
 
     try:
         summaries = slides_inference(
-            checkpoint,
+            model_path(model),
             slide_paths,
             out,
             slide_mpp=slide_mpp,
@@ -114,7 +114,7 @@ def slide(
 
 @app.command()
 def serve(
-    checkpoint: Path,
+    model: Model = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload (one request).")] = 2048,
@@ -127,7 +127,9 @@ def serve(
     from ..serve import Settings, create_app
 
     try:
-        web = create_app(checkpoint, Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs))
+        web = create_app(
+            model_path(model), Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs)
+        )
     except IdcscopeError as e:
         raise fail(e) from e
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -36,6 +36,7 @@ FIELDS = (
     "context", "config", "splits", "data_summary", "epoch", "val_metrics",
 )  # fmt: skip
 HUB_PREFIX = "hf://"
+DEFAULT_MODEL = "idc-default"  # what scores when no --model is given
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -56,6 +57,7 @@ def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["state_dict"].items()}
     save_file(weights, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
+    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600: others must read an install
     config = {"format": BUNDLE_FORMAT, **{k: _plain(ckpt[k]) for k in FIELDS if k in ckpt}}
     config["weights_sha256"] = sha256_of(out / WEIGHTS)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
@@ -107,6 +109,16 @@ def bundled_models() -> dict[str, Path]:
     """The models shipped inside the package, by name."""
     root = Path(str(files("idcscope.models") / "weights"))
     return {p.name: p for p in sorted(root.iterdir()) if is_bundle(p)} if root.is_dir() else {}
+
+
+def card_summary(folder: str | Path) -> list[str]:
+    """The lines of a model card's summary: what follows its title, up to its first section."""
+    lines = (
+        (Path(folder) / CARD).read_text().splitlines() if (Path(folder) / CARD).is_file() else []
+    )
+    body = [ln for ln in lines[1:] if not ln.startswith("<!--")]
+    end = next((i for i, ln in enumerate(body) if ln.startswith("## ")), len(body))
+    return [ln for ln in body[:end] if ln.strip()]
 
 
 def resolve_model(spec: str | Path) -> Path:

@@ -1,0 +1,87 @@
+"""The model that ships with idcscope: present, the one its card describes, and used when
+no --model is given."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from idcscope.cli import app
+from idcscope.models import bundle
+from idcscope.models.checkpoint import read_checkpoint
+
+DEMO_PATIENT = "9124"  # never seen in training: the demo's patient
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    models = bundle.bundled_models()
+    assert bundle.DEFAULT_MODEL in models, f"no bundled model in {models}"
+    return models[bundle.DEFAULT_MODEL]
+
+
+def test_the_shipped_weights_are_the_ones_its_card_describes(shipped):
+    card = (shipped / "README.md").read_text()
+    config = json.loads((shipped / "config.json").read_text())
+    stated = re.search(r"sha256 `([0-9a-f]{64})`", card)
+    assert stated, "the card states the sha256 of model.safetensors"
+    assert stated[1] == config["weights_sha256"] == bundle.sha256_of(shipped / "model.safetensors")
+    ckpt = read_checkpoint(shipped)  # checks the sha256 again, and that it loads
+    assert ckpt["model"]["name"] in card
+    splits = ckpt["splits"]
+    assert DEMO_PATIENT in splits["test"]
+    assert DEMO_PATIENT not in splits["train"] + splits["val"]
+    assert len(splits["train"]) + len(splits["val"]) == 135  # every other real patient
+
+
+def test_commands_score_with_the_shipped_model_by_default(shipped, real_sample, tmp_path):
+    files = sorted((real_sample / DEMO_PATIENT).rglob("*.png"))[:40]
+    out = tmp_path / "p.csv"
+    res = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    with_name = tmp_path / "q.csv"
+    res = CliRunner().invoke(
+        app, ["predict", *map(str, files), "--out", str(with_name), "--model", "idc-default"]
+    )
+    assert res.exit_code == 0, res.output
+    assert out.read_text() == with_name.read_text()
+    assert len(out.read_text().splitlines()) == len(files) + 1
+
+
+def test_models_lists_the_shipped_model_with_its_card(shipped):
+    res = CliRunner().invoke(app, ["models"])
+    assert res.exit_code == 0, res.output
+    assert bundle.DEFAULT_MODEL in res.output
+    assert "AUC" in res.output  # the card's summary: its numbers on unseen patients
+
+
+@pytest.mark.slow
+def test_the_built_wheel_carries_the_weights(shipped, tmp_path):
+    """A plain (not editable) install gets the model: the wheel holds the whole folder."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    shutil.copytree(repo / "idcscope", src / "idcscope", ignore=shutil.ignore_patterns(
+        "__pycache__", "*.onnx", "*.engine.json"
+    ))  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("idcscope-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    inside = f"idcscope/models/weights/{bundle.DEFAULT_MODEL}/"
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert inside + name in names, name
