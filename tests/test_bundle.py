@@ -35,6 +35,7 @@ def test_a_bundle_is_config_weights_and_card(model_dir, trained_run):
     for key in ("model", "class_names", "preprocessing", "threshold", "temperature", "context"):
         assert json.loads(json.dumps(ckpt[key], default=float)) == config[key], key
     assert not {"optimizer", "generator", "history", "validation"} & set(config)
+    assert not {"out", "cache_dir"} & set(config["config"])  # local paths: not the model's
     assert (model_dir / "README.md").read_text() == "# card\n"
 
 

@@ -443,3 +443,7 @@ def test_cli_serve_builds_the_app(checkpoint, monkeypatch):
     served["web"].state.jobs.close()
     res = CliRunner().invoke(cli, ["serve", "--model", "missing.pt"])
     assert res.exit_code == 1
+    res = CliRunner().invoke(cli, ["serve"])  # no model given: the one that ships
+    assert res.exit_code == 0, res.output
+    assert "idc-default" in str(served["web"].state.analyst.describe())
+    served["web"].state.jobs.close()

@@ -59,6 +59,9 @@ def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = 
     save_file(weights, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
     (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600: others must read an install
     config = {"format": BUNDLE_FORMAT, **{k: _plain(ckpt[k]) for k in FIELDS if k in ckpt}}
+    # Where the run was written and cached is this machine's business, not the model's.
+    for local in ("out", "cache_dir"):
+        config.get("config", {}).pop(local, None)
     config["weights_sha256"] = sha256_of(out / WEIGHTS)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     name = ckpt["model"]["name"]
