@@ -51,6 +51,16 @@ def test_commands_score_with_the_shipped_model_by_default(shipped, real_sample, 
     assert len(out.read_text().splitlines()) == len(files) + 1
 
 
+def test_the_demo_patient_is_the_real_one_the_model_never_saw(tmp_path, real_sample):
+    from idcscope.data import demo_patients
+    from idcscope.data.manifest import index_dataset
+
+    table = index_dataset(demo_patients(tmp_path / "demo")).table
+    assert set(table["patient"]) == {DEMO_PATIENT} and len(table) == 465
+    real = sorted(p.name for p in (real_sample / DEMO_PATIENT).rglob("*.png"))
+    assert sorted(table["path"].str.rsplit("/", n=1).str[-1]) == real
+
+
 def test_models_lists_the_shipped_model_with_its_card(shipped):
     res = CliRunner().invoke(app, ["models"])
     assert res.exit_code == 0, res.output
@@ -85,3 +95,4 @@ def test_the_built_wheel_carries_the_weights(shipped, tmp_path):
     inside = f"idcscope/models/weights/{bundle.DEFAULT_MODEL}/"
     for name in ("config.json", "model.safetensors", "README.md"):
         assert inside + name in names, name
+    assert "idcscope/data/demo/9124.zip" in names  # the demo's real patient

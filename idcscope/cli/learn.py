@@ -182,15 +182,16 @@ def demo(
 
 def real_patient(out: Path) -> None:
     """The shipped model on the bundled real patient: heatmap, metrics and report."""
-    from ..data import DEMO_PATIENTS
+    from ..data import demo_patients
     from ..evaluation.evaluate import evaluate as run_evaluation
     from ..inference.predictor import Predictor
     from ..spatial.heatmap import patient_heatmap
 
     predictor = Predictor(model_path(None))
-    (patient,) = sorted(p for p in DEMO_PATIENTS.iterdir() if p.is_dir())
+    root = demo_patients(out / "data")
+    (patient,) = sorted(p for p in root.iterdir() if p.is_dir())
     summary = patient_heatmap(predictor, patient, out)
-    m = run_evaluation(predictor.paths[0], DEMO_PATIENTS, out / "eval", n_boot=200)
+    m = run_evaluation(predictor.paths[0], root, out / "eval", n_boot=200)
     print(f"\nReal patient {patient.name} (never seen in training), the shipped model:")
     print_headline(m)
     print(f"\nHeatmap: {Path(summary['files']['heatmap']).resolve()}")
