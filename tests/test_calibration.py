@@ -115,3 +115,14 @@ def test_choose_threshold():
         choose_threshold(y, p, "sensitivity")
     with pytest.raises(ValueError, match="choose from"):
         choose_threshold(y, p, "f1")
+
+
+def test_platt_recovers_temperature_and_the_prior_of_balanced_training():
+    from idcscope.training.calibration import fit_platt
+
+    rng = np.random.default_rng(0)
+    margin = rng.normal(0, 4, 20_000)
+    y = (rng.random(margin.size) < 1 / (1 + np.exp(-(margin / 2 - 1)))).astype(int)
+    t, b = fit_platt(margin, y)
+    assert t == pytest.approx(2.0, rel=0.1) and b == pytest.approx(-1.0, abs=0.1)
+    assert fit_platt(margin, np.ones_like(y)) == (1.0, 0.0)

@@ -95,7 +95,9 @@ def context_ckpt(trained_run, tmp_path_factory):
 
     path = tmp_path_factory.mktemp("context") / "best.pt"
     path.write_bytes((trained_run / "best.pt").read_bytes())
-    return update_checkpoint(path, context={"sigma": 1.5, "step": 50}, temperature=1.0)
+    return update_checkpoint(
+        path, context={"sigma": 1.5, "step": 50}, temperature=1.0, logit_bias=0.0
+    )
 
 
 @pytest.fixture(scope="module")

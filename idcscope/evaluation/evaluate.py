@@ -81,6 +81,7 @@ def evaluate(
     result["ece"] = metrics.expected_calibration_error(y, prob)
     result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
     result["temperature"] = [float(c.get("temperature", 1.0)) for c in predictor.checkpoints]
+    result["logit_bias"] = [float(c.get("logit_bias", 0.0)) for c in predictor.checkpoints]
     summary = summarize(table) | {
         "n_files": len(table) + len(skipped),
         "n_skipped": len(skipped),

@@ -1,5 +1,5 @@
-"""Calibrated probabilities: ``softmax(logits / T)``, with the temperature T a checkpoint
-carries (fitted by ``training.calibration``)."""
+"""Calibrated probabilities: ``sigmoid(margin / T + b)`` of the logit margin, with the
+temperature T and logit bias b a checkpoint carries (fitted by ``training.calibration``)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def _margin(logits: Any) -> np.ndarray:
     raise ValueError(f"expected (N, 2) logits or (N,) positive-class logits, got {z.shape}")
 
 
-def probabilities(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """P(IDC) = softmax(logits / T)[:, 1] of (N, 2) logits (array or tensor), in float64."""
-    return expit(_margin(logits) / temperature)
+def probabilities(logits: Any, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
+    """P(IDC) = sigmoid((z1 - z0) / T + bias) of (N, 2) logits (array or tensor), in float64:
+    ``softmax(logits / T)[:, 1]`` when the bias is 0."""
+    return expit(_margin(logits) / temperature + bias)

@@ -45,6 +45,7 @@ _META_FIELDS = (
     "threshold",
     "threshold_method",
     "temperature",
+    "logit_bias",
     "context",
     "preprocessing",
     "epoch",

@@ -73,8 +73,9 @@ class Member:
     backend: object
 
     @property
-    def temperature(self) -> float:
-        return float(self.ckpt.get("temperature", 1.0))
+    def calibration(self) -> tuple[float, float]:
+        """Temperature and logit bias (`inference.calibration.probabilities`)."""
+        return float(self.ckpt.get("temperature", 1.0)), float(self.ckpt.get("logit_bias", 0.0))
 
 
 def load_member(path, engine, device, precision, batch_size, threads) -> Member:
@@ -205,7 +206,7 @@ class Predictor:
             calibrated, raw = [], []
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), None, g, xy, member.ckpt.get("context"))
-                calibrated.append(probabilities(logits, member.temperature))
+                calibrated.append(probabilities(logits, *member.calibration))
                 raw.append(probabilities(logits))
             return Scored(
                 loaded.bucket,

@@ -61,6 +61,7 @@ class Analyst:
             "model": self.ckpt["model"]["name"],
             "threshold": round(self.predictor.threshold, 4),
             "temperature": round(float(self.ckpt.get("temperature", 1.0)), 4),
+            "logit_bias": round(float(self.ckpt.get("logit_bias", 0.0)), 4),
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
             "mpp": self.ckpt["preprocessing"].get("mpp"),

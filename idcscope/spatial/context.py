@@ -30,28 +30,22 @@ def fit_sigma(
     step: int = STEP,
     sigmas: tuple[float, ...] = SIGMAS,
 ) -> tuple[float, dict[float, float]]:
-    """The width whose smoothed, temperature-scaled logits give the lowest log-loss.
+    """The width whose smoothed, calibrated (`fit_platt`) logits give the lowest log-loss.
 
-    Each candidate gets its own temperature (smoothing changes how confident the logits
+    Each candidate gets its own temperature and bias (smoothing changes how confident the logits
     are), so widths are compared at their best calibration. Returns the width and the
     log-loss of every candidate.
     """
-    from ..training.calibration import fit_temperature  # scipy and sklearn: fitting only
+    from ..inference.calibration import probabilities
+    from ..training.calibration import _nll, fit_platt  # scipy: fitting only
 
     labels = np.asarray(labels, dtype=np.int64)
     losses = {}
     for sigma in sigmas:
         z = smooth(logits, groups, xs, ys, sigma, step)
-        t = fit_temperature(z, labels)
-        losses[float(sigma)] = _log_loss(z / t, labels)
+        losses[float(sigma)] = _nll(labels, probabilities(z, *fit_platt(z, labels)))
     best = min(losses, key=lambda s: (losses[s], s))
     return best, losses
-
-
-def _log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_p[np.arange(len(labels)), labels].mean())
 
 
 def smooth_rows(

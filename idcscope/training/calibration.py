@@ -1,9 +1,10 @@
 """Post-hoc calibration on validation patients: temperature scaling and operating thresholds.
 
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar T fitted to minimise
-the validation negative log-likelihood. It cannot change the ranking (AUC), only how
+the validation negative log-likelihood; `fit_platt` adds a logit bias (Platt scaling), which
+undoes the prior of class-balanced training. Neither can change the ranking (AUC), only how
 confident the probabilities are; models trained on few patients are typically overconfident
-on new ones (T > 1). Apply it with ``probabilities(logits, temperature=T)``.
+on new ones (T > 1). Apply them with ``probabilities(logits, temperature=T, bias=b)``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = T_BO
         T; 1.0 when undefined (no samples, or a single class, where NLL falls without limit
         as T shrinks).
     """
+    return _fit(logits, labels, bounds, with_bias=False)[0]
+
+
+def fit_platt(
+    logits: Any, labels: Any, bounds: tuple[float, float] = T_BOUNDS
+) -> tuple[float, float]:
+    """Temperature and logit bias minimising the NLL of ``sigmoid(margin / T + bias)``.
+
+    Platt scaling in the temperature's terms. The bias is what a temperature cannot fix:
+    a model trained on class-balanced batches believes IDC is as common as benign tissue,
+    and its logits sit ``log(0.5 / 0.5) - log(p / (1 - p))`` too high where IDC makes up a
+    share ``p`` of the tissue (about +0.9 at 28%). Arguments as `fit_temperature`; returns
+    ``(1.0, 0.0)`` where that returns 1.0.
+    """
+    return _fit(logits, labels, bounds, with_bias=True)
+
+
+def _fit(logits, labels, bounds, with_bias: bool) -> tuple[float, float]:
     d = _margin(logits)
     y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).ravel()
     if d.size != y.size:
@@ -54,28 +73,36 @@ def fit_temperature(logits: Any, labels: Any, bounds: tuple[float, float] = T_BO
     if not np.isfinite(d).all():
         raise ValueError("logits contain NaN or infinite values")
     if y.size == 0 or y.min() == y.max():
-        logger.debug("temperature: %d samples of one class; using T = 1", y.size)
-        return 1.0
-    sd = (2.0 * y - 1.0) * d  # signed margin: positive when right
+        logger.debug("calibration: %d samples of one class; using T = 1", y.size)
+        return 1.0, 0.0
+    sign = 2.0 * y - 1.0  # the margin, signed positive when right, is sign * (d / T + b)
 
     def nll_and_grad(u: np.ndarray) -> tuple[float, np.ndarray]:
-        m = sd * math.exp(-u[0])  # margin / T
+        m = sign * (d * math.exp(-u[0]) + (u[1] if with_bias else 0.0))
         nll = np.logaddexp(0.0, -m).mean()  # mean softplus(-m) = -log sigmoid(m)
-        return float(nll), np.array([float((expit(-m) * m).mean())])  # d nll / d log T
+        g = expit(-m)
+        grad = [float((g * sign * d * math.exp(-u[0])).mean()), float(-(g * sign).mean())]
+        return float(nll), np.array(grad[: 1 + with_bias])  # d nll / d (log T, b)
 
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
-    # Tight tolerances: one variable is cheap, and near-separable data has tiny gradients.
+    # Tight tolerances: few variables are cheap, and near-separable data has tiny gradients.
     res = minimize(
         nll_and_grad,
-        np.zeros(1),
+        np.zeros(1 + with_bias),
         jac=True,
         method="L-BFGS-B",
-        bounds=[(lo, hi)],
+        bounds=[(lo, hi)] + [(None, None)] * with_bias,
         options={"ftol": 1e-14, "gtol": 1e-12},
     )
-    t = float(np.exp(np.clip(res.x[0], lo, hi)))
-    logger.debug("temperature %.3f: NLL %.4f -> %.4f", t, nll_and_grad(np.zeros(1))[0], res.fun)
-    return t
+    t, b = float(np.exp(np.clip(res.x[0], lo, hi))), float(res.x[1]) if with_bias else 0.0
+    logger.debug(
+        "calibration T %.3f, bias %.3f: NLL %.4f -> %.4f",
+        t,
+        b,
+        nll_and_grad(np.zeros(1 + with_bias))[0],
+        res.fun,
+    )
+    return t, b
 
 
 def _nll(y: np.ndarray, p: np.ndarray) -> float:

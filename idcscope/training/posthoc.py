@@ -19,7 +19,7 @@ from ..inference.calibration import probabilities
 from ..models.checkpoint import read_checkpoint, update_checkpoint
 from ..spatial.context import fit_sigma
 from ..spatial.grid import STEP, smooth
-from .calibration import calibration_report, choose_threshold, fit_temperature
+from .calibration import calibration_report, choose_threshold, fit_platt
 from .config import TrainConfig
 from .loop import validation_pass
 
@@ -33,9 +33,10 @@ def fit_on_validation(
     validation probabilities.
 
     The fields: ``context`` (``{"sigma", "step"}``, plus each candidate width's validation
-    log-loss with ``cfg.context == "grid"``), ``temperature``, ``threshold``,
+    log-loss with ``cfg.context == "grid"``), ``temperature`` and ``logit_bias``
+    (`fit_platt`), ``threshold``,
     ``threshold_method``, ``calibration`` (ECE, Brier, NLL before and after) and
-    ``val_metrics``. Without validation patients: no context, T = 1, threshold 0.5.
+    ``val_metrics``. Without validation patients: no context, T = 1, no bias, threshold 0.5.
     """
     y = data.labels[val_rows]
     context: dict = {"sigma": 0.0, "step": STEP}
@@ -44,8 +45,8 @@ def fit_on_validation(
         sigma, losses = fit_sigma(logits.numpy(), y, *where, step=STEP)
         context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
         logits = torch.from_numpy(smooth(logits.numpy(), *where, sigma, STEP)).float()
-    temperature = fit_temperature(logits, y) if len(val_rows) else 1.0
-    prob = probabilities(logits, temperature)
+    temperature, bias = fit_platt(logits, y) if len(val_rows) else (1.0, 0.0)
+    prob = probabilities(logits, temperature, bias)
     threshold = 0.5
     if len(val_rows):
         threshold = choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity)
@@ -54,6 +55,7 @@ def fit_on_validation(
     fields = {
         "context": context,
         "temperature": temperature,
+        "logit_bias": bias,
         "threshold": threshold,
         "threshold_method": f"{method} on validation patients",
         "calibration": calibration_report(y, probabilities(logits), prob) if val else {},
@@ -82,10 +84,11 @@ def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **summary, validation=val_record)
     logger.info(
-        "best epoch %d; context sigma %.2f; temperature %.3f; threshold %.3f (%s, %d patches)",
+        "best epoch %d; context sigma %.2f; temperature %.3f, bias %.3f; threshold %.3f (%s, %d patches)",
         best["epoch"],
         summary["context"]["sigma"],
         summary["temperature"],
+        summary["logit_bias"],
         summary["threshold"],
         summary["threshold_method"],
         len(val_rows),
