@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -254,23 +255,68 @@ def hed_jitter(
     return od.neg_().exp_().clamp_(0, 1).view_as(x).to(x.dtype)
 
 
+def stain_jitter(x: torch.Tensor, generator: torch.Generator | None, spread: dict) -> torch.Tensor:
+    """Stain augmentation drawn from the spread of stain between patients (``spread``, from
+    ``data.stain.stain_spread``), in Reinhard's l-alpha-beta space.
+
+    Per sample, each channel is scaled about the patients' median by ``exp(log_scale * n1)``
+    and shifted by ``shift * n2`` (n1, n2 standard normal): a draw of how another slide's
+    tissue statistics differ, as in RandStainNA (Shen et al., MICCAI 2022) but with the
+    statistics of whole patients, not of single patches. Glass and black are kept, blended
+    in by tissue weight exactly as the Reinhard normaliser does.
+
+    Args:
+        x: batch (B, 3, H, W) in [0, 1].
+        generator: source of randomness.
+        spread: ``{"centre", "shift", "log_scale"}``, three floats each.
+
+    Returns:
+        The batch, same shape, dtype and device.
+    """
+    from . import stain
+
+    b = x.shape[0]
+    n = torch.randn(2, b, 3, generator=generator, dtype=torch.float64).numpy()
+    centre = np.asarray(spread["centre"])
+    scale = np.exp(np.asarray(spread["log_scale"]) * n[0])
+    offset = centre * (1 - scale) + np.asarray(spread["shift"]) * n[1]
+    a, off = (
+        torch.from_numpy(v).to(x.device, torch.float32) for v in stain.lab_affine(scale, offset)
+    )
+    f = x.float().contiguous().flatten(2)  # (B, 3, HW)
+    od = math.log(256.0) - torch.log1p(f * 255)
+    od_norm = od.square().sum(1).sqrt_()  # torch's norm over a short axis is 100x slower
+    weight = ((od_norm - stain.GLASS_OD) / (stain.TISSUE_OD - stain.GLASS_OD)).clamp_(0, 1)
+    weight *= od.amin(1) < stain.BLACK_OD
+    to_lms = torch.from_numpy(stain.RGB_TO_LMS).to(x.device, torch.float32)
+    to_rgb = torch.from_numpy(stain.LMS_TO_RGB).to(x.device, torch.float32)
+    z = torch.baddbmm(off[:, :, None], a, torch.log(torch.matmul(to_lms, f).clamp_(min=1e-4)))
+    rgb = torch.matmul(to_rgb, z.clamp_(-30, 30).exp_()).clamp_(0, 1)
+    out = f + weight[:, None] * (rgb - f)
+    return out.view_as(x).to(x.dtype)
+
+
 @dataclass
 class Augment:
     """Training augmentation: a callable `(x, generator) -> x` for batches in [0, 1].
 
-    Geometry first (the affine resamples), then stain (HED) and scanner (colour) jitter.
+    Geometry first (the affine resamples), then stain (between-patient spread, then HED) and
+    scanner (colour) jitter.
 
     Attributes:
         dihedral: random dihedral transform per sample.
         affine: random affine transform with the original study's Keras settings.
         color: brightness, contrast and saturation range (hue gets a fifth); 0 for none.
         hed: HED jitter sigma and bias; 0 for none.
+        stain: the spread of stain between the training patients (`stain_jitter`), or
+            None for no stain augmentation of that kind.
     """
 
     dihedral: bool = True
     affine: bool = False
     color: float = 0.0
     hed: float = 0.0
+    stain: dict | None = None
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augments (B, 3, H, W), or (B, 3k, H, W): k views of each sample (a patch and
@@ -279,15 +325,17 @@ class Augment:
             x = random_affine(x, generator)
         if self.dihedral:
             x = dihedral(x, generator)
-        views = x.shape[1] // 3
-        if views > 1 and (self.hed or self.color):  # side by side: one colour draw per sample
+        views, colour = x.shape[1] // 3, bool(self.hed or self.color or self.stain)
+        if views > 1 and colour:  # side by side: one colour draw per sample
             x = torch.cat(x.split(3, dim=1), dim=-1)
+        if self.stain:
+            x = stain_jitter(x, generator, self.stain)
         if self.hed:
             x = hed_jitter(x, generator, sigma=self.hed, bias=self.hed)
         if self.color:
             c = self.color
             x = color_jitter(x, generator, brightness=c, contrast=c, saturation=c, hue=c / 5)
-        if views > 1 and (self.hed or self.color):
+        if views > 1 and colour:
             x = torch.cat(x.split(x.shape[-1] // views, dim=-1), dim=1)
         return x
 

@@ -35,18 +35,18 @@ logger = logging.getLogger(__name__)
 _LOG256 = math.log(256.0)
 # OD norm of tissue; glass peaks at 0.08-0.12 in the Kaggle patches and ends near 0.17.
 TISSUE_OD = 0.2
-_GLASS_OD = 0.1  # below this the map gets no weight
-_BLACK_OD = -math.log(26 / 256)  # every channel <= 25: padding or pen, not stain
+GLASS_OD = 0.1  # below this the map gets no weight
+BLACK_OD = -math.log(26 / 256)  # every channel <= 25: padding or pen, not stain
 MIN_TISSUE_PIXELS = 100
 _MAX_SCALE = 5.0  # Reinhard std ratio bound: a near-uniform patient must not explode
 _MAX_CONC = 10.0  # Macenko concentration bound: OD 10 is already black
 
 # Reinhard et al. 2001: RGB -> LMS, then log LMS -> l-alpha-beta (Ruderman et al. 1998);
 # the statistics use log10 as in the paper, the code the natural log (hence / ln 10).
-_RGB_TO_LMS = np.array(
+RGB_TO_LMS = np.array(
     [[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]]
 )
-_LMS_TO_RGB = np.linalg.inv(_RGB_TO_LMS)
+LMS_TO_RGB = np.linalg.inv(RGB_TO_LMS)
 _TO_LAB = np.array([[1, 1, 1], [1, 1, -2], [1, -1, 0]]) / np.sqrt([[3], [6], [2]]) / math.log(10)
 _FROM_LAB = np.linalg.inv(_TO_LAB)
 
@@ -77,7 +77,7 @@ def tissue_mask(rgb: np.ndarray, threshold: float = TISSUE_OD) -> np.ndarray:
     # float32 like the normalisers, so both agree on every colour.
     f = np.float32(255) * x if np.issubdtype(x.dtype, np.floating) else x
     od = _od(np.clip(f, 0, 255).astype(np.float32))
-    return (np.sqrt((od * od).sum(-1)) > threshold) & (od.min(-1) < _BLACK_OD)
+    return (np.sqrt((od * od).sum(-1)) > threshold) & (od.min(-1) < BLACK_OD)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:
@@ -101,13 +101,13 @@ class _Colours:
         self.od = _od(self.rgb)
         self.od_norm = np.sqrt(np.einsum("ij,ij->j", self.od, self.od))
         # Row by row: numpy's min over the short axis is 15x slower.
-        self.black = np.minimum(np.minimum(self.od[0], self.od[1]), self.od[2]) >= _BLACK_OD
+        self.black = np.minimum(np.minimum(self.od[0], self.od[1]), self.od[2]) >= BLACK_OD
         self.tissue = (self.od_norm > TISSUE_OD) & ~self.black
 
     @cached_property
     def log_lms(self) -> np.ndarray:
         """(3, n) natural log of the LMS cone responses (Reinhard's colour space)."""
-        lms = (_RGB_TO_LMS / 255).astype(np.float32) @ self.rgb
+        lms = (RGB_TO_LMS / 255).astype(np.float32) @ self.rgb
         return np.log(np.maximum(lms, 1e-4, out=lms), out=lms)
 
     def expand(
@@ -118,7 +118,7 @@ class _Colours:
         With ``planes`` (uint8 (N, C, H, W), C >= 3, for images (N, H, W, 3)) the result
         goes to planes 0..2 instead, and ``planes`` is returned.
         """
-        w = np.clip((self.od_norm - _GLASS_OD) / (TISSUE_OD - _GLASS_OD), 0, 1) * ~self.black
+        w = np.clip((self.od_norm - GLASS_OD) / (TISSUE_OD - GLASS_OD), 0, 1) * ~self.black
         packed = np.zeros((self.uniq.size, 4), np.uint8)
         packed[:, :3] = np.rint(self.rgb + w * (np.clip(mapped, 0, 255) - self.rgb)).T
         values = packed.view(np.uint32).ravel()
@@ -246,13 +246,22 @@ class ReinhardNormalizer(StainNormalizer):
         mu_s, sd_s = np.asarray(self.source["mean"]), np.asarray(self.source["std"])
         mu_t, sd_t = np.asarray(self.target["mean"]), np.asarray(self.target["std"])
         scale = np.clip(sd_t / sd_s, 1 / _MAX_SCALE, _MAX_SCALE)
-        # lab' = scale (lab - mu_s) + mu_t, folded into one affine map of log LMS.
-        a = _FROM_LAB @ np.diag(scale) @ _TO_LAB
-        b = _FROM_LAB @ (mu_t - scale * mu_s)
+        a, b = lab_affine(scale, mu_t - scale * mu_s)  # lab' = scale (lab - mu_s) + mu_t
         z = a.astype(np.float32) @ colours.log_lms
         z += b.astype(np.float32)[:, None]
         z = np.exp(np.clip(z, -30, 30, out=z), out=z)
-        return (_LMS_TO_RGB * 255).astype(np.float32) @ z
+        return (LMS_TO_RGB * 255).astype(np.float32) @ z
+
+
+def lab_affine(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``lab' = scale * lab + offset`` (per l-alpha-beta channel) as one affine map of log LMS.
+
+    Batched over leading axes: ``scale`` and ``offset`` (..., 3) give ``a`` (..., 3, 3) and
+    ``b`` (..., 3), with ``log_lms' = a @ log_lms + b``.
+    """
+    scale, offset = np.asarray(scale, np.float64), np.asarray(offset, np.float64)
+    a = _FROM_LAB @ (scale[..., :, None] * _TO_LAB)
+    return a, np.einsum("ij,...j->...i", _FROM_LAB, offset)
 
 
 class MacenkoNormalizer(StainNormalizer):
@@ -354,14 +363,42 @@ def fit_reference(images: np.ndarray, name: str, patients: np.ndarray | None = N
         ``target_*`` entries, for `create_normalizer` and `normalize_per_patient`.
     """
     norm = create_normalizer(name)
-    groups = [slice(None)] if patients is None else _patient_rows(np.asarray(patients))
-    fits = [norm.source for rows in groups if not norm.fit(images[rows]).fell_back]
+    fits = patient_fits(images, name, patients)
     if fits:
         norm.target = norm._validated({k: np.median([f[k] for f in fits], 0) for k in norm.fields})
     else:
         logger.warning("%s reference: no tissue found; keeping the built-in reference", name)
     norm.source = None
     return norm.state_dict()
+
+
+def patient_fits(images: np.ndarray, name: str, patients: np.ndarray | None = None) -> list:
+    """Source statistics of each patient's pooled tissue (all ``images`` pooled without
+    ``patients``); patients with too little tissue are left out."""
+    norm = create_normalizer(name)
+    groups = [slice(None)] if patients is None else _patient_rows(np.asarray(patients))
+    return [norm.source for rows in groups if not norm.fit(images[rows]).fell_back]
+
+
+def stain_spread(images: np.ndarray, patients: np.ndarray) -> dict | None:
+    """How stain varies between patients, in Reinhard's l-alpha-beta statistics.
+
+    Each patient's tissue mean and std are fitted (as the Reinhard normaliser fits them);
+    the spread is the median mean (``centre``), the std of the means between patients
+    (``shift``) and the std of their log stds (``log_scale``), per channel: what
+    ``data.augment.stain_jitter`` draws from. None with fewer than 2 usable patients.
+    """
+    fits = patient_fits(images, "reinhard", patients)
+    if len(fits) < 2:
+        return None
+    means = np.array([f["mean"] for f in fits])
+    log_stds = np.log([f["std"] for f in fits])
+    return {
+        "centre": np.median(means, 0).tolist(),
+        "shift": means.std(0, ddof=1).tolist(),
+        "log_scale": log_stds.std(0, ddof=1).tolist(),
+        "patients": len(fits),
+    }
 
 
 def normalize_per_patient(

@@ -205,7 +205,8 @@ def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, s
         world=ctx.world,
     )
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
-    augment = create_augment(cfg.augment)
+    spread = _stain_spread(cfg, data, train_rows)
+    augment = create_augment(cfg.augment, stain=spread)
     if cfg.neighbourhood:
         from ..data.neighbourhood import DropNeighbours
 
@@ -217,6 +218,7 @@ def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, s
         "class_names": list(CLASS_NAMES),
         "preprocessing": dataclasses.asdict(prep),
         "splits": splits,
+        "stain_spread": spread,
         "data_summary": data.summary(),
         "world_size": ctx.world,
     }
@@ -226,6 +228,27 @@ def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, s
         # Each process draws its own augmentations; one process draws rank 0's stream.
         torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank), prep, meta,
     )  # fmt: skip
+
+
+def _stain_spread(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> dict | None:
+    """The between-patient stain spread that ``cfg.stain_augment`` draws from, fitted on
+    the training patches as the model sees them (after any stain normalisation)."""
+    if not cfg.stain_augment:
+        return None
+    from ..data.stain import stain_spread
+
+    patches = np.asarray(data.images[train_rows])[:, :3].transpose(0, 2, 3, 1)
+    spread = stain_spread(np.ascontiguousarray(patches), data.patients[train_rows])
+    if spread is None:
+        logger.warning("stain augmentation: fewer than 2 patients with tissue; none used")
+        return None
+    for key in ("shift", "log_scale"):
+        spread[key] = [cfg.stain_augment * v for v in spread[key]]
+    logger.info(
+        "stain augmentation from %d patients: shift %s, log scale %s",
+        spread["patients"], *(", ".join(f"{v:.3f}" for v in spread[k]) for k in ("shift", "log_scale")),
+    )  # fmt: skip
+    return spread
 
 
 def _train_epoch(run: _Run, cfg: TrainConfig, ctx: DistContext, out: Path, epoch: int) -> dict:
