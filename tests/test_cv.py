@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -23,9 +25,19 @@ def test_fold_splits_never_cross_patients(synthetic_root):
 
 @pytest.fixture(scope="module")
 def cv_run(synthetic_root, tmp_path_factory):
-    """One 3-fold CV through the CLI, shared by the tests below."""
+    """One 3-fold CV through the CLI, then the final model, shared by the tests below."""
     out = tmp_path_factory.mktemp("cv")
-    args = ["cv", str(synthetic_root), "--out", str(out), "--folds", "3", "--epochs", "1"]
+    args = [
+        "cv",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--folds",
+        "3",
+        "--epochs",
+        "1",
+        "--final",
+    ]
     return out, CliRunner().invoke(app, [*args, "--threads", "2"])
 
 
@@ -39,6 +51,51 @@ def test_cv_command_end_to_end(cv_run):
     lo, hi = cv["ci95"]["auc"]
     assert lo <= cv["pooled"]["auc"] <= hi
     assert "| default |" in (out / "cv.md").read_text()
+
+
+def test_cv_scores_whole_patients_and_lone_patches_with_both_calibrations(cv_run):
+    out, result = cv_run
+    assert result.exit_code == 0, result.output
+    cv = json.loads((out / "cv.json").read_text())
+    assert set(cv["cohorts"]) == {"context/fold", "context/oof", "lone/fold", "lone/oof"}
+    for rows in cv["cohorts"].values():
+        assert rows["all"]["n_patients"] == 6 and 0 <= rows["all"]["ece"] <= 1
+    # with neighbours and alone, the same patients and patches were scored
+    assert cv["cohorts"]["lone/oof"]["all"]["n"] == cv["cohorts"]["context/oof"]["all"]["n"]
+    per_patient = pd.read_csv(out / "per_patient.csv")
+    assert len(per_patient) == 12 and set(per_patient["scored"]) == {"context", "lone"}
+    assert "each patch alone" in (out / "cv.md").read_text()
+
+
+def test_final_model_trains_on_every_patient_with_oof_decisions(cv_run):
+    from idcscope.models.checkpoint import read_checkpoint
+
+    out, result = cv_run
+    assert result.exit_code == 0, result.output
+    final = read_checkpoint(out / "final" / "best.pt")
+    assert len(final["splits"]["train"]) == 6 and not final["splits"]["val"]
+    assert "out-of-fold" in final["threshold_method"]
+    folds = [read_checkpoint(out / f"fold{i}" / "best.pt")["context"]["sigma"] for i in range(3)]
+    assert final["context"]["sigma"] == pytest.approx(np.median(folds))
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["final"]["temperature"] == pytest.approx(final["temperature"])
+
+
+def test_cross_fitting_calibrates_each_fold_on_the_others_only():
+    from idcscope.inference.calibration import probabilities
+    from idcscope.training.config import TrainConfig
+    from idcscope.training.oof import cross_fitted, fit_decision
+
+    rng = np.random.default_rng(0)
+    margin = np.concatenate([rng.normal(0, 3, 400), rng.normal(0, 1, 400)])
+    y = (rng.random(800) < 1 / (1 + np.exp(-margin / 2 + 1))).astype(int)
+    pred = pd.DataFrame({"label": y, "fold": [0] * 400 + [1] * 400, "prob_idc": 0.0, "pred": 0})
+    cfg = TrainConfig()
+    out = cross_fitted(pred, margin, cfg)
+    fit = fit_decision(margin[400:], y[400:], cfg)  # fold 0 is calibrated by fold 1 alone
+    expected = probabilities(margin[:400], fit["temperature"], fit["logit_bias"])
+    np.testing.assert_allclose(out["prob_idc"].to_numpy()[:400], expected)
+    assert (out["pred"].to_numpy()[:400] == (expected >= fit["threshold"])).all()
 
 
 def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
@@ -75,3 +132,21 @@ def test_a_killed_cv_resumes_at_its_unfinished_fold(cv_run, monkeypatch):
         f["test_patients"] for f in first["per_fold"]
     ]
     assert again["per_fold"][0] == first["per_fold"][0]
+
+
+def test_selection_bias_is_the_mean_margin_of_each_folds_best_over_the_chosen():
+    from idcscope.training.cv import selection_bias
+
+    scores = np.array([[0.90, 0.92], [0.95, 0.91], [0.93, 0.93]])  # recipe 0 has the best mean
+    assert selection_bias(scores) == pytest.approx((0.02 + 0 + 0) / 3)
+    assert selection_bias(scores[:, :1]) == 0.0  # one recipe: nothing was chosen
+
+
+def test_a_split_files_test_patients_are_locked_away_from_every_fold(synthetic_root, tmp_path):
+    from idcscope.training.config import TrainConfig
+    from idcscope.training.cv import locked_patients
+
+    lock = tmp_path / "lock.json"
+    lock.write_text(json.dumps({"test": ["90003"]}))
+    cfg = TrainConfig(data=str(synthetic_root), split=str(lock))
+    assert locked_patients(cfg) == {"90003"} and locked_patients(TrainConfig()) == set()

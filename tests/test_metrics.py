@@ -294,3 +294,14 @@ def test_summarize():
     assert summarize([0.8])["std"] == 0.0
     assert summarize([None]) == {"mean": None, "std": None, "min": None, "max": None, "n": 0}
     assert _no_nan(s)
+
+
+def test_rank_auc_equals_scikit_learn_with_ties_and_is_none_for_one_class():
+    from sklearn.metrics import roc_auc_score
+
+    from idcscope.evaluation.metrics import rank_auc
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 500), np.round(rng.random(500), 1)  # many ties
+    assert rank_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert rank_auc(np.ones(5), np.arange(5)) is None

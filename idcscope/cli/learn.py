@@ -119,8 +119,24 @@ def cv(
     seed: Seed = None,
     tta: Tta = False,
     threads: Threads = 0,
+    lock: Annotated[
+        Path | None,
+        typer.Option(
+            "--split",
+            help="A split file whose 'test' patients take no part (kept for a final test, "
+            "or a demo patient kept unseen).",
+        ),
+    ] = None,
+    final: Annotated[
+        bool,
+        typer.Option(
+            help="Then train on every patient into OUT/final, with temperature, bias and "
+            "threshold fitted on the out-of-fold predictions."
+        ),
+    ] = False,
 ) -> None:
-    """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs."""
+    """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs,
+    with neighbours and each patch alone, per data folder."""
     from ..errors import IdcscopeError
     from ..training.config import make_config
     from ..training.cv import cross_validate
@@ -135,9 +151,10 @@ def cv(
             epochs=epochs,
             seed=seed,
             threads=threads or None,
+            split=str(lock) if lock else None,
         )
         with log_to_file(out):
-            result = cross_validate(cfg, folds=folds, tta=tta)
+            result = cross_validate(cfg, folds=folds, tta=tta, final=final)
     except IdcscopeError as e:
         raise fail(e) from e
     print((out / "cv.md").read_text())

@@ -138,7 +138,8 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
     """Read a split file: ``{"train": [...], "val": [...], "test": [...]}`` lists of patient ids.
 
     Without a "val" list, validation patients are drawn from "train" (seeded), so published
-    train/test folds (e.g. Janowczyk's) can be used as they are.
+    train/test folds (e.g. Janowczyk's) can be used as they are; ``"val": []`` means none
+    (a final model trained on every patient).
     """
     path = Path(path)
     try:
@@ -148,11 +149,12 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
     if not isinstance(splits, dict) or not any(k in splits for k in SPLITS):
         raise DataError(f"{path}: expected an object with 'train', 'val' and/or 'test' lists")
     splits.setdefault("method", "patient")
+    draw_val = "val" not in splits  # an empty list means no validation patients at all
     for name in SPLITS:
         if not isinstance(splits.get(name, []), list):
             raise DataError(f"{path}: {name!r} must be a list of patient ids")
         splits[name] = [str(p) for p in splits.get(name, [])]
-    if splits["method"] != "random" and not splits["val"] and table is not None:
+    if splits["method"] != "random" and draw_val and table is not None:
         train = table[table["patient"].isin(splits["train"])]
         inner = patient_split(train, val_fraction=0.15, test_fraction=0.0, seed=seed)
         splits["train"], splits["val"] = inner["train"], inner["val"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, classification_report, roc_auc_score, roc_curve
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ def _div(num: float, den: float) -> float:
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else None
+
+
+def rank_auc(y_true: Any, prob: Any) -> float | None:
+    """ROC AUC from ranks (Mann-Whitney U, ties averaged): equal to scikit-learn's, several
+    times faster, for bootstraps. None with a single class."""
+    y, p = np.asarray(y_true).ravel() == 1, np.asarray(prob, np.float64).ravel()
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    if not n1 or not n0:
+        return None
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def binary_metrics(y_true: Any, prob: Any, threshold: float = 0.5) -> dict[str, Any]:

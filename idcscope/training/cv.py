@@ -55,32 +55,147 @@ def cross_validate(
     n_boot: int = 1000,
     tta: bool = False,
     fold_seed: int | None = None,
+    final: bool = False,
 ) -> dict:
     """Train and test ``cfg`` on every fold; writes ``cv.json`` and ``cv.md`` under ``cfg.out``.
+
+    Every test patient is scored twice: with its neighbours (as a whole patient) and each
+    patch alone (as a lone upload). Results are given for all patients and for each data
+    folder, with the fold models' own calibration and with calibration fitted on the
+    other folds' out-of-fold predictions (``training.oof``). With ``final``, a last model
+    trains on every patient and takes its calibration and threshold from all of them.
 
     A fold already finished (its ``fold.json`` written) is read back, not retrained, so a
     killed cross-validation resumes at the fold it was in. ``fold_seed`` (default
     ``cfg.seed``) draws the folds: runs that differ only in ``cfg.seed`` but share it test
-    the same patients, so their fold models can be ensembled.
+    the same patients, so their fold models can be ensembled. The test patients of a split
+    file in ``cfg.split`` take no part (`locked_patients`).
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_patch_data(cfg.data, cfg.cache_dir)
     fold_seed = cfg.seed if fold_seed is None else fold_seed
-    per_fold, pooled = [], []
-    for split in fold_splits(data.table[data.ok], folds, fold_seed):
-        fold_dir = out / f"fold{split['fold']}"
+    per_fold, pooled, fold_dirs = [], {"context": [], "lone": []}, {}
+    table = data.table[data.ok]
+    locked = locked_patients(cfg)
+    if locked:
+        logger.info("%d patients locked away (the test list of %s)", len(locked), cfg.split)
+        table = table[~table["patient"].isin(locked)]
+    for split in fold_splits(table, folds, fold_seed):
+        fold_dir = fold_dirs[split["fold"]] = out / f"fold{split['fold']}"
         done = fold_dir / "fold.json"
         if done.exists() and json.loads(done.read_text())["key"] == _fold_key(cfg, split, tta):
             logger.info("fold %d: already done, read from %s", split["fold"], done)
             per_fold.append(json.loads(done.read_text())["result"])
         else:
             per_fold.append(_run_fold(cfg, split, fold_dir, tta))
-        pooled.append(pd.read_csv(fold_dir / "eval" / "predictions.csv", dtype={"patient": str}))
-    result = summarize_folds(per_fold, pd.concat(pooled, ignore_index=True), n_boot, cfg.seed)
+        for mode in pooled:
+            pooled[mode].append(
+                _fold_predictions(cfg, fold_dir, tta, mode).assign(fold=split["fold"])
+            )
+    pooled = {mode: pd.concat(frames, ignore_index=True) for mode, frames in pooled.items()}
+    result = summarize_folds(per_fold, pooled["context"], n_boot, cfg.seed)
+    result["cohorts"] = cohort_results(cfg, pooled, fold_dirs, n_boot)
+    per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
-    (out / "cv.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "cv.md").write_text(markdown_table([result], [cfg.recipe]) + "\n")
+    if final:
+        from .oof import train_final
+
+        result["final"] = train_final(cfg, pooled["context"], fold_dirs)
+    (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
+    (out / "cv.md").write_text(text + "\n")
+    return result
+
+
+def locked_patients(cfg: TrainConfig) -> set[str]:
+    """Patients no fold may use: the "test" list of ``cfg.split`` when it names a split
+    file (a lockbox kept from every recipe decision, or a demo patient kept unseen)."""
+    if cfg.split in ("patient", "random"):
+        return set()
+    return set(splitting.load_splits(cfg.split)["test"])
+
+
+def selection_bias(scores: np.ndarray, chosen: int | None = None) -> float:
+    """How much choosing the best of several recipes on the same folds flatters it.
+
+    Tibshirani & Tibshirani (Ann. Appl. Stat. 2009): with ``scores`` (folds, recipes),
+    higher better, the recipe ``chosen`` (default: the best mean) was picked; in each fold
+    the best recipe there beats it by some margin, and the mean margin estimates the
+    optimism of the chosen recipe's cross-validated score. Subtract it for a
+    selection-corrected score.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    chosen = int(np.argmax(scores.mean(0))) if chosen is None else chosen
+    return float(np.mean(scores.max(1) - scores[:, chosen]))
+
+
+def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) -> pd.DataFrame:
+    """The fold model's test predictions, with context or every patch alone (scored now
+    if a fold finished before lone scoring existed)."""
+    where = fold_dir / ("eval" if mode == "context" else "eval_lone")
+    if not (where / "predictions.csv").exists():
+        evaluate(
+            fold_dir / "best.pt", cfg.data, where, split="test", tta=tta, n_boot=0,
+            context=mode == "context",
+        )  # fmt: skip
+    return pd.read_csv(where / "predictions.csv", dtype={"patient": str})
+
+
+def cohort_results(cfg: TrainConfig, pooled: dict, fold_dirs: dict, n_boot: int) -> dict:
+    """Pooled metrics per scoring mode ("context", "lone") and calibration ("fold": each
+    fold model's own; "oof": cross-fitted on the other folds), for all patients and for
+    each data folder (several folders are told apart by the first part of the path)."""
+    from .oof import cross_fitted, oof_margins
+
+    out: dict = {}
+    for mode, pred in pooled.items():
+        margin = oof_margins(pred, fold_dirs)
+        for calibration, frame in (("fold", pred), ("oof", cross_fitted(pred, margin, cfg))):
+            cohorts = {"all": frame}
+            if isinstance(cfg.data, list) and len(cfg.data) > 1:
+                folder = frame["path"].str.split("/").str[0]
+                cohorts |= {name: frame[folder == name] for name in sorted(folder.unique())}
+            out[f"{mode}/{calibration}"] = {
+                name: pooled_metrics(f, n_boot, cfg.seed) for name, f in cohorts.items()
+            }
+    return out
+
+
+def per_patient_table(pooled: dict) -> pd.DataFrame:
+    """One row per test patient and scoring mode: its patches, IDC share, AUC,
+    sensitivity and specificity at its fold model's threshold."""
+    rows = []
+    for mode, pred in pooled.items():
+        for patient, g in pred.groupby("patient"):
+            y, decided = g["label"].to_numpy(), g["pred"].to_numpy().astype(bool)
+            auc = metrics.binary_metrics(y, g["prob_idc"].to_numpy())["auc"]
+            rows.append({
+                "patient": patient, "folder": g["path"].iloc[0].split("/")[0], "scored": mode,
+                "fold": int(g["fold"].iloc[0]), "n": len(g), "idc_share": y.mean(), "auc": auc,
+                "sensitivity": decided[y == 1].mean() if (y == 1).any() else None,
+                "specificity": (~decided[y == 0]).mean() if (y == 0).any() else None,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def pooled_metrics(pred: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """AUC, balanced accuracy, F1 (of the decisions in ``pred["pred"]``) and ECE of pooled
+    predictions, with patient-clustered bootstrap 95% CIs, and the mean AUC within a
+    patient (against the pooled AUC, it shows how far scores fail to line up)."""
+    y, prob, pred_ = (pred[c].to_numpy() for c in ("label", "prob_idc", "pred"))
+    patients = pred["patient"].to_numpy()
+    result = {
+        "auc": metrics.binary_metrics(y, prob)["auc"],
+        **_decision_metrics(y, pred_),
+        "ece": metrics.expected_calibration_error(y, prob),
+        "n": len(y),
+        "n_patients": len(set(patients)),
+    }
+    within = metrics.per_patient_metrics(y, prob, patients, 0.5)
+    aucs = [p["auc"] for p in within if p.get("auc") is not None]
+    result["within_patient_auc"] = float(np.mean(aucs)) if aucs else None
+    result["ci95"] = _cis(y, prob, pred_, patients, n_boot, seed)
     return result
 
 
@@ -100,6 +215,7 @@ def _run_fold(cfg: TrainConfig, split: dict, fold_dir: Path, tta: bool) -> dict:
         tta=tta,
         n_boot=0,
     )
+    _fold_predictions(cfg, fold_dir, tta, "lone")
     result = {
         "fold": split["fold"],
         "test_patients": split["test"],
@@ -136,29 +252,7 @@ def summarize_folds(per_fold: list[dict], pooled: pd.DataFrame, n_boot: int, see
 
     pooled_m = metrics.binary_metrics(y, prob)
     decided = _decision_metrics(y, pred)
-    ci = {
-        "auc": list(
-            metrics.bootstrap_ci(
-                y,
-                prob,
-                patients,
-                lambda yy, pp: metrics.binary_metrics(yy, pp)["auc"],
-                n_boot=n_boot,
-                seed=seed,
-            )
-        )
-    }
-    for key in ("balanced_accuracy", "f1"):
-        ci[key] = list(
-            metrics.bootstrap_ci(
-                y,
-                pred.astype(float),
-                patients,
-                lambda yy, pp, k=key: _decision_metrics(yy, pp)[k],
-                n_boot=n_boot,
-                seed=seed,
-            )
-        )
+    ci = _cis(y, prob, pred, patients, n_boot, seed)
     return {
         "per_fold": per_fold,
         "mean": {k: metrics.summarize([f[k] for f in per_fold]) for k in HEADLINE},
@@ -174,9 +268,40 @@ def summarize_folds(per_fold: list[dict], pooled: pd.DataFrame, n_boot: int, see
     }
 
 
+def _cis(y, prob, pred, patients, n_boot: int, seed: int) -> dict:
+    """Patient-clustered bootstrap 95% CIs of AUC (of ``prob``) and of balanced accuracy
+    and F1 (of the decisions ``pred``)."""
+    if n_boot <= 0 or len(set(patients)) < 3:
+        return {}
+
+    ci = {
+        "auc": list(
+            metrics.bootstrap_ci(y, prob, patients, metrics.rank_auc, n_boot=n_boot, seed=seed)
+        )
+    }
+    for key in ("balanced_accuracy", "f1"):
+        ci[key] = list(
+            metrics.bootstrap_ci(
+                y, pred.astype(float), patients,
+                lambda yy, pp, k=key: _decision_metrics(yy, pp)[k], n_boot=n_boot, seed=seed,
+            )
+        )  # fmt: skip
+    return ci
+
+
 def _decision_metrics(y: np.ndarray, pred: np.ndarray) -> dict:
-    m = metrics.binary_metrics(y, pred.astype(float), threshold=0.5)
-    return {k: m[k] for k in ("balanced_accuracy", "f1", "recall", "specificity", "accuracy")}
+    """Metrics of 0/1 decisions (counted directly: they run in every bootstrap resample)."""
+    y, pred = np.asarray(y) == 1, np.asarray(pred) >= 0.5
+    tp, fp = int((y & pred).sum()), int((~y & pred).sum())
+    fn, tn = int((y & ~pred).sum()), int((~y & ~pred).sum())
+    recall, specificity = tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+    return {
+        "balanced_accuracy": (recall + specificity) / 2,
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "recall": recall,
+        "specificity": specificity,
+        "accuracy": (tp + tn) / max(y.size, 1),
+    }
 
 
 def markdown_table(results: list[dict], names: list[str]) -> str:
@@ -194,6 +319,29 @@ def markdown_table(results: list[dict], names: list[str]) -> str:
             cells.append(f"{_f(pooled[key])} [{_f(lo)}, {_f(hi)}]")
         cells.append(_f(r["train_minutes"]["mean"], 1))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cohort_table(cohorts: dict) -> str:
+    """One row per scoring mode, calibration and cohort: pooled metrics [95% CI] and ECE."""
+    head = (
+        "| scored | calibrated on | patients | AUC [95% CI] | balanced acc. [95% CI] "
+        "| F1 [95% CI] | ECE | AUC within a patient |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for key, rows in cohorts.items():
+        mode, calibration = key.split("/")
+        for name, m in rows.items():
+            cells = [
+                "with neighbours" if mode == "context" else "each patch alone",
+                "fold's validation" if calibration == "fold" else "other folds (OOF)",
+                f"{name} ({m['n_patients']})",
+            ]
+            for k in ("auc", "balanced_accuracy", "f1"):
+                lo, hi = m["ci95"].get(k, (None, None))
+                cells.append(f"{_f(m[k])} [{_f(lo)}, {_f(hi)}]")
+            cells += [_f(m["ece"]), _f(m["within_patient_auc"])]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,121 @@
+"""Out-of-fold decisions: calibration and threshold from every patient, and the final model.
+
+Cross-validation scores each patient once, by a model that never saw it. Those out-of-fold
+(OOF) predictions of all patients decide what a few validation patients decide otherwise:
+the temperature, the logit bias and the threshold. Their own honest estimate is
+cross-fitted: each fold's patients are calibrated by a fit on the other folds' patients.
+The final model then trains on every patient, validation patients included, and takes the
+OOF fit (`train_final`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.special import logit
+
+from ..data import splits as splitting
+from ..evaluation import metrics
+from ..inference.calibration import probabilities
+from ..models.checkpoint import read_checkpoint, update_checkpoint
+from ..spatial.grid import STEP
+from .calibration import calibration_report, choose_threshold, fit_platt
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_CLIP = 5e-7  # predictions.csv keeps 6 decimals: 0 and 1 are below this
+
+
+def oof_margins(pred: pd.DataFrame, fold_dirs: dict[int, Path]) -> np.ndarray:
+    """Each patch's logit margin before calibration, from its fold model's calibrated
+    P(IDC) (``pred["prob_idc"]``) and that model's temperature and bias."""
+    margin = np.empty(len(pred))
+    for fold, rows in pred.groupby("fold").indices.items():
+        ckpt = read_checkpoint(fold_dirs[fold] / "best.pt")
+        t, b = float(ckpt.get("temperature", 1.0)), float(ckpt.get("logit_bias", 0.0))
+        p = pred["prob_idc"].to_numpy()[rows].clip(_CLIP, 1 - _CLIP)
+        margin[rows] = (logit(p) - b) * t
+    return margin
+
+
+def fit_decision(margin: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict:
+    """Temperature, logit bias and threshold fitted on OOF margins (as `posthoc` fits them
+    on validation patients), with the calibration before and after."""
+    t, b = fit_platt(margin, y)
+    prob = probabilities(margin, t, b)
+    threshold = choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity)
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    return {
+        "temperature": t,
+        "logit_bias": b,
+        "threshold": threshold,
+        "threshold_method": f"{method} on out-of-fold predictions of {len(y)} patches",
+        "calibration": calibration_report(y, probabilities(margin), prob),
+    }
+
+
+def cross_fitted(pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig) -> pd.DataFrame:
+    """``pred`` with each fold's patients calibrated and thresholded by `fit_decision` on
+    the other folds: an honest estimate of deciding on OOF predictions."""
+    out = pred.copy()
+    y, folds = pred["label"].to_numpy(), pred["fold"].to_numpy()
+    for fold in np.unique(folds):
+        mine = folds == fold
+        fit = fit_decision(margin[~mine], y[~mine], cfg)
+        prob = probabilities(margin[mine], fit["temperature"], fit["logit_bias"])
+        out.loc[mine, "prob_idc"] = prob
+        out.loc[mine, "pred"] = (prob >= fit["threshold"]).astype(int)
+    return out
+
+
+def train_final(cfg: TrainConfig, pred: pd.DataFrame, fold_dirs: dict[int, Path]) -> dict:
+    """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
+
+    The context width is the median of the fold models' (each chosen on its validation
+    patients). A finished final model is read back, a killed one resumes.
+    """
+    from .train import train
+
+    out = Path(cfg.out) / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    patients = sorted(pred["patient"].astype(str).unique())
+    split = {"method": "patient", "seed": cfg.seed, "train": patients, "val": [], "test": []}
+    split_path = splitting.save_splits(split, out / "final_split.json")
+    epochs = cfg.epochs
+    if cfg.keep == "val_loss":  # nothing to watch: stop where the folds were best
+        epochs = int(np.median([_fold_ckpt(d)["epoch"] for d in fold_dirs.values()])) + 1
+    final_cfg = dataclasses.replace(
+        cfg, out=str(out), split=str(split_path), keep="last", epochs=epochs
+    )
+    done = out / "final.json"
+    key = json.loads(json.dumps(dataclasses.asdict(final_cfg), default=str))
+    if done.exists() and json.loads(done.read_text())["config"] == key:
+        logger.info("final model: already trained, read from %s", done)
+        return json.loads(done.read_text())["fields"]
+    train(final_cfg, resume=(out / "last.pt").exists())
+    margin, y = oof_margins(pred, fold_dirs), pred["label"].to_numpy()
+    sigmas = [float(_fold_ckpt(d).get("context", {}).get("sigma", 0.0)) for d in fold_dirs.values()]
+    fit = fit_decision(margin, y, cfg)
+    prob = probabilities(margin, fit["temperature"], fit["logit_bias"])
+    fields = fit | {
+        "context": {"sigma": float(np.median(sigmas)), "step": STEP, "fold_sigmas": sigmas},
+        "oof_metrics": metrics.binary_metrics(y, prob, fit["threshold"]),
+    }
+    for name in ("best.pt", "last.pt"):
+        update_checkpoint(out / name, **fields)
+    done.write_text(json.dumps({"config": key, "fields": fields}, indent=2) + "\n")
+    logger.info(
+        "final model on %d patients: temperature %.3f, bias %.3f, threshold %.3f (OOF)",
+        len(patients), fields["temperature"], fields["logit_bias"], fields["threshold"],
+    )  # fmt: skip
+    return fields
+
+
+def _fold_ckpt(fold_dir: Path) -> dict:
+    return read_checkpoint(fold_dir / "best.pt")
