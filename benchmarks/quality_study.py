@@ -8,7 +8,8 @@ For each recipe folder (an ``idcscope cv`` output), prints its pooled test metri
 scoring mode (with neighbours; each patch alone), calibration (the fold's validation
 patients; the other folds' out-of-fold predictions) and data folder, and, for the recipe
 with the best mean fold AUC, the same less the optimism of having chosen it among these
-recipes on these folds (``training.cv.selection_bias``, per metric).
+recipes on these folds (``training.cv.selection_bias``, per metric). ``--chosen`` names the
+recipe that was chosen when something other than fold AUC decided.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from idcscope.training.cv import cohort_table, selection_bias
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="idcscope cv output folders")
+    ap.add_argument(
+        "--chosen",
+        help="the recipe folder's name that was chosen (default: the best mean fold AUC)",
+    )
     args = ap.parse_args()
     results = {run.name: json.loads((run / "cv.json").read_text()) for run in args.runs}
     for name, r in results.items():
@@ -36,8 +41,9 @@ def main() -> None:
         raise SystemExit("the recipes were not cross-validated on the same folds")
     names = list(results)
     best = int(np.argmax([results[n]["mean"]["auc"]["mean"] for n in names]))
+    best = names.index(args.chosen) if args.chosen else best
     chosen = names[best]
-    print(f"## Selection-corrected: {chosen}, the best of {len(names)} by mean fold AUC\n")
+    print(f"## Selection-corrected: {chosen}, chosen among {len(names)} on these folds\n")
     print("| metric | pooled, with neighbours | optimism of the choice | corrected |")
     print("|---|---|---|---|")
     for key in ("auc", "balanced_accuracy", "f1"):

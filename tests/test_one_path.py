@@ -4,7 +4,7 @@ predict (torch and ONNX Runtime), evaluate, explain, heatmap and the web page (a
 zip and single patches) all score through the one Predictor, so a patch's P(IDC) may
 differ between them only by float rounding: at most 1e-4, with its patient's places, and
 for lone uploads that carry none. The model is the default recipe trained on the real
-sample (stain normalised per patient, the 3x3 neighbourhood as input, spatial context),
+sample (stain augmentation, the 3x3 neighbourhood as input, spatial context),
 the patient a real one from the sample.
 """
 

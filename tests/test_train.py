@@ -31,10 +31,10 @@ def test_run_folder_is_complete(run_dir):
         assert (run_dir / name).is_file(), name
     with (run_dir / "history.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
     assert float(rows[0]["images_per_s"]) > 0
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["model"] == "cancernet" and cfg["epochs"] == 2
+    assert cfg["model"] == "cancernet" and cfg["epochs"] == 4
 
 
 def test_checkpoint_describes_itself_and_loads_without_pickle(run_dir):

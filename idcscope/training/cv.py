@@ -101,7 +101,7 @@ def cross_validate(
     if final:
         from .oof import train_final
 
-        result["final"] = train_final(cfg, pooled["context"], fold_dirs)
+        result["final"] = train_final(cfg, pooled["context"], fold_dirs, locked)
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
     (out / "cv.md").write_text(text + "\n")

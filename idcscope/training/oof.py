@@ -74,18 +74,22 @@ def cross_fitted(pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig) -> pd
     return out
 
 
-def train_final(cfg: TrainConfig, pred: pd.DataFrame, fold_dirs: dict[int, Path]) -> dict:
+def train_final(
+    cfg: TrainConfig, pred: pd.DataFrame, fold_dirs: dict[int, Path], locked=()
+) -> dict:
     """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
 
     The context width is the median of the fold models' (each chosen on its validation
-    patients). A finished final model is read back, a killed one resumes.
+    patients). ``locked`` patients (kept out of the folds) are its test patients. A
+    finished final model is read back, a killed one resumes.
     """
     from .train import train
 
     out = Path(cfg.out) / "final"
     out.mkdir(parents=True, exist_ok=True)
     patients = sorted(pred["patient"].astype(str).unique())
-    split = {"method": "patient", "seed": cfg.seed, "train": patients, "val": [], "test": []}
+    test = sorted(map(str, locked))
+    split = {"method": "patient", "seed": cfg.seed, "train": patients, "val": [], "test": test}
     split_path = splitting.save_splits(split, out / "final_split.json")
     epochs = cfg.epochs
     if cfg.keep == "val_loss":  # nothing to watch: stop where the folds were best
@@ -94,11 +98,12 @@ def train_final(cfg: TrainConfig, pred: pd.DataFrame, fold_dirs: dict[int, Path]
         cfg, out=str(out), split=str(split_path), keep="last", epochs=epochs
     )
     done = out / "final.json"
-    key = json.loads(json.dumps(dataclasses.asdict(final_cfg), default=str))
+    key = json.loads(json.dumps([dataclasses.asdict(final_cfg), split], default=str))
     if done.exists() and json.loads(done.read_text())["config"] == key:
         logger.info("final model: already trained, read from %s", done)
         return json.loads(done.read_text())["fields"]
-    train(final_cfg, resume=(out / "last.pt").exists())
+    # A killed final run resumes; one finished under another config starts again.
+    train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
     margin, y = oof_margins(pred, fold_dirs), pred["label"].to_numpy()
     sigmas = [float(_fold_ckpt(d).get("context", {}).get("sigma", 0.0)) for d in fold_dirs.values()]
     fit = fit_decision(margin, y, cfg)
