@@ -96,6 +96,10 @@ def test_cross_fitting_calibrates_each_fold_on_the_others_only():
     expected = probabilities(margin[:400], fit["temperature"], fit["logit_bias"])
     np.testing.assert_allclose(out["prob_idc"].to_numpy()[:400], expected)
     assert (out["pred"].to_numpy()[:400] == (expected >= fit["threshold"])).all()
+    # lone scores of the same folds are calibrated by the fit on the other scoring
+    lone = cross_fitted(pred, margin / 3, cfg, fit_on=(pred, margin))
+    expected = probabilities(margin[:400] / 3, fit["temperature"], fit["logit_bias"])
+    np.testing.assert_allclose(lone["prob_idc"].to_numpy()[:400], expected)
 
 
 def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):

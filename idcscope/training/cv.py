@@ -144,14 +144,17 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
 
 def cohort_results(cfg: TrainConfig, pooled: dict, fold_dirs: dict, n_boot: int) -> dict:
     """Pooled metrics per scoring mode ("context", "lone") and calibration ("fold": each
-    fold model's own; "oof": cross-fitted on the other folds), for all patients and for
-    each data folder (several folders are told apart by the first part of the path)."""
+    fold model's own; "oof": cross-fitted on the other folds' scores with neighbours, as
+    the final model is calibrated), for all patients and for each data folder (several
+    folders are told apart by the first part of the path)."""
     from .oof import cross_fitted, oof_margins
 
     out: dict = {}
+    margins = {mode: oof_margins(pred, fold_dirs) for mode, pred in pooled.items()}
+    fit_on = (pooled["context"], margins["context"])
     for mode, pred in pooled.items():
-        margin = oof_margins(pred, fold_dirs)
-        for calibration, frame in (("fold", pred), ("oof", cross_fitted(pred, margin, cfg))):
+        oof = cross_fitted(pred, margins[mode], cfg, fit_on)
+        for calibration, frame in (("fold", pred), ("oof", oof)):
             cohorts = {"all": frame}
             if isinstance(cfg.data, list) and len(cfg.data) > 1:
                 folder = frame["path"].str.split("/").str[0]

@@ -60,14 +60,23 @@ def fit_decision(margin: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict:
     }
 
 
-def cross_fitted(pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig) -> pd.DataFrame:
+def cross_fitted(
+    pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig, fit_on: tuple | None = None
+) -> pd.DataFrame:
     """``pred`` with each fold's patients calibrated and thresholded by `fit_decision` on
-    the other folds: an honest estimate of deciding on OOF predictions."""
+    the other folds: an honest estimate of deciding on OOF predictions.
+
+    ``fit_on`` (``(pred, margin)`` of another scoring of the same folds) fits on those
+    instead: a model calibrated on whole patients also scores lone patches, so lone
+    patches are calibrated by the fit on the other folds' scores with neighbours.
+    """
     out = pred.copy()
-    y, folds = pred["label"].to_numpy(), pred["fold"].to_numpy()
+    fit_pred, fit_margin = fit_on or (pred, margin)
+    fit_y, fit_folds = fit_pred["label"].to_numpy(), fit_pred["fold"].to_numpy()
+    folds = pred["fold"].to_numpy()
     for fold in np.unique(folds):
-        mine = folds == fold
-        fit = fit_decision(margin[~mine], y[~mine], cfg)
+        mine, others = folds == fold, fit_folds != fold
+        fit = fit_decision(fit_margin[others], fit_y[others], cfg)
         prob = probabilities(margin[mine], fit["temperature"], fit["logit_bias"])
         out.loc[mine, "prob_idc"] = prob
         out.loc[mine, "pred"] = (prob >= fit["threshold"]).astype(int)
