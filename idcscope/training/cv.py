@@ -95,13 +95,14 @@ def cross_validate(
             )
     pooled = {mode: pd.concat(frames, ignore_index=True) for mode, frames in pooled.items()}
     result = summarize_folds(per_fold, pooled["context"], n_boot, cfg.seed)
-    result["cohorts"] = cohort_results(cfg, pooled, fold_dirs, n_boot)
+    from .oof import fold_decisions, train_final
+
+    decisions = fold_decisions(fold_dirs)
+    result["cohorts"] = cohort_results(cfg, pooled, decisions, n_boot)
     per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     if final:
-        from .oof import train_final
-
-        result["final"] = train_final(cfg, pooled["context"], fold_dirs, locked)
+        result["final"] = train_final(cfg, pooled["context"], decisions, locked)
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
     (out / "cv.md").write_text(text + "\n")
@@ -142,7 +143,7 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
     return pd.read_csv(where / "predictions.csv", dtype={"patient": str})
 
 
-def cohort_results(cfg: TrainConfig, pooled: dict, fold_dirs: dict, n_boot: int) -> dict:
+def cohort_results(cfg: TrainConfig, pooled: dict, decisions: dict, n_boot: int) -> dict:
     """Pooled metrics per scoring mode ("context", "lone") and calibration ("fold": each
     fold model's own; "oof": cross-fitted on the other folds' scores with neighbours, as
     the final model is calibrated), for all patients and for each data folder (several
@@ -150,7 +151,7 @@ def cohort_results(cfg: TrainConfig, pooled: dict, fold_dirs: dict, n_boot: int)
     from .oof import cross_fitted, oof_margins
 
     out: dict = {}
-    margins = {mode: oof_margins(pred, fold_dirs) for mode, pred in pooled.items()}
+    margins = {mode: oof_margins(pred, decisions) for mode, pred in pooled.items()}
     fit_on = (pooled["context"], margins["context"])
     for mode, pred in pooled.items():
         oof = cross_fitted(pred, margins[mode], cfg, fit_on)

@@ -32,13 +32,27 @@ logger = logging.getLogger(__name__)
 _CLIP = 5e-7  # predictions.csv keeps 6 decimals: 0 and 1 are below this
 
 
-def oof_margins(pred: pd.DataFrame, fold_dirs: dict[int, Path]) -> np.ndarray:
+def fold_decisions(fold_dirs: dict[int, Path]) -> dict[int, dict]:
+    """What each fold model's validation patients decided, read once from its checkpoint:
+    ``temperature``, ``logit_bias``, context ``sigma`` and the ``epoch`` kept."""
+    out = {}
+    for fold, fold_dir in fold_dirs.items():
+        ckpt = read_checkpoint(fold_dir / "best.pt")
+        out[fold] = {
+            "temperature": float(ckpt.get("temperature", 1.0)),
+            "logit_bias": float(ckpt.get("logit_bias", 0.0)),
+            "sigma": float(ckpt.get("context", {}).get("sigma", 0.0)),
+            "epoch": int(ckpt["epoch"]),
+        }
+    return out
+
+
+def oof_margins(pred: pd.DataFrame, folds: dict[int, dict]) -> np.ndarray:
     """Each patch's logit margin before calibration, from its fold model's calibrated
-    P(IDC) (``pred["prob_idc"]``) and that model's temperature and bias."""
+    P(IDC) (``pred["prob_idc"]``) and that model's temperature and bias (`fold_decisions`)."""
     margin = np.empty(len(pred))
     for fold, rows in pred.groupby("fold").indices.items():
-        ckpt = read_checkpoint(fold_dirs[fold] / "best.pt")
-        t, b = float(ckpt.get("temperature", 1.0)), float(ckpt.get("logit_bias", 0.0))
+        t, b = folds[fold]["temperature"], folds[fold]["logit_bias"]
         p = pred["prob_idc"].to_numpy()[rows].clip(_CLIP, 1 - _CLIP)
         margin[rows] = (logit(p) - b) * t
     return margin
@@ -83,13 +97,11 @@ def cross_fitted(
     return out
 
 
-def train_final(
-    cfg: TrainConfig, pred: pd.DataFrame, fold_dirs: dict[int, Path], locked=()
-) -> dict:
+def train_final(cfg: TrainConfig, pred: pd.DataFrame, folds: dict[int, dict], locked=()) -> dict:
     """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
 
-    The context width is the median of the fold models' (each chosen on its validation
-    patients). ``locked`` patients (kept out of the folds) are its test patients. A
+    The context width is the median of the fold models' (``folds``, `fold_decisions`; each
+    chosen on its validation patients). ``locked`` patients (kept out of the folds) are its test patients. A
     finished final model is read back, a killed one resumes.
     """
     from .train import train
@@ -102,7 +114,7 @@ def train_final(
     split_path = splitting.save_splits(split, out / "final_split.json")
     epochs = cfg.epochs
     if cfg.keep == "val_loss":  # nothing to watch: stop where the folds were best
-        epochs = int(np.median([_fold_ckpt(d)["epoch"] for d in fold_dirs.values()])) + 1
+        epochs = int(np.median([f["epoch"] for f in folds.values()])) + 1
     final_cfg = dataclasses.replace(
         cfg, out=str(out), split=str(split_path), keep="last", epochs=epochs
     )
@@ -113,8 +125,8 @@ def train_final(
         return json.loads(done.read_text())["fields"]
     # A killed final run resumes; one finished under another config starts again.
     train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
-    margin, y = oof_margins(pred, fold_dirs), pred["label"].to_numpy()
-    sigmas = [float(_fold_ckpt(d).get("context", {}).get("sigma", 0.0)) for d in fold_dirs.values()]
+    margin, y = oof_margins(pred, folds), pred["label"].to_numpy()
+    sigmas = [f["sigma"] for f in folds.values()]
     fit = fit_decision(margin, y, cfg)
     prob = probabilities(margin, fit["temperature"], fit["logit_bias"])
     fields = fit | {
@@ -129,7 +141,3 @@ def train_final(
         len(patients), fields["temperature"], fields["logit_bias"], fields["threshold"],
     )  # fmt: skip
     return fields
-
-
-def _fold_ckpt(fold_dir: Path) -> dict:
-    return read_checkpoint(fold_dir / "best.pt")
