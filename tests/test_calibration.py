@@ -126,3 +126,36 @@ def test_platt_recovers_temperature_and_the_prior_of_balanced_training():
     t, b = fit_platt(margin, y)
     assert t == pytest.approx(2.0, rel=0.1) and b == pytest.approx(-1.0, abs=0.1)
     assert fit_platt(margin, np.ones_like(y)) == (1.0, 0.0)
+
+
+def test_patches_scored_alone_take_the_lone_calibration(trained_run, synthetic_root, tmp_path):
+    """A patch without a place gets the checkpoint's lone calibration, one with a place its
+    calibration; a checkpoint without a lone one calibrates both alike."""
+    from scipy.special import expit, logit
+
+    from idcscope.data.dataset import load_patch_data
+    from idcscope.inference import Predictor
+    from idcscope.inference.calibration import calibration_of
+    from idcscope.models.checkpoint import read_checkpoint, update_checkpoint
+
+    path = tmp_path / "best.pt"
+    path.write_bytes((trained_run / "best.pt").read_bytes())
+    plain = read_checkpoint(path)
+    assert calibration_of(plain, lone=True) == calibration_of(plain)
+    update_checkpoint(path, lone_calibration={"temperature": 2.5, "logit_bias": 0.7})
+    t, b = calibration_of(read_checkpoint(path))
+    assert (t, b) == (plain["temperature"], plain["logit_bias"])
+    assert calibration_of(read_checkpoint(path), lone=True) == (2.5, 0.7)
+
+    data = load_patch_data(synthetic_root)
+    rows = data.rows()[:96]
+    xs, ys = (data.table[c].to_numpy(np.float64) for c in "xy")
+    lone = np.zeros(len(xs), bool)
+    lone[rows[::3]] = True  # a third of them come without a place
+    xs = np.where(lone, np.nan, xs)
+    got = Predictor(path, precision="fp32").predict(data.images, rows, data.patients, (xs, ys))
+    margin = logit(got.prob_uncalibrated)
+    expected = np.where(lone[rows], expit(margin / 2.5 + 0.7), expit(margin / t + b))
+    np.testing.assert_allclose(got.prob, expected, atol=1e-9)
+    alone = Predictor(path, precision="fp32", context=False).predict(data.images, rows)
+    np.testing.assert_allclose(alone.prob, expit(logit(alone.prob_uncalibrated) / 2.5 + 0.7))

@@ -79,6 +79,10 @@ def test_final_model_trains_on_every_patient_with_oof_decisions(cv_run):
     assert final["context"]["sigma"] == pytest.approx(np.median(folds))
     cv = json.loads((out / "cv.json").read_text())
     assert cv["final"]["temperature"] == pytest.approx(final["temperature"])
+    # patches scored alone have their own calibration, fitted on the lone OOF scores
+    lone = final["lone_calibration"]
+    assert lone["temperature"] == pytest.approx(cv["final"]["lone_calibration"]["temperature"])
+    assert set(lone) == {"temperature", "logit_bias", "calibration"}
 
 
 def test_cross_fitting_calibrates_each_fold_on_the_others_only():
@@ -96,10 +100,12 @@ def test_cross_fitting_calibrates_each_fold_on_the_others_only():
     expected = probabilities(margin[:400], fit["temperature"], fit["logit_bias"])
     np.testing.assert_allclose(out["prob_idc"].to_numpy()[:400], expected)
     assert (out["pred"].to_numpy()[:400] == (expected >= fit["threshold"])).all()
-    # lone scores of the same folds are calibrated by the fit on the other scoring
-    lone = cross_fitted(pred, margin / 3, cfg, fit_on=(pred, margin))
-    expected = probabilities(margin[:400] / 3, fit["temperature"], fit["logit_bias"])
+    # lone scores of the same folds: their own calibration, the other scoring's threshold
+    lone = cross_fitted(pred, margin / 3, cfg, threshold_from=(pred, margin))
+    lone_fit = fit_decision(margin[400:] / 3, y[400:], cfg)
+    expected = probabilities(margin[:400] / 3, lone_fit["temperature"], lone_fit["logit_bias"])
     np.testing.assert_allclose(lone["prob_idc"].to_numpy()[:400], expected)
+    assert (lone["pred"].to_numpy()[:400] == (expected >= fit["threshold"])).all()
 
 
 def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 from ..data import splits as splitting
 from ..data.manifest import index_datasets, roots_text, summarize
 from ..errors import IdcscopeError
+from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
 from . import metrics, plots
@@ -80,8 +81,10 @@ def evaluate(
     result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
     result["ece"] = metrics.expected_calibration_error(y, prob)
     result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
-    result["temperature"] = [float(c.get("temperature", 1.0)) for c in predictor.checkpoints]
-    result["logit_bias"] = [float(c.get("logit_bias", 0.0)) for c in predictor.checkpoints]
+    # The calibration these patches were scored with (alone: the lone one, `calibration_of`).
+    calibrations = [calibration_of(c, lone=not context) for c in predictor.checkpoints]
+    result["temperature"] = [t for t, _ in calibrations]
+    result["logit_bias"] = [b for _, b in calibrations]
     summary = summarize(table) | {
         "n_files": len(table) + len(skipped),
         "n_skipped": len(skipped),

@@ -25,3 +25,11 @@ def probabilities(logits: Any, temperature: float = 1.0, bias: float = 0.0) -> n
     """P(IDC) = sigmoid((z1 - z0) / T + bias) of (N, 2) logits (array or tensor), in float64:
     ``softmax(logits / T)[:, 1]`` when the bias is 0."""
     return expit(_margin(logits) / temperature + bias)
+
+
+def calibration_of(ckpt: dict, lone: bool = False) -> tuple[float, float]:
+    """A checkpoint's temperature and logit bias: those of patches scored with their
+    neighbours, or with ``lone`` of patches scored alone (no coordinates), which a model
+    calibrated on out-of-fold lone scores carries as ``lone_calibration`` (else the same)."""
+    fields = (lone and ckpt.get("lone_calibration")) or ckpt
+    return float(fields.get("temperature", 1.0)), float(fields.get("logit_bias", 0.0))

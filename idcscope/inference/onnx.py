@@ -46,6 +46,7 @@ _META_FIELDS = (
     "threshold_method",
     "temperature",
     "logit_bias",
+    "lone_calibration",
     "context",
     "preprocessing",
     "epoch",

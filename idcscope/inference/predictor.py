@@ -24,8 +24,9 @@ from ..data import PATCH_SIZE
 from ..data.preprocess import Preprocessing
 from ..progress import progress_bar
 from ..spatial.context import smooth_rows
+from ..spatial.grid import placed
 from .backends import create_backend
-from .calibration import probabilities
+from .calibration import calibration_of, probabilities
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
 from .workers import FORWARD, workers
 
@@ -72,10 +73,14 @@ class Member:
     prep: Preprocessing
     backend: object
 
-    @property
-    def calibration(self) -> tuple[float, float]:
-        """Temperature and logit bias (`inference.calibration.probabilities`)."""
-        return float(self.ckpt.get("temperature", 1.0)), float(self.ckpt.get("logit_bias", 0.0))
+    def probabilities(self, logits: np.ndarray, has_place: np.ndarray) -> np.ndarray:
+        """Calibrated P(IDC): patches with a place on the grid (``has_place``) take the
+        checkpoint's calibration, patches scored alone its lone one (`calibration_of`)."""
+        prob = probabilities(logits, *calibration_of(self.ckpt))
+        if not has_place.all():
+            lone = probabilities(logits, *calibration_of(self.ckpt, lone=True))
+            prob = np.where(has_place, prob, lone)
+        return prob
 
 
 def load_member(path, engine, device, precision, batch_size, threads) -> Member:
@@ -203,10 +208,11 @@ class Predictor:
 
         def finish(loaded: Loaded, waits) -> Scored:
             g, xy = where(loaded)
+            has_place = np.zeros(len(g), bool) if xy is None else placed(*xy)
             calibrated, raw = [], []
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), None, g, xy, member.ckpt.get("context"))
-                calibrated.append(probabilities(logits, *member.calibration))
+                calibrated.append(member.probabilities(logits, has_place))
                 raw.append(probabilities(logits))
             return Scored(
                 loaded.bucket,

@@ -33,7 +33,7 @@ FILES = (CONFIG, WEIGHTS, CARD)
 # the run folder.
 FIELDS = (
     "model", "class_names", "preprocessing", "threshold", "threshold_method", "temperature",
-    "logit_bias", "context", "config", "splits", "data_summary", "epoch", "val_metrics",
+    "logit_bias", "lone_calibration", "context", "config", "splits", "data_summary", "epoch", "val_metrics",
 )  # fmt: skip
 HUB_PREFIX = "hf://"
 DEFAULT_MODEL = "idc-default"  # what scores when no --model is given

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import files_table
+from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from .jobs import Job
 from .uploads import Upload, UploadError, extract_patient_zip
@@ -56,12 +57,15 @@ class Analyst:
 
     def describe(self) -> dict:
         """What the page shows about the model."""
+        (t, b), (lone_t, lone_b) = calibration_of(self.ckpt), calibration_of(self.ckpt, True)
         return {
             "checkpoint": self.predictor.paths[0].name,
             "model": self.ckpt["model"]["name"],
             "threshold": round(self.predictor.threshold, 4),
-            "temperature": round(float(self.ckpt.get("temperature", 1.0)), 4),
-            "logit_bias": round(float(self.ckpt.get("logit_bias", 0.0)), 4),
+            "temperature": round(t, 4),
+            "logit_bias": round(b, 4),
+            "lone_temperature": round(lone_t, 4),
+            "lone_logit_bias": round(lone_b, 4),
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
             "mpp": self.ckpt["preprocessing"].get("mpp"),

@@ -102,7 +102,7 @@ def cross_validate(
     per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     if final:
-        result["final"] = train_final(cfg, pooled["context"], decisions, locked)
+        result["final"] = train_final(cfg, pooled, decisions, locked)
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
     (out / "cv.md").write_text(text + "\n")
@@ -145,16 +145,17 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
 
 def cohort_results(cfg: TrainConfig, pooled: dict, decisions: dict, n_boot: int) -> dict:
     """Pooled metrics per scoring mode ("context", "lone") and calibration ("fold": each
-    fold model's own; "oof": cross-fitted on the other folds' scores with neighbours, as
-    the final model is calibrated), for all patients and for each data folder (several
-    folders are told apart by the first part of the path)."""
+    fold model's own; "oof": cross-fitted on the other folds' scores in the same mode,
+    thresholded as the scores with neighbours are, as the final model is calibrated), for
+    all patients and for each data folder (several folders are told apart by the first
+    part of the path)."""
     from .oof import cross_fitted, oof_margins
 
     out: dict = {}
-    margins = {mode: oof_margins(pred, decisions) for mode, pred in pooled.items()}
-    fit_on = (pooled["context"], margins["context"])
+    margins = {mode: oof_margins(pred, decisions, mode) for mode, pred in pooled.items()}
+    context = (pooled["context"], margins["context"])
     for mode, pred in pooled.items():
-        oof = cross_fitted(pred, margins[mode], cfg, fit_on)
+        oof = cross_fitted(pred, margins[mode], cfg, None if mode == "context" else context)
         for calibration, frame in (("fold", pred), ("oof", oof)):
             cohorts = {"all": frame}
             if isinstance(cfg.data, list) and len(cfg.data) > 1:

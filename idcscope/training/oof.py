@@ -21,7 +21,7 @@ from scipy.special import logit
 
 from ..data import splits as splitting
 from ..evaluation import metrics
-from ..inference.calibration import probabilities
+from ..inference.calibration import calibration_of, probabilities
 from ..models.checkpoint import read_checkpoint, update_checkpoint
 from ..spatial.grid import STEP
 from .calibration import calibration_report, choose_threshold, fit_platt
@@ -34,25 +34,27 @@ _CLIP = 5e-7  # predictions.csv keeps 6 decimals: 0 and 1 are below this
 
 def fold_decisions(fold_dirs: dict[int, Path]) -> dict[int, dict]:
     """What each fold model's validation patients decided, read once from its checkpoint:
-    ``temperature``, ``logit_bias``, context ``sigma`` and the ``epoch`` kept."""
+    the calibration (temperature, logit bias) of its "context" and "lone" scores, context
+    ``sigma`` and the ``epoch`` kept."""
     out = {}
     for fold, fold_dir in fold_dirs.items():
         ckpt = read_checkpoint(fold_dir / "best.pt")
         out[fold] = {
-            "temperature": float(ckpt.get("temperature", 1.0)),
-            "logit_bias": float(ckpt.get("logit_bias", 0.0)),
+            "context": calibration_of(ckpt),
+            "lone": calibration_of(ckpt, lone=True),
             "sigma": float(ckpt.get("context", {}).get("sigma", 0.0)),
             "epoch": int(ckpt["epoch"]),
         }
     return out
 
 
-def oof_margins(pred: pd.DataFrame, folds: dict[int, dict]) -> np.ndarray:
+def oof_margins(pred: pd.DataFrame, folds: dict[int, dict], mode: str = "context") -> np.ndarray:
     """Each patch's logit margin before calibration, from its fold model's calibrated
-    P(IDC) (``pred["prob_idc"]``) and that model's temperature and bias (`fold_decisions`)."""
+    P(IDC) (``pred["prob_idc"]``, scored in ``mode``: "context" or "lone") and that
+    model's temperature and bias for the mode (`fold_decisions`)."""
     margin = np.empty(len(pred))
     for fold, rows in pred.groupby("fold").indices.items():
-        t, b = folds[fold]["temperature"], folds[fold]["logit_bias"]
+        t, b = folds[fold][mode]
         p = pred["prob_idc"].to_numpy()[rows].clip(_CLIP, 1 - _CLIP)
         margin[rows] = (logit(p) - b) * t
     return margin
@@ -75,39 +77,51 @@ def fit_decision(margin: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict:
 
 
 def cross_fitted(
-    pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig, fit_on: tuple | None = None
+    pred: pd.DataFrame, margin: np.ndarray, cfg: TrainConfig, threshold_from: tuple | None = None
 ) -> pd.DataFrame:
     """``pred`` with each fold's patients calibrated and thresholded by `fit_decision` on
     the other folds: an honest estimate of deciding on OOF predictions.
 
-    ``fit_on`` (``(pred, margin)`` of another scoring of the same folds) fits on those
-    instead: a model calibrated on whole patients also scores lone patches, so lone
-    patches are calibrated by the fit on the other folds' scores with neighbours.
+    ``threshold_from`` (``(pred, margin)`` of another scoring of the same folds) takes the
+    threshold from that scoring's fit instead: lone patches have a calibration of their own
+    (``lone_calibration``) but share the threshold on P(IDC) with patches scored with
+    their neighbours, as the Predictor applies them.
     """
     out = pred.copy()
-    fit_pred, fit_margin = fit_on or (pred, margin)
-    fit_y, fit_folds = fit_pred["label"].to_numpy(), fit_pred["fold"].to_numpy()
-    folds = pred["fold"].to_numpy()
+    y, folds = pred["label"].to_numpy(), pred["fold"].to_numpy()
     for fold in np.unique(folds):
-        mine, others = folds == fold, fit_folds != fold
-        fit = fit_decision(fit_margin[others], fit_y[others], cfg)
+        mine = folds == fold
+        fit = fit_decision(margin[~mine], y[~mine], cfg)
+        threshold = fit["threshold"]
+        if threshold_from is not None:
+            t_pred, t_margin = threshold_from
+            others = t_pred["fold"].to_numpy() != fold
+            threshold = fit_decision(t_margin[others], t_pred["label"].to_numpy()[others], cfg)[
+                "threshold"
+            ]
         prob = probabilities(margin[mine], fit["temperature"], fit["logit_bias"])
         out.loc[mine, "prob_idc"] = prob
-        out.loc[mine, "pred"] = (prob >= fit["threshold"]).astype(int)
+        out.loc[mine, "pred"] = (prob >= threshold).astype(int)
     return out
 
 
-def train_final(cfg: TrainConfig, pred: pd.DataFrame, folds: dict[int, dict], locked=()) -> dict:
+def train_final(
+    cfg: TrainConfig, pooled: dict[str, pd.DataFrame], folds: dict[int, dict], locked=()
+) -> dict:
     """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
 
+    ``pooled`` holds the OOF predictions per scoring mode: "context" ones give the
+    temperature, bias and threshold, "lone" ones (when there) the ``lone_calibration``.
     The context width is the median of the fold models' (``folds``, `fold_decisions`; each
-    chosen on its validation patients). ``locked`` patients (kept out of the folds) are its test patients. A
-    finished final model is read back, a killed one resumes.
+    chosen on its validation patients). ``locked`` patients (kept out of the folds) are its
+    test patients. A finished final model is not trained again (its decisions are refitted,
+    which costs a second), a killed one resumes.
     """
     from .train import train
 
     out = Path(cfg.out) / "final"
     out.mkdir(parents=True, exist_ok=True)
+    pred = pooled["context"]
     patients = sorted(pred["patient"].astype(str).unique())
     test = sorted(map(str, locked))
     split = {"method": "patient", "seed": cfg.seed, "train": patients, "val": [], "test": test}
@@ -121,10 +135,9 @@ def train_final(cfg: TrainConfig, pred: pd.DataFrame, folds: dict[int, dict], lo
     done = out / "final.json"
     key = json.loads(json.dumps([dataclasses.asdict(final_cfg), split], default=str))
     if done.exists() and json.loads(done.read_text())["config"] == key:
-        logger.info("final model: already trained, read from %s", done)
-        return json.loads(done.read_text())["fields"]
-    # A killed final run resumes; one finished under another config starts again.
-    train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
+        logger.info("final model: already trained (%s)", done)
+    else:  # a killed final run resumes; one finished under another config starts again
+        train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
     margin, y = oof_margins(pred, folds), pred["label"].to_numpy()
     sigmas = [f["sigma"] for f in folds.values()]
     fit = fit_decision(margin, y, cfg)
@@ -133,6 +146,12 @@ def train_final(cfg: TrainConfig, pred: pd.DataFrame, folds: dict[int, dict], lo
         "context": {"sigma": float(np.median(sigmas)), "step": STEP, "fold_sigmas": sigmas},
         "oof_metrics": metrics.binary_metrics(y, prob, fit["threshold"]),
     }
+    if "lone" in pooled:
+        lone = pooled["lone"]
+        lone_fit = fit_decision(oof_margins(lone, folds, "lone"), lone["label"].to_numpy(), cfg)
+        fields["lone_calibration"] = {
+            k: lone_fit[k] for k in ("temperature", "logit_bias", "calibration")
+        }
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **fields)
     done.write_text(json.dumps({"config": key, "fields": fields}, indent=2) + "\n")
