@@ -50,7 +50,8 @@ def test_the_bundle_scores_as_its_checkpoint(model_dir, trained_run, synthetic_r
     for engine in ("torch", "onnx"):
         got = predict(Predictor(model_dir, engine), [patient])
         ref = predict(Predictor(trained_run / "best.pt", engine), [patient])
-        np.testing.assert_array_equal(got["prob_idc"], ref["prob_idc"])
+        # The same weights (above); two graphs exported apart may round differently.
+        np.testing.assert_allclose(got["prob_idc"], ref["prob_idc"], rtol=0, atol=1e-6)
     assert (model_dir / "model.onnx").is_file()  # its graph is kept inside the folder
 
 

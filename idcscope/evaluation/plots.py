@@ -297,6 +297,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     """Save ``fig`` (format from the suffix), creating parent folders; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    # Every figure lays itself out (constrained layout): a "tight" box would draw it twice.
+    fig.savefig(path, dpi=dpi)
     logger.debug("saved figure %s", path)
     return path
