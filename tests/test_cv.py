@@ -160,3 +160,19 @@ def test_a_split_files_test_patients_are_locked_away_from_every_fold(synthetic_r
     lock.write_text(json.dumps({"test": ["90003"]}))
     cfg = TrainConfig(data=str(synthetic_root), split=str(lock))
     assert locked_patients(cfg) == {"90003"} and locked_patients(TrainConfig()) == set()
+
+
+def test_cv_draws_its_folds_from_the_fold_seed(synthetic_root, tmp_path, monkeypatch):
+    """Another training seed on the same folds: the runs' fold models can be ensembled."""
+    seen = {}
+
+    def fake(cfg, **kwargs):
+        seen.update(kwargs, seed=cfg.seed)
+        (tmp_path / "cv.md").write_text("| default |\n")
+        return {"pooled": {"n_patients": 6, "auc": 0.5}}
+
+    monkeypatch.setattr("idcscope.training.cv.cross_validate", fake)
+    args = ["cv", str(synthetic_root), "--out", str(tmp_path), "--seed", "1", "--fold-seed", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["seed"] == 1 and seen["fold_seed"] == 0

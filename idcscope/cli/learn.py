@@ -145,6 +145,13 @@ def cv(
             "threshold fitted on the out-of-fold predictions."
         ),
     ] = False,
+    fold_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the folds (default: --seed): runs of other seeds on the same "
+            "folds can be ensembled fold by fold."
+        ),
+    ] = None,
 ) -> None:
     """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs,
     with neighbours and each patch alone, per data folder."""
@@ -165,7 +172,7 @@ def cv(
             split=str(lock) if lock else None,
         )
         with log_to_file(out):
-            result = cross_validate(cfg, folds=folds, tta=tta, final=final)
+            result = cross_validate(cfg, folds=folds, tta=tta, final=final, fold_seed=fold_seed)
     except IdcscopeError as e:
         raise fail(e) from e
     print((out / "cv.md").read_text())
