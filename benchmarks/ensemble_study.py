@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from idcscope.evaluation import metrics
 from idcscope.evaluation.evaluate import evaluate
@@ -43,8 +44,10 @@ def main() -> None:
             out = args.out / name / f"fold{i}"
             result = evaluate(ckpts, data, out, split="test", n_boot=0)
             seconds += time.perf_counter() - start
-            y, p = _predictions(out / "predictions.csv")
-            ys.append(y), ps.append(p), calls.append(p >= result["threshold"])
+            table = pd.read_csv(out / "predictions.csv")
+            ys.append(table["label"].to_numpy())
+            ps.append(table["prob_idc"].to_numpy())
+            calls.append(table["pred"].to_numpy())
             aucs.append(result["auc"])
         y, p, call = map(np.concatenate, (ys, ps, calls))
         pooled = metrics.binary_metrics(y, p, 0.5)
@@ -52,13 +55,6 @@ def main() -> None:
         cells = " | ".join(f"{a:.4f}" for a in aucs)
         print(f"| {name} | {cells} | {pooled['auc']:.4f} | {at['balanced_accuracy']:.4f} "
               f"| {at['f1']:.4f} | {seconds:.0f} |")  # fmt: skip
-
-
-def _predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import pandas as pd
-
-    table = pd.read_csv(path)
-    return table["label"].to_numpy(), table["prob_idc"].to_numpy()
 
 
 if __name__ == "__main__":
