@@ -331,3 +331,48 @@ def test_a_run_log_leaves_the_root_logger_as_it_was(tmp_path):
     assert root.handlers == before
     text = (tmp_path / "run" / "train.log").read_text()
     assert "inside the run" in text and "after the run" not in text
+
+
+def test_consistency_is_the_jensen_shannon_divergence_of_the_views():
+    import torch.nn.functional as F
+
+    from idcscope.training.objective import js_consistency
+
+    same = torch.randn(8, 2).repeat(2, 1)
+    assert js_consistency(same).item() == pytest.approx(0.0, abs=1e-7)
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[30.0, -30.0]])  # (1/2, 1/2) and (1, 0)
+    m = torch.tensor([0.75, 0.25])
+    expected = 0.5 * (F.kl_div(m.log(), torch.tensor([0.5, 0.5]), reduction="sum") + (-m[0].log()))
+    assert js_consistency(torch.cat([a, b])).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_consistency_steps_learn_as_plain_ones_when_the_views_agree():
+    """Two identical views: the doubled batch has the same loss, gradients and batch-norm
+    statistics, so the weights end where plain steps take them. On the same two random
+    views, the term's weight moves them."""
+    from idcscope.training.loop import PatchLoader, train_one_epoch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 3, 8, 8), dtype=np.uint8)
+    labels = (images.mean((1, 2, 3)) > 127).astype(np.int64)
+    loader = PatchLoader(images, labels, np.arange(96), 32, shuffle=True, seed=0)
+
+    def weights_after(consistency, augment):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+        )  # fmt: skip
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        train_one_epoch(
+            net, loader, opt, None, torch.nn.CrossEntropyLoss(), lambda x: x, augment,
+            torch.Generator().manual_seed(0), "fp32", consistency=consistency,
+        )  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    def noisy(x, g):
+        return x + 0.3 * torch.randn(x.shape, generator=g)
+
+    plain = weights_after(0.0, lambda x, g: x)
+    torch.testing.assert_close(weights_after(5.0, lambda x, g: x), plain, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(weights_after(5.0, noisy), weights_after(1e-9, noisy), atol=1e-3)

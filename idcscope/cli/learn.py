@@ -30,7 +30,7 @@ _CONFIG_OPTIONS = (
     "model", "epochs", "seed", "batch_size", "lr", "augment", "imbalance", "stain",
     "stain_augment", "keep",
     "context", "neighbourhood", "drop_neighbours", "split", "pretrained", "weights",
-    "precision", "threshold", "target_sensitivity",
+    "precision", "threshold", "target_sensitivity", "consistency",
 )  # fmt: skip
 
 
@@ -77,6 +77,10 @@ def train(
     weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
     fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
     precision: Annotated[str | None, typer.Option(help="auto|bf16|fp32")] = None,
+    consistency: Annotated[
+        float | None,
+        typer.Option(help="Weight of the two-view consistency loss (0: none; 2x per step)."),
+    ] = None,
     threshold: Annotated[
         str | None, typer.Option(help="youden|sensitivity, on validation.")
     ] = None,

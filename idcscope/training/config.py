@@ -45,6 +45,9 @@ class TrainConfig:
             "balanced_sampler" (draw classes equally often), "focal" (focal loss, gamma 2,
             with the class weights) or "none".
         label_smoothing: cross-entropy label smoothing.
+        consistency: weight of a consistency term: every step sees two augmentations of
+            each patch and adds their predictions' Jensen-Shannon divergence to the loss
+            (as AugMix, Hendrycks et al. 2020); 0 for none. A step then costs twice as much.
         stain_augment: stain augmentation drawn from the spread of stain between the
             training patients as the model sees them (``data.augment.stain_jitter``), in
             units of that spread; 0 for none. After per-patient normalisation little
@@ -97,6 +100,7 @@ class TrainConfig:
     augment: str = "default"
     imbalance: str = "balanced_sampler"
     label_smoothing: float = 0.0
+    consistency: float = 0.0
     stain_augment: float = 1.0
     stain: str = "none"
     context: str = "grid"
@@ -188,6 +192,8 @@ def config_from_dict(values: dict) -> TrainConfig:
     cfg = TrainConfig(**values)
     if not cfg.stain_augment >= 0.0:
         raise IdcscopeError(f"stain_augment={cfg.stain_augment!r}; 0 or a positive amount")
+    if not cfg.consistency >= 0.0:
+        raise IdcscopeError(f"consistency={cfg.consistency!r}; 0 or a positive weight")
     if not 0.0 <= cfg.drop_neighbours <= 1.0:
         raise IdcscopeError(f"drop_neighbours={cfg.drop_neighbours!r}; a share from 0 to 1")
     for key, allowed in _CHOICES.items():

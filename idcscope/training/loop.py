@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..data.preprocess import Preprocessing, to_float
 from ..models.runtime import autocast
 from ..progress import progress_bar
+from .objective import js_consistency
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +89,28 @@ def train_one_epoch(
     precision: str = "auto",
     device: str = "cpu",
     desc: str = "train",
+    consistency: float = 0.0,
 ) -> dict:
-    """One pass over ``loader``; returns mean loss, accuracy and images per second."""
+    """One pass over ``loader``; returns mean loss, accuracy and images per second.
+
+    With ``consistency``, each step sees two augmentations of every patch, and the loss
+    adds that weight times the divergence of their predictions (``js_consistency``).
+    """
     model.train()
     together = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     with progress_bar(desc, total=len(loader)) as advance:
         for batch, y in loader:
-            x = prep(augment(to_float(batch, device), generator))
+            views = 2 if consistency else 1
+            x = torch.cat([prep(augment(to_float(batch, device), generator)) for _ in range(views)])
             y = y.to(device)
             with autocast(precision, device):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
+                logits = model(x).float()
+            loss = loss_fn(logits, y.repeat(views))
+            if consistency:
+                loss = loss + consistency * js_consistency(logits, views)
+            logits = logits[: len(y)]
             diverged = torch.tensor(float(not torch.isfinite(loss)), device=loss.device)
             if together:  # all processes stop at the same batch, none waits in an all-reduce
                 torch.distributed.all_reduce(diverged)

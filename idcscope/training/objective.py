@@ -52,6 +52,14 @@ class FocalLoss(nn.Module):
         return (w * loss).sum() / w.sum()
 
 
+def js_consistency(logits: torch.Tensor, views: int = 2) -> torch.Tensor:
+    """Jensen-Shannon divergence between the predictions on ``views`` augmentations of the
+    same patches, stacked view after view along the batch (AugMix, Hendrycks et al. 2020)."""
+    p = F.softmax(logits, 1).view(views, -1, logits.shape[1])
+    log_mixture = p.mean(0).clamp(min=1e-7).log()
+    return sum(F.kl_div(log_mixture, q, reduction="batchmean") for q in p) / views
+
+
 def make_loss(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
     weight = None
     if cfg.imbalance in ("class_weight", "focal"):

@@ -258,7 +258,7 @@ def _train_epoch(run: _Run, cfg: TrainConfig, ctx: DistContext, out: Path, epoch
         stats = train_one_epoch(
             run.net, run.loader, run.optimizer, run.scheduler, run.loss_fn, run.prep,
             run.augment, run.generator, cfg.precision, ctx.device,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", consistency=cfg.consistency,
         )  # fmt: skip
     except FloatingPointError as e:
         raise _diverged(out, epoch, str(e)) from e
