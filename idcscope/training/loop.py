@@ -99,11 +99,12 @@ def train_one_epoch(
     model.train()
     together = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     total_loss, correct, seen = 0.0, 0, 0
+    views = 2 if consistency else 1
     start = time.perf_counter()
     with progress_bar(desc, total=len(loader)) as advance:
         for batch, y in loader:
-            views = 2 if consistency else 1
-            x = torch.cat([prep(augment(to_float(batch, device), generator)) for _ in range(views)])
+            x = [prep(augment(to_float(batch, device), generator)) for _ in range(views)]
+            x = torch.cat(x) if views > 1 else x[0]  # one view: no copy of the batch
             y = y.to(device)
             with autocast(precision, device):
                 logits = model(x).float()
