@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from .cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class DistContext:
         if not self.enabled:
             return None
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        return max(1, len(os.sched_getaffinity(0)) // local)
+        return max(1, usable_cpus() // local)
 
     def barrier(self) -> None:
         if self.enabled:

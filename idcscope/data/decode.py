@@ -22,6 +22,7 @@ import numpy as np
 
 from ..progress import progress_bar
 from . import PATCH_SIZE
+from ..cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def decode_into(paths: list[str], out: np.ndarray) -> tuple[np.ndarray, list[str
 
 
 def default_workers() -> int:
-    return min(len(os.sched_getaffinity(0)), 8)
+    return min(usable_cpus(), 8)
 
 
 def decode_files(

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..data.cache import default_cache_dir
 from ..errors import IdcscopeError
 from ..models.checkpoint import load_model, read_checkpoint
+from ..cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class OnnxModel:
         if not path.is_file():
             raise IdcscopeError(f"{path}: ONNX file not found")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.intra_op_num_threads = threads or usable_cpus()
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings are about its own graph passes
         try:

@@ -19,6 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from ..cpus import usable_cpus
 
 FORWARD, PREPARE, DECODE = 0, 1, 2  # task kinds, most urgent first
 
@@ -56,7 +57,7 @@ class Workers:
 
 def workers(n: int | None = None) -> Workers:
     """The process's workers: ``n`` threads (default: one per core this process may use)."""
-    return _pool(n or len(os.sched_getaffinity(0)))
+    return _pool(n or usable_cpus())
 
 
 @functools.cache
