@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 from .cpus import usable_cpus
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpus import usable_cpus
 from ..progress import progress_bar
 from . import PATCH_SIZE
-from ..cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 

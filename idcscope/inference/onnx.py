@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..cpus import usable_cpus
 from ..data.cache import default_cache_dir
 from ..errors import IdcscopeError
 from ..models.checkpoint import load_model, read_checkpoint
-from ..cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 

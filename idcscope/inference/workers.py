@@ -19,6 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+
 from ..cpus import usable_cpus
 
 FORWARD, PREPARE, DECODE = 0, 1, 2  # task kinds, most urgent first
