@@ -175,17 +175,21 @@ async def receive_files(
 
 
 def image_pixels(path: Path) -> int:
-    """The pixels an image's header declares, read without decoding; 0 when Pillow cannot
-    read the header (the decoder then reports the file as unreadable)."""
+    """The pixels decoding an image would produce, read from its header only.
+
+    0 when the decoder refuses the file from its header alone, so costs nothing: a header
+    Pillow cannot read, or one over ``decode.MAX_PIXELS`` (the file gets its own error row).
+    """
     from PIL import Image
+
+    from ..data.decode import MAX_PIXELS
 
     try:
         with Image.open(path) as im:  # reads the header only
-            return im.width * im.height
-    except Image.DecompressionBombError:
-        return 2 * Image.MAX_IMAGE_PIXELS + 1  # Pillow refuses beyond this: a lower bound
-    except Exception:  # any malformed header: whatever Pillow raises, nothing is decoded
+            pixels = im.width * im.height
+    except Exception:  # any malformed header (or a bomb): whatever Pillow raises, 0 decoded
         return 0
+    return pixels if pixels <= MAX_PIXELS else 0
 
 
 def check_pixels(uploads: list[Upload], max_pixels: int) -> None:
