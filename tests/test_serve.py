@@ -335,7 +335,8 @@ def test_slide_endpoint_wiring(client, monkeypatch):
     seen = {}
 
     def fake(predictor, slide_path, out_dir, *, slide_mpp=None, **kw):
-        seen.update(path=Path(slide_path), mpp=slide_mpp, predictor=predictor)
+        path = Path(slide_path)
+        seen.update(path=path, data=path.read_bytes(), mpp=slide_mpp, predictor=predictor)
         out = Path(out_dir)
         out.mkdir(parents=True)
         paths = {
@@ -359,7 +360,8 @@ def test_slide_endpoint_wiring(client, monkeypatch):
     assert r.status_code == 200, r.text
     res = r.json()
     assert seen["mpp"] == 0.25
-    assert seen["path"].read_bytes() == b"II*\0"
+    assert seen["data"] == b"II*\0"
+    assert not seen["path"].exists()  # the upload is deleted once analysed
     assert seen["path"].name == "my_slide.svs"
     assert res["summary"] == {
         "slide": "my slide.svs",

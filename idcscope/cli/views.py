@@ -120,19 +120,23 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload (one request).")] = 2048,
     keep_jobs: Annotated[int, typer.Option(help="Finished analyses kept for download.")] = 20,
 ) -> None:
-    """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps."""
+    """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps.
+
+    It answers only requests addressed to HOST or loopback names, and uploads from its own
+    page (or from clients that are not browsers, such as curl).
+    """
     import uvicorn
 
     from ..errors import IdcscopeError
     from ..serve import Settings, create_app
 
+    settings = Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs, host=host)
     try:
-        web = create_app(
-            model_path(model), Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs)
-        )
+        web = create_app(model_path(model), settings)
     except IdcscopeError as e:
         raise fail(e) from e
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("no authentication: anyone who reaches %s:%d can upload files", host, port)
     logger.info("open http://%s:%d (research use only: not a medical device)", host, port)
-    uvicorn.run(web, host=host, port=port, log_level="info")
+    # No proxy in front: X-Forwarded-* headers are a client's word, not the connection's.
+    uvicorn.run(web, host=host, port=port, log_level="info", proxy_headers=False)

@@ -1,12 +1,17 @@
-"""The server's analyses: blocking functions run in a worker thread, one model pass at a time.
+"""The server's analyses: blocking functions run in a worker thread, one at a time.
 
 Each takes a job (the request's folder) and returns the JSON the page shows, with download
 URLs for the files it published. Bad files are reported in their own row, never raised.
+
+All the heavy work of a request (unpacking a zip, reading image headers for the pixel
+budget, decoding, the model) runs under ``Analyst.lock``, so requests queue rather than
+share the CPU. Errors name files as the client sent them, never by their server path.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 import threading
@@ -16,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import files_table
+from ..errors import IdcscopeError
 from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from .jobs import Job
-from .uploads import Upload, UploadError, extract_patient_zip
+from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +79,14 @@ class Analyst:
 
     # ------------------------------------------------------------------------- patches
 
-    def patches(self, job: Job, uploads: list[Upload]) -> dict:
+    def patches(self, job: Job, uploads: list[Upload], max_pixels: int) -> dict:
         """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch.
 
         Scored as ``predict`` scores files of these names: patches whose names carry one
         patient and their places are seen together, a lone patch alone.
+
+        Raises:
+            UploadError: 413 when the images hold more than ``max_pixels`` in all.
         """
         rows = [
             {
@@ -94,6 +103,7 @@ class Analyst:
         table = files_table([uploads[i].path for i in sent], [uploads[i].name for i in sent])
         threshold = self.predictor.threshold
         with self.lock:
+            check_pixels(uploads, max_pixels)
             ex = self.explainer.explain(table)
         for i, reason in zip(sent, ex.reasons, strict=True):
             if reason:
@@ -118,13 +128,19 @@ class Analyst:
 
     # ------------------------------------------------------------------------- patient
 
-    def patient(self, job: Job, archive: Path, max_members: int, max_bytes: int) -> dict:
+    def patient(
+        self, job: Job, archive: Path, max_members: int, max_bytes: int, max_pixels: int
+    ) -> dict:
         """Heatmap, summary and predictions of the one patient in a zip."""
         from ..spatial.heatmap import patient_heatmap
 
-        unpacked = extract_patient_zip(archive, job.folder / "patient", max_members, max_bytes)
         with self.lock:
-            summary = patient_heatmap(self.predictor, unpacked.folder, job.folder / "out")
+            where = job.scratch / "patient"
+            unpacked = extract_patient_zip(archive, where, max_members, max_bytes, max_pixels)
+            try:
+                summary = patient_heatmap(self.predictor, unpacked.folder, job.folder / "out")
+            except IdcscopeError as e:
+                raise _renamed(e, unpacked.folder, f"patient {unpacked.patient}") from e
         files = summary.pop("files")
         predicted = {Path(p).name for p in pd.read_csv(files["predictions"])["path"]}
         unreadable = [
@@ -132,7 +148,9 @@ class Analyst:
             for name in unpacked.names
             if name not in predicted
         ]
-        files["json"] = str(job.folder / "out" / f"{unpacked.patient}_heatmap.json")
+        # Rewritten without the files' server paths: the summary the page shows.
+        files["json"] = job.folder / "out" / f"{unpacked.patient}_heatmap.json"
+        files["json"].write_text(json.dumps(summary, indent=2) + "\n")
         return {
             "kind": "patient",
             "summary": summary,
@@ -154,7 +172,10 @@ class Analyst:
         except ImportError as e:
             raise UploadError(501, f"whole-slide analysis is not available here: {e}") from e
         with self.lock:
-            summary = slide_inference(self.predictor, path, job.folder / "out", slide_mpp=mpp)
+            try:
+                summary = slide_inference(self.predictor, path, job.folder / "out", slide_mpp=mpp)
+            except IdcscopeError as e:
+                raise _renamed(e, path, name) from e
         files = summary.pop("files", {})
         summary["slide"] = name
         return {
@@ -162,6 +183,11 @@ class Analyst:
             "summary": summary,
             "files": {k: job.publish(p) for k, p in files.items() if p and Path(p).is_file()},
         }
+
+
+def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:
+    """``e`` again, naming ``path`` as the client knows it (``str(e)`` is all that is shown)."""
+    return type(e)(str(e).replace(str(path), name))
 
 
 def _named(reason: str, upload: Upload) -> str:

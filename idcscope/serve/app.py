@@ -1,14 +1,27 @@
 """``create_app``: the web app behind ``idcscope serve``.
 
 The model is loaded once. Uploads stream into a fresh job folder under the server's temp
-root; the analysis runs in a worker thread (one model pass at a time, so the event loop
+root; the analysis runs in a worker thread (one analysis at a time, so the event loop
 keeps answering, ``/api/health`` included); results are downloaded by job id and file name.
+
+Protections (see also jobs.py and uploads.py):
+
+- Host allow-list: a request's ``Host`` must name the bound host, ``localhost``,
+  ``127.0.0.1``, ``[::1]`` or the address the connection came in on, with the port it came
+  in on; otherwise 421. This stops DNS rebinding: a page of ``evil.example`` whose name
+  now resolves to 127.0.0.1 still sends ``Host: evil.example``.
+- Same origin: a POST's ``Origin`` (or, without one, its ``Referer``), when present, must
+  name an allowed host; otherwise 403. Browsers send it on every cross-site POST; clients
+  that send neither (curl, scripts) are not browsers a site could steer.
+- Limits per request: bytes, files, zip members and unpacked bytes, and pixels (read from
+  the image headers before anything is decoded); a slide's mpp must lie in ``MPP_RANGE``.
+- Error messages never hold a server path: files are named as the client sent them.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -17,12 +30,14 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import IdcscopeError
+from ..spatial.wsi import MPP_RANGE
 from .analysis import Analyst, slides_supported
 from .jobs import Job, JobStore
 from .uploads import MB, PATCH_SUFFIXES, SLIDE_SUFFIXES, ZIP_SUFFIXES, UploadError, receive_files
@@ -48,18 +63,21 @@ class Settings:
     max_patch_files: int = 1000  # patch images in one upload
     max_zip_members: int = 20_000  # a Kaggle patient has at most a few thousand patches
     max_unzipped_mb: float = 1024  # what one zip may unpack to
+    # Pixels of all the images of one request: the file cap of 50x50 patches is 2.5, a
+    # patient's zip at the member cap 50; 200 images of 4096x4096 would be 3,355.
+    max_megapixels: float = 100
     keep_jobs: int = 20  # finished jobs kept on disk, newest first
     temp_dir: str | None = None  # parent of the server's temp root; None: the system's
     device: str = "cpu"
+    host: str = "127.0.0.1"  # the interface served; its name is an allowed Host
 
 
 def create_app(checkpoint: str | Path, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving the page and the API for one checkpoint."""
     settings = settings or Settings()
     analyst = Analyst(checkpoint, settings.device)
-    root = Path(tempfile.mkdtemp(prefix="idcscope-serve-", dir=settings.temp_dir))
-    jobs = JobStore(root, settings.keep_jobs)
-    logger.info("serving %s; uploads go to %s", checkpoint, root)
+    jobs = JobStore(settings.temp_dir, settings.keep_jobs)
+    logger.info("serving %s; uploads go to %s", checkpoint, jobs.root)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,7 +87,9 @@ def create_app(checkpoint: str | Path, settings: Settings | None = None) -> Fast
     app = FastAPI(title="idcscope", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.analyst, app.state.jobs, app.state.settings = analyst, jobs, settings
     app.state.page = (files("idcscope.serve") / "static" / "index.html").read_text("utf-8")
-    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_SameOrigin, names=_host_names(settings.host))
+    app.add_middleware(_SecurityHeaders)  # added last: outermost, so refusals get it too
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(IdcscopeError, _analysis_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -98,7 +118,7 @@ async def _run_job(request: Request, kind: str, work: Callable[[Job], Awaitable[
 
 
 async def _receive(request: Request, job: Job, suffixes, max_files: int = 1):
-    folder = job.folder / "upload"
+    folder = job.scratch / "upload"
     folder.mkdir()
     max_bytes = int(request.app.state.settings.max_upload_mb * MB)
     return await receive_files(request, folder, suffixes, max_bytes, max_files)
@@ -113,7 +133,8 @@ async def index(request: Request) -> HTMLResponse:
 async def health(request: Request) -> dict:
     """Liveness, the model, the limits, and whether an analysis is running."""
     state = request.app.state
-    limits = {k: v for k, v in asdict(state.settings).items() if k not in ("temp_dir", "device")}
+    hidden = ("temp_dir", "device", "host")
+    limits = {k: v for k, v in asdict(state.settings).items() if k not in hidden}
     return {
         "status": "ok",
         "busy": state.analyst.lock.locked(),
@@ -135,7 +156,8 @@ async def patches(request: Request) -> dict:
 
     async def work(job: Job) -> dict:
         uploads = await _receive(request, job, PATCH_SUFFIXES, state.settings.max_patch_files)
-        return await run_in_threadpool(state.analyst.patches, job, uploads)
+        pixels = _max_pixels(state.settings)
+        return await run_in_threadpool(state.analyst.patches, job, uploads, pixels)
 
     return await _run_job(request, "patches", work)
 
@@ -147,9 +169,10 @@ async def patient(request: Request) -> dict:
 
     async def work(job: Job) -> dict:
         (upload,) = await _receive(request, job, ZIP_SUFFIXES)
-        limit = int(state.settings.max_unzipped_mb * MB)
+        settings = state.settings
+        limits = settings.max_zip_members, int(settings.max_unzipped_mb * MB)
         return await run_in_threadpool(
-            state.analyst.patient, job, upload.path, state.settings.max_zip_members, limit
+            state.analyst.patient, job, upload.path, *limits, _max_pixels(settings)
         )
 
     return await _run_job(request, "patient", work)
@@ -158,7 +181,9 @@ async def patient(request: Request) -> dict:
 @routes.post("/api/slide")
 async def slide(
     request: Request,
-    mpp: float | None = Query(None, gt=0, description="µm per pixel, if the file lacks it"),
+    mpp: float | None = Query(
+        None, ge=MPP_RANGE[0], le=MPP_RANGE[1], description="µm per pixel, if the file lacks it"
+    ),
 ) -> dict:
     """A whole-slide image: tissue tiles scored, IDC overlay, GeoJSON and tile table."""
     analyst = request.app.state.analyst
@@ -182,12 +207,38 @@ async def download(request: Request, job_id: str, name: str) -> FileResponse:
     )
 
 
+def _max_pixels(settings: Settings) -> int:
+    return int(settings.max_megapixels * 1e6)
+
+
+def _without_paths(request: Request, message: str) -> str:
+    """``message`` with any path under the server's temp root cut to its file name.
+
+    The analyses already name files as the client sent them; this is the net under that.
+    """
+    root = request.app.state.jobs.root
+    for prefix in {str(root), str(root.resolve())}:
+        message = re.sub(re.escape(prefix) + r"[^\s'\",:;)]*", _base_name, message)
+    return message
+
+
+def _base_name(m: re.Match) -> str:
+    return re.split(r"[\\/]", m[0].rstrip("/\\"))[-1]
+
+
 async def _upload_error(request: Request, e: UploadError) -> JSONResponse:
-    return JSONResponse({"error": str(e), "files": e.files}, status_code=e.status)
+    message = _without_paths(request, str(e))
+    return JSONResponse({"error": message, "files": e.files}, status_code=e.status)
 
 
 async def _analysis_error(request: Request, e: IdcscopeError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=422)
+    return JSONResponse({"error": _without_paths(request, str(e))}, status_code=422)
+
+
+async def _disconnected(request: Request, e: ClientDisconnect) -> Response:
+    # Nobody is left to answer; one line is all the log needs (the job is already gone).
+    logger.warning("%s %s: the client disconnected mid-upload", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -202,6 +253,72 @@ async def _invalid_request(request: Request, e: RequestValidationError) -> JSONR
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     logger.exception("%s %s failed", request.method, request.url.path)
     return JSONResponse({"error": f"internal error ({type(e).__name__}); see the server log"}, 500)
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_names(host: str) -> frozenset[str]:
+    """The host names a request may carry: loopback's and the served interface's own."""
+    return frozenset(n.strip("[]").rstrip(".").lower() for n in (*_LOOPBACK, host))
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``(name, port)`` of a ``Host`` value (``name``, ``name:port``, ``[v6]:port``);
+    the port is None when absent; None when the value is malformed."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@\s]+)(?::(\d{1,5}))?", value)
+    if m is None:
+        return None
+    return m[1].strip("[]").rstrip(".").lower(), int(m[2]) if m[2] else None
+
+
+class _SameOrigin:
+    """Answers only requests for this server's own names: the Host allow-list on every
+    request, and the same-origin check on every POST (see the module docstring)."""
+
+    def __init__(self, app, names: frozenset[str]):
+        self.app, self.names = app, names
+
+    def allowed(self, scope, authority: str, scheme_port: int = 80) -> bool:
+        """Whether ``authority`` (``host[:port]``) names this server, as reached."""
+        split = _split_host(authority)
+        if split is None:
+            return False
+        name, port = split
+        server = scope.get("server") or (None, None)  # the address the connection came in on
+        names = self.names | {str(server[0]).lower()} if server[0] else self.names
+        return name in names and (port or scheme_port) == (server[1] or scheme_port)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:  # the first of a repeated header, as Starlette reads it
+            headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+        if not self.allowed(scope, headers.get("host", "")):
+            error = "this server answers only for its own host names (check the URL)"
+            return await _refuse(421, error, scope, receive, send)
+        source = headers.get("origin") or headers.get("referer")
+        if scope["method"] == "POST" and source is not None and not self._same(scope, source):
+            error = "cross-site upload refused: open the page from this server to upload"
+            return await _refuse(403, error, scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _same(self, scope, source: str) -> bool:
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(source)
+        except ValueError:
+            return False
+        if url.scheme not in ("http", "https"):  # "null" (sandboxed frames, file://) too
+            return False
+        return self.allowed(scope, url.netloc, 443 if url.scheme == "https" else 80)
+
+
+async def _refuse(status: int, error: str, scope, receive, send) -> None:
+    logger.warning("refused %s %s: %s", scope["method"], scope["path"], error)
+    await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
 
 
 class _SecurityHeaders:

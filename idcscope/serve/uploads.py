@@ -4,6 +4,11 @@ Nothing a client names is used as a path as sent. Uploaded files are stored unde
 sanitised name inside the request's own folder; zip members are checked one by one (no
 absolute paths, no ``..``, a bounded count and unpacked size) and each patch is written where
 its own file name says, so the zip's folders never decide where anything lands.
+
+The pixels of a request's images are counted from their headers (:func:`image_pixels`)
+before anything is decoded, and a request over its pixel budget is refused with 413: the
+budget, not the file count, bounds the CPU one request can take. A client that disconnects
+mid-upload raises Starlette's ``ClientDisconnect``, which the app logs in one line.
 """
 
 from __future__ import annotations
@@ -169,6 +174,39 @@ async def receive_files(
     return sink.uploads
 
 
+def image_pixels(path: Path) -> int:
+    """The pixels decoding an image would produce, read from its header only.
+
+    0 when the decoder refuses the file from its header alone, so costs nothing: a header
+    Pillow cannot read, or one over ``decode.MAX_PIXELS`` (the file gets its own error row).
+    """
+    from PIL import Image
+
+    from ..data.decode import MAX_PIXELS
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            pixels = im.width * im.height
+    except Exception:  # any malformed header (or a bomb): whatever Pillow raises, 0 decoded
+        return 0
+    return pixels if pixels <= MAX_PIXELS else 0
+
+
+def check_pixels(uploads: list[Upload], max_pixels: int) -> None:
+    """Refuse (413) uploads whose images hold more than ``max_pixels`` in all."""
+    total = sum(image_pixels(u.path) for u in uploads if u.path is not None and not u.error)
+    if total > max_pixels:
+        raise _too_many_pixels(total, max_pixels)
+
+
+def _too_many_pixels(n: int, max_pixels: int) -> UploadError:
+    return UploadError(
+        413,
+        f"the images hold {n / 1e6:.1f} megapixels; the limit is {max_pixels / 1e6:g} "
+        "megapixels a request (a 50x50 patch is 0.0025)",
+    )
+
+
 def _too_large(n: int, max_bytes: int) -> UploadError:
     return UploadError(
         413, f"upload too large: more than {n / MB:.1f} MB; the limit is {max_bytes / MB:g} MB"
@@ -196,7 +234,9 @@ def check_member_name(name: str) -> None:
         raise UploadError(400, f"refused zip member '{name}': '..' in its path")
 
 
-def extract_patient_zip(archive: Path, dest: Path, max_members: int, max_bytes: int) -> PatientZip:
+def extract_patient_zip(
+    archive: Path, dest: Path, max_members: int, max_bytes: int, max_pixels: int | None = None
+) -> PatientZip:
     """Unpack one patient's patches into ``dest/<patient>/<0|1>/``, checking every member.
 
     Patches must be named ``<patient>_idx5_x<X>_y<Y>_class<C>.png`` (Kaggle layout or flat);
@@ -204,8 +244,8 @@ def extract_patient_zip(archive: Path, dest: Path, max_members: int, max_bytes: 
 
     Raises:
         UploadError: 400 for an unreadable zip or an unsafe member path, 413 for more than
-            ``max_members`` members or more than ``max_bytes`` unpacked, 422 when the zip
-            holds no patch or several patients.
+            ``max_members`` members, more than ``max_bytes`` unpacked or patches of more than
+            ``max_pixels`` in all, 422 when the zip holds no patch or several patients.
     """
     try:
         zf = zipfile.ZipFile(archive)
@@ -224,12 +264,13 @@ def extract_patient_zip(archive: Path, dest: Path, max_members: int, max_bytes: 
             raise UploadError(
                 413, f"the zip unpacks to {total / MB:.1f} MB; the limit is {max_bytes / MB:g} MB"
             )
-        return _unpack_patches(zf, infos, dest)
+        return _unpack_patches(zf, infos, dest, max_pixels)
 
 
-def _unpack_patches(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> PatientZip:
+def _unpack_patches(zf: zipfile.ZipFile, infos: list, dest: Path, max_pixels) -> PatientZip:
     written: dict[str, str] = {}  # file name -> patient
     skipped: list[dict] = []
+    pixels = 0
     for info in infos:
         base = info.filename.replace("\\", "/").rsplit("/", 1)[-1]
         if info.is_dir() or base.startswith(".") or info.filename.startswith("__MACOSX"):
@@ -241,6 +282,9 @@ def _unpack_patches(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Pat
             try:
                 _copy_member(zf, info, target)
                 written[base] = meta["patient"]
+                pixels += image_pixels(target) if max_pixels is not None else 0
+                if max_pixels is not None and pixels > max_pixels:
+                    raise _too_many_pixels(pixels, max_pixels)  # before any is decoded
                 continue
             except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, zlib.error) as e:
                 error = f"cannot be unpacked: {e}"  # encrypted, corrupt, unknown compression

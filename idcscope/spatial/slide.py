@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..data import PATCH_SIZE
-from .wsi import THUMB_PX, Scan, TileGrid, read_slide
+from .wsi import THUMB_PX, Scan, TileGrid, check_mpp, read_slide
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,16 @@ def slide_inference(
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s) and
         the files written.
+
+    Raises:
+        DataError: ``slide_mpp`` (or the one the slide records) is not a finite number in
+            ``wsi.MPP_RANGE``; the slide cannot be read, is implausibly large, or is a plain
+            image too large to decode.
     """
     from ..inference.predictor import Predictor
 
+    if slide_mpp is not None:  # refused before the model is loaded or a file written
+        slide_mpp = check_mpp(slide_mpp)
     if not isinstance(predictor, Predictor):
         predictor = Predictor(predictor, engine, tta=tta, batch_size=batch_size, context=context)
     prep = predictor.checkpoints[0]["preprocessing"]

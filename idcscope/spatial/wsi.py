@@ -23,6 +23,26 @@ MAX_TILES = 400_000  # tissue tiles held in memory (50x50x3 bytes each: 3 GB at 
 
 MAX_BAND_PIXELS = 64_000_000  # one read_region call
 
+# µm per level-0 pixel a slide may have: scanners give 0.1-1, the IDC patches 4; beyond this
+# range a tile is under a pixel or wider than any slide, so the value is a mistake.
+MPP_RANGE = (0.01, 100.0)
+
+
+def check_mpp(mpp: float, what: str = "slide mpp") -> float:
+    """``mpp`` as a float, when it is a finite number of µm per pixel within ``MPP_RANGE``.
+
+    Raises:
+        DataError: naming ``what`` and the value, for anything else (inf, nan, 0, -1, 1e6).
+    """
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = math.nan
+    lo, hi = MPP_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise DataError(f"{what} must be a number of µm per pixel from {lo:g} to {hi:g}, got {mpp}")
+    return value
+
 
 @dataclass(frozen=True)
 class TileGrid:
@@ -48,12 +68,19 @@ def open_slide(path: str | Path):
         import openslide
     except ImportError as e:  # pragma: no cover - a core dependency
         raise DataError("whole-slide reading needs openslide-python and openslide-bin") from e
+    from PIL import Image
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such slide file")
     try:
         slide = openslide.open_slide(str(path))
-    except (openslide.OpenSlideError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # a plain image Pillow would decode whole
+        raise DataError(
+            f"{path}: a plain (not tiled) image too large to decode ({e}); "
+            "save large images as tiled, pyramidal TIFF"
+        ) from e
+    except (openslide.OpenSlideError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise DataError(f"{path}: not a slide OpenSlide or Pillow can read ({e})") from e
     w, h = slide.dimensions
     if w <= 0 or h <= 0 or w * h > MAX_LEVEL0_PIXELS:
@@ -65,9 +92,7 @@ def open_slide(path: str | Path):
 def read_mpp(slide, path: str | Path, override: float | None = None) -> float:
     """Microns per level-0 pixel: ``override``, else the slide's own ``openslide.mpp-x``."""
     if override is not None:
-        if not override > 0:
-            raise DataError(f"slide mpp must be positive, got {override}")
-        return float(override)
+        return check_mpp(override)
     try:
         mpp = float(slide.properties["openslide.mpp-x"])
     except (KeyError, ValueError):
@@ -77,7 +102,7 @@ def read_mpp(slide, path: str | Path, override: float | None = None) -> float:
             f"{path}: the slide does not record its resolution (openslide.mpp-x); pass it "
             "with --slide-mpp (e.g. 0.25 for 40x, 0.5 for 20x)"
         )
-    return mpp
+    return check_mpp(mpp, f"{path}: the resolution the slide records (openslide.mpp-x)")
 
 
 def tile_grid(slide, mpp_slide: float, mpp: float, patch: int = PATCH_SIZE) -> TileGrid:
