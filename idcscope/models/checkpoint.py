@@ -107,7 +107,7 @@ _LOCK = threading.Lock()
 
 
 def _read(path: Path) -> _Read:
-    from .bundle import FILES, is_bundle, verified_bundle
+    from .bundle import is_bundle, verified_bundle
 
     bundle = is_bundle(path)
     if not bundle and not path.is_file():
@@ -117,8 +117,8 @@ def _read(path: Path) -> _Read:
                 f"folder (expected {EXPECTED})"
             )
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        key = tuple(_stamp(f) for f in ([path / f for f in FILES] if bundle else [path]))
+    try:  # a folder's every file: a change to any of them is a new read
+        key = tuple(_stamp(f) for f in (sorted(path.iterdir()) if bundle else [path]))
     except OSError as e:
         raise CheckpointError(f"{path}: not readable ({e})") from e
     with _LOCK:
@@ -137,12 +137,11 @@ def _read(path: Path) -> _Read:
 
 
 def _stamp(path: Path) -> tuple:
-    """What tells one version of a file from another without reading it; a missing file
-    is a stamp too (a model folder's card may be absent)."""
+    """What tells one version of a file from another without reading it."""
     try:
         st = path.stat()
-    except FileNotFoundError:
-        return (str(path.resolve()), None)
+    except FileNotFoundError:  # a dangling link: nothing the model is made of
+        return (str(path), None)
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
