@@ -32,6 +32,9 @@ def test_a_bundle_is_config_weights_and_card(model_dir, trained_run):
     ckpt = read_checkpoint(trained_run / "best.pt")
     assert config["format"] == bundle.BUNDLE_FORMAT
     assert config["weights_sha256"] == bundle.sha256_of(model_dir / "model.safetensors")
+    assert config["files"] == {
+        name: bundle.sha256_of(model_dir / name) for name in ("model.safetensors", "README.md")
+    }
     for key in ("model", "class_names", "preprocessing", "threshold", "temperature", "context"):
         assert json.loads(json.dumps(ckpt[key], default=float)) == config[key], key
     assert not {"optimizer", "generator", "history", "validation"} & set(config)
@@ -52,7 +55,8 @@ def test_the_bundle_scores_as_its_checkpoint(model_dir, trained_run, synthetic_r
         ref = predict(Predictor(trained_run / "best.pt", engine), [patient])
         # The same weights (above); two graphs exported apart may round differently.
         np.testing.assert_allclose(got["prob_idc"], ref["prob_idc"], rtol=0, atol=1e-6)
-    assert (model_dir / "model.onnx").is_file()  # its graph is kept inside the folder
+    # Its graph is kept in the user's cache, not in the folder.
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(bundle.FILES)
 
 
 def test_changed_weights_are_refused(model_dir, tmp_path):

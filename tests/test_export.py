@@ -15,10 +15,10 @@ from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
 from idcscope.inference.backends import OnnxBackend, TorchBackend, as_float
 from idcscope.inference.calibration import probabilities
-from idcscope.inference.onnx import FORMAT, OnnxModel, cached_onnx, export_onnx
+from idcscope.inference.onnx import FORMAT, OnnxModel, cached_onnx, export_onnx, model_cache_dir
 from idcscope.inference.predict import predict
 from idcscope.models import create_model, list_models
-from idcscope.models.checkpoint import load_model, save_checkpoint
+from idcscope.models.checkpoint import load_model, save_checkpoint, weights_sha256
 
 PREP = Preprocessing(mean=(0.80, 0.62, 0.76), std=(0.13, 0.17, 0.11), mpp=4.0)
 
@@ -128,21 +128,22 @@ def cancernet_ckpt(tmp_path_factory, patches):
     return make_checkpoint(tmp_path_factory.mktemp("cn") / "best.pt", "cancernet", patches)
 
 
-def test_the_graph_is_cached_beside_the_checkpoint(cancernet_ckpt, tmp_path):
+def test_the_graph_is_cached_in_the_users_cache(cancernet_ckpt, tmp_path):
+    from idcscope.data.cache import default_cache_dir
     from idcscope.models.checkpoint import update_checkpoint
 
     graph = cached_onnx(cancernet_ckpt)
-    assert graph == cancernet_ckpt.with_suffix(".onnx")
+    assert graph.parent == model_cache_dir(cancernet_ckpt)
+    assert graph.is_relative_to(default_cache_dir() / "onnx")
+    assert not cancernet_ckpt.with_suffix(".onnx").exists()  # nothing beside the checkpoint
     stamp = graph.stat().st_mtime_ns
     assert cached_onnx(cancernet_ckpt) == graph and graph.stat().st_mtime_ns == stamp
     # A copy with another threshold computes the same graph: it is not exported again.
     copy = tmp_path / "copy.pt"
     copy.write_bytes(cancernet_ckpt.read_bytes())
     update_checkpoint(copy, threshold=0.6)
-    assert (
-        OnnxModel(cached_onnx(copy)).metadata["graph_sha256"]
-        == OnnxModel(graph).metadata["graph_sha256"]
-    )
+    assert cached_onnx(copy) == graph and graph.stat().st_mtime_ns == stamp
+    assert OnnxModel(graph).metadata["weights_sha256"] == weights_sha256(copy)
     assert not copy.with_suffix(".onnx").exists()
     # Retrained weights are a new graph.
     model, ckpt = load_model(copy)
@@ -150,7 +151,7 @@ def test_the_graph_is_cached_beside_the_checkpoint(cancernet_ckpt, tmp_path):
         next(model.parameters()).add_(1.0)
     fields = {k: v for k, v in ckpt.items() if k not in ("state_dict", "format")}
     save_checkpoint(copy, model, **fields)
-    assert cached_onnx(copy) == copy.with_suffix(".onnx")
+    assert cached_onnx(copy).parent not in (graph.parent, tmp_path)
 
 
 def test_auto_picks_an_engine_and_remembers_it(cancernet_ckpt):
@@ -158,9 +159,10 @@ def test_auto_picks_an_engine_and_remembers_it(cancernet_ckpt):
 
     predictor = Predictor(cancernet_ckpt)
     assert predictor.engine in ("torch", "onnx")
-    record = json.loads(cancernet_ckpt.with_suffix(".engine.json").read_text())
+    (record,) = json.loads((model_cache_dir(cancernet_ckpt) / "engine.json").read_text()).values()
     assert record["engine"] == predictor.engine
     assert record[predictor.engine] == max(record["torch"], record["onnx"])
+    assert not cancernet_ckpt.with_suffix(".engine.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,9 @@ def test_the_shipped_weights_are_the_ones_its_card_describes(shipped):
     stated = re.search(r"sha256 `([0-9a-f]{64})`", card)
     assert stated, "the card states the sha256 of model.safetensors"
     assert stated[1] == config["weights_sha256"] == bundle.sha256_of(shipped / "model.safetensors")
+    assert config["files"] == {
+        name: bundle.sha256_of(shipped / name) for name in ("model.safetensors", "README.md")
+    }
     ckpt = read_checkpoint(shipped)  # checks the sha256 again, and that it loads
     assert ckpt["model"]["name"] in card
     splits = ckpt["splits"]
@@ -39,6 +42,7 @@ def test_the_shipped_weights_are_the_ones_its_card_describes(shipped):
 
 def test_commands_score_with_the_shipped_model_by_default(shipped, real_sample, tmp_path):
     files = sorted((real_sample / DEMO_PATIENT).rglob("*.png"))[:40]
+    installed = {p.name: p.read_bytes() for p in shipped.iterdir()}
     out = tmp_path / "p.csv"
     res = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -49,6 +53,8 @@ def test_commands_score_with_the_shipped_model_by_default(shipped, real_sample, 
     assert res.exit_code == 0, res.output
     assert out.read_text() == with_name.read_text()
     assert len(out.read_text().splitlines()) == len(files) + 1
+    # Scoring writes nothing into the installed package: its graph is in the user's cache.
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == installed
 
 
 def test_the_demo_patient_is_the_real_one_the_model_never_saw(tmp_path, real_sample):

@@ -1,7 +1,7 @@
 """Decode every patch once into a packed, memory-mapped uint8 array.
 
-The array lives under ``$IDCSCOPE_CACHE`` (default ``~/.cache/idcscope``) in a folder named
-by a hash of the manifest, so a second run on the same data starts training at once and
+The array lives under ``$IDCSCOPE_CACHE`` (default: the platform's cache folder, e.g.
+``~/.cache/idcscope``) in a folder named by a hash of the manifest, so a second run on the same data starts training at once and
 epochs never decode PNGs again. Decoding is ``data.decode``'s: edge patches padded with
 glass, files that fail marked, reported and left out, never fatal.
 """
@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,40 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("IDCSCOPE_CACHE", Path.home() / ".cache" / "idcscope"))
+    """``$IDCSCOPE_CACHE``, else idcscope's folder in the platform's cache folder:
+    ``$XDG_CACHE_HOME`` or ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS,
+    ``%LOCALAPPDATA%`` on Windows."""
+    if os.environ.get("IDCSCOPE_CACHE"):
+        return Path(os.environ["IDCSCOPE_CACHE"]).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:  # the XDG spec ignores a relative XDG_CACHE_HOME
+        xdg = os.environ.get("XDG_CACHE_HOME", "")
+        base = xdg if Path(xdg).is_absolute() else Path.home() / ".cache"
+    return Path(base) / "idcscope"
+
+
+def private_dir(folder: Path) -> Path:
+    """``folder``, created if need be, each folder made on the way readable by the user
+    alone (0700): what is cached there is trusted later."""
+    folder = Path(folder)
+    for f in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+        f.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def manifest_key(root: Path, table: pd.DataFrame) -> str:
@@ -61,7 +96,7 @@ def load_or_build(
         except (OSError, ValueError, KeyError, TypeError) as e:
             # A cache is only ever a copy: one that was damaged is decoded again.
             logger.warning("patch cache %s is damaged (%s); decoding again", folder, e)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     meta_path.unlink(missing_ok=True)
     images = np.memmap(data, dtype=np.uint8, mode="w+", shape=shape)
     paths = [str(root / p) for p in table["path"]]

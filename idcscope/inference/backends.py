@@ -3,8 +3,8 @@
 Both take the uint8 model input (B, C, H, W) of ``data.preprocess`` and return float32
 logits (B, 2); both feed the network the same float32 values (the bytes divided by 255),
 so in fp32 they agree to float rounding. ``engine="auto"`` times both on this machine
-once per checkpoint and remembers the faster beside the checkpoint's ONNX graph: ONNX
-Runtime wins on CPUs (torch is slow at the depthwise convolutions of ``cancernet``),
+once per model and remembers the faster in the user's cache, beside the model's ONNX graph
+(``inference.onnx``; never beside the model): ONNX Runtime wins on CPUs (torch is slow at the depthwise convolutions of ``cancernet``),
 torch wherever a GPU is asked for.
 """
 
@@ -35,6 +35,7 @@ ENGINES = ("auto", "torch", "onnx")
 # Runtime, 2 cores: 4,300 patches/s at 32, 3,500 at 512; torch fp32: 2,600 at 64, 1,100
 # at 1,024); a GPU wants large ones.
 BATCH = {"onnx": 32, "torch": 64, "cuda": 512}
+ENGINE_RECORD = "engine.json"
 
 
 def as_float(x: np.ndarray) -> np.ndarray:
@@ -159,34 +160,42 @@ def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None 
 def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:
     """The engine that scores this checkpoint faster on this machine, timed once.
 
-    The rates are kept in ``<checkpoint>.engine.json`` (beside the ONNX graph), keyed by the
-    CPU and the thread count, so later runs read the answer instead of timing again.
+    The rates are kept in ``engine.json`` in the model's cache folder (beside its ONNX
+    graph, ``inference.onnx.model_cache_dir``), by CPU and thread count, so later runs
+    read the answer instead of timing again.
     """
-    from .onnx import cached_onnx
+    from ..data.cache import private_dir, write_atomic
+    from .onnx import model_cache_dir
 
     if path.suffix == ".onnx":
         return "onnx"
-    graph = cached_onnx(path)
-    record = graph.with_suffix(".engine.json")
+    record = model_cache_dir(path) / ENGINE_RECORD
     machine = f"{_cpu_name()}; {torch.get_num_threads()} threads"
-    try:
-        rates = json.loads(record.read_text())
-        if rates.get("machine") == machine:
-            return rates["engine"]
-    except (OSError, ValueError, KeyError):
-        pass  # not timed here yet
+    known = _json_dict(record)  # {} when not timed on this machine yet
+    mine = known.get(machine)
+    if isinstance(mine, dict) and mine.get("engine") in ("torch", "onnx"):
+        return mine["engine"]
     x = np.random.default_rng(0).integers(0, 256, (256, prep.channels, 50, 50), dtype=np.uint8)
     rates = {
         "torch": _rate(TorchBackend(model, prep), x),
-        "onnx": _rate(onnx_backend(graph), x),
+        "onnx": _rate(onnx_backend(path), x),
     }
     engine = max(rates, key=rates.get)
     logger.info(
         "engine: %s (torch %.0f, onnx %.0f patches/s here)", engine, rates["torch"], rates["onnx"]
     )
-    with contextlib.suppress(OSError):  # a read-only folder: time again next run
-        record.write_text(json.dumps({"machine": machine, "engine": engine, **rates}) + "\n")
+    known[machine] = {"engine": engine, **rates}
+    with contextlib.suppress(OSError):  # a cache we may not write: time again next run
+        write_atomic(private_dir(record.parent) / ENGINE_RECORD, json.dumps(known, indent=1))
     return engine
+
+
+def _json_dict(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _rate(backend, x: np.ndarray, repeat: int = 3) -> float:

@@ -6,7 +6,15 @@ patch then the block of its neighbours), and returns ``logits`` (B, 2). Normalis
 folded into the graph, so a consumer needs no idcscope code; the class names, decision
 threshold, temperature, spatial context and preprocessing travel in the file's
 ``metadata_props``, each value JSON-encoded, so the ``.onnx`` file describes itself as the
-checkpoint does, and ``graph_sha256`` identifies the weights it computes with.
+checkpoint does, and ``weights_sha256`` names the weights it was exported from.
+
+Scoring a checkpoint or a model folder on ONNX Runtime uses its graph from the user's cache
+(``$IDCSCOPE_CACHE/onnx/<key>/``, see ``data.cache``), exported there once: the key is a
+sha256 of what the graph computes (the model, the sha256 of its verified weights, the
+normalisation), and the sha256 of the graph file's bytes, recorded beside it when it was
+exported, is checked at every load; a graph that does not match is exported again from the
+weights, never run. Nothing is written beside the model. An ``.onnx`` file a user names
+is theirs, and is run as it is.
 
 Export uses torch's ``torch.export``-based exporter (the default since torch 2.9; it needs
 ``onnxscript``), which writes opset 18 or newer; one self-contained file, no external data.
@@ -18,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,14 +35,15 @@ import torch
 import torch.nn as nn
 
 from ..cpus import usable_cpus
-from ..data.cache import default_cache_dir
+from ..data.cache import default_cache_dir, private_dir, write_atomic
 from ..errors import IdcscopeError
-from ..models.checkpoint import load_model, read_checkpoint
+from ..models.checkpoint import load_model, read_checkpoint, weights_sha256
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "idcscope-onnx/1"
 MIN_OPSET = 18  # the torch.export-based exporter writes no older opset
+GRAPH_RECORD = "graph.json"  # beside a cached graph: its file name and the sha256 of its bytes
 INPUT_CONTRACT = "float32 (B, 3, H, W) RGB in [0, 1]; normalisation is inside the graph"
 NEIGHBOURHOOD_CONTRACT = (
     "float32 (B, 6, H, W) in [0, 1]: the RGB patch, then the RGB block of its neighbours "
@@ -67,18 +77,26 @@ class _Normalised(nn.Module):
         return self.model((patches - self.mean) / self.std)
 
 
-def graph_digest(ckpt: dict) -> str:
-    """sha256 of what the graph computes: the model, its weights and the normalisation.
-    Thresholds, temperature and context do not enter it: copies of a checkpoint that
-    differ only in those share one graph."""
-    h = hashlib.sha256(FORMAT.encode())
+def graph_key(checkpoint: str | Path) -> str:
+    """sha256 of what a checkpoint's graph computes: the model, its weights (by their
+    sha256, ``models.checkpoint.weights_sha256``) and the normalisation. Thresholds,
+    temperature and context do not enter it: copies of a model that differ only in those
+    share one graph."""
+    ckpt = read_checkpoint(checkpoint)
     prep = ckpt["preprocessing"]
-    spec = {"model": ckpt["model"], "mean": prep["mean"], "std": prep["std"]}
-    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(ckpt["state_dict"].items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    spec = {
+        "format": FORMAT,
+        "model": ckpt["model"],
+        "mean": prep["mean"],
+        "std": prep["std"],
+        "weights": weights_sha256(checkpoint),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_cache_dir(checkpoint: str | Path) -> Path:
+    """The user's cache folder for what is derived from a checkpoint (not created here)."""
+    return default_cache_dir() / "onnx" / graph_key(checkpoint)[:32]
 
 
 def export_onnx(
@@ -137,7 +155,7 @@ def export_onnx(
         proto = onnx.load(tmp)
         contract = NEIGHBOURHOOD_CONTRACT if prep.get("neighbourhood") else INPUT_CONTRACT
         meta = {"format": FORMAT, "input": contract, "source": checkpoint.name}
-        meta["graph_sha256"] = graph_digest(read_checkpoint(checkpoint))
+        meta["weights_sha256"] = weights_sha256(checkpoint)
         meta.update({k: ckpt[k] for k in _META_FIELDS if k in ckpt})
         onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
         proto.doc_string = f"idcscope {ckpt['model']['name']}: P(IDC) logits of 50x50 H&E patches"
@@ -154,42 +172,62 @@ def export_onnx(
 
 
 def cached_onnx(checkpoint: str | Path) -> Path:
-    """The ONNX graph of a checkpoint, exported once and kept beside it (``best.pt`` ->
-    ``best.onnx``, or under the cache folder when that folder is read-only).
+    """The ONNX graph of a checkpoint or model folder, from the user's cache: exported there
+    once, its bytes checked against the sha256 recorded then (see the module's docstring).
 
-    Graphs are matched by :func:`graph_digest`, so a retrained checkpoint is exported
-    again, and copies of one model with other thresholds share its graph (each export is
-    also kept under ``$IDCSCOPE_CACHE/onnx``).
+    Load it with ``OnnxModel.from_path(checkpoint)``, which checks the bytes it runs.
     """
-    import shutil
+    return verified_graph(checkpoint)[0]
 
+
+def verified_graph(checkpoint: str | Path) -> tuple[Path, bytes]:
+    """``(path, bytes)`` of a checkpoint's cached graph whose bytes have the sha256 recorded
+    when it was exported; exported anew when there is none or it does not match."""
     checkpoint = Path(checkpoint)
-    digest = graph_digest(read_checkpoint(checkpoint))
-    # A model folder keeps its graph inside (read-only when installed: then the cache).
-    beside = checkpoint / "model.onnx" if checkpoint.is_dir() else checkpoint.with_suffix(".onnx")
-    shared = default_cache_dir() / "onnx" / f"{digest[:32]}.onnx"
-    for path in (beside, shared):
-        if path.is_file() and _graph_digest(path) == digest:
-            return path
-    writable = os.access(beside.parent, os.W_OK)
-    logger.info("exporting %s to ONNX once (kept %s)", checkpoint, beside if writable else shared)
-    path = export_onnx(checkpoint, beside if writable else shared)
-    if path != shared:
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(shared)
-    return path
-
-
-def _graph_digest(path: Path) -> str | None:
-    import onnx
-
+    folder = model_cache_dir(checkpoint)
+    record = folder / GRAPH_RECORD
     try:
-        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-        return json.loads(props.get("graph_sha256", "null"))
-    except Exception:  # an unreadable cached graph is simply exported again
-        return None
+        entry = json.loads(record.read_text())
+        name, want = entry["file"], entry["sha256"]
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx"):
+            raise ValueError(f"it names {name!r}, not a graph in its folder")
+        data = (folder / name).read_bytes()
+    except FileNotFoundError:
+        pass  # not exported on this machine yet
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s is damaged (%s); exporting %s again", record, e, checkpoint)
+    else:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == want:
+            return folder / name, data
+        logger.warning(
+            "%s: sha256 %s... is not the %s... recorded when it was exported: the graph was "
+            "changed, and is exported again from the verified weights of %s",
+            folder / name,
+            digest[:16],
+            str(want)[:16],
+            checkpoint,
+        )
+        (folder / name).unlink(missing_ok=True)
+    return _export_to_cache(checkpoint, folder)
+
+
+def _export_to_cache(checkpoint: Path, folder: Path) -> tuple[Path, bytes]:
+    logger.info("exporting %s to ONNX once, into %s", checkpoint, folder)
+    private_dir(folder)
+    tmp = folder / f"export-{os.getpid()}-{threading.get_ident()}.onnx"
+    try:
+        export_onnx(checkpoint, tmp)
+        data = tmp.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        # Named by its bytes: a process reading an older record never reads this one.
+        path = folder / f"{digest[:16]}.onnx"
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {"file": path.name, "sha256": digest, "source": str(checkpoint)}
+    write_atomic(folder / GRAPH_RECORD, json.dumps(record, indent=1) + "\n")
+    return path, data
 
 
 def _check_agreement(torch_model: nn.Module, runner: OnnxModel, x: torch.Tensor, path) -> None:
@@ -207,25 +245,32 @@ class OnnxModel:
     Args:
         path: an ``.onnx`` file written by ``export_onnx``.
         threads: intra-op threads; None uses every core this process may run on.
+        data: the graph's bytes, when they were read (and checked) already; ``path`` then
+            only names them.
 
     The session's threads sleep instead of spinning between runs: they share the cores
     with the threads that decode the next patches.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, data: bytes | None = None):
         import onnxruntime as ort
 
         path = Path(path)
-        if not path.is_file():
+        if data is None and not path.is_file():
             raise IdcscopeError(f"{path}: ONNX file not found")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or usable_cpus()
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings are about its own graph passes
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path) if data is None else data, opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
-            raise IdcscopeError(f"{path}: not a loadable ONNX model ({e})") from e
+            raise IdcscopeError(
+                f"{path}: not an ONNX graph ONNX Runtime can load ({_first_line(e)}); "
+                "an .onnx model is one `idcscope export --onnx` writes"
+            ) from e
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k: _json_or_text(v) for k, v in props.items()}
         if self.metadata.get("format") != FORMAT:
@@ -237,9 +282,13 @@ class OnnxModel:
 
     @classmethod
     def from_path(cls, path: str | Path, threads: int | None = None) -> OnnxModel:
-        """Open an ``.onnx`` file, or a checkpoint's cached graph (see :func:`cached_onnx`)."""
+        """Open an ``.onnx`` file as it is, or a checkpoint's cached graph, checked (see
+        :func:`cached_onnx`)."""
         path = Path(path)
-        return cls(path if path.suffix == ".onnx" else cached_onnx(path), threads)
+        if path.suffix == ".onnx":
+            return cls(path, threads)
+        graph, data = verified_graph(path)
+        return cls(graph, threads, data)
 
     @property
     def threshold(self) -> float:
@@ -267,6 +316,10 @@ class OnnxModel:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _json_or_text(value: str):

@@ -3,8 +3,11 @@
 A bundle is a checkpoint taken apart for publishing: the weights as safetensors (no pickle
 at all), everything else a person or a program needs as JSON (architecture,
 preprocessing, threshold, temperature, spatial context, class names, the recipe), and a
-model card. ``config.json`` records the sha256 of the weights file, checked on every load,
-so a bundle is the one its card describes or it does not load. ``read_checkpoint`` reads a
+model card. ``config.json`` lists the sha256 of every other file of the folder (its
+``files``; the weights' also as ``weights_sha256``), all checked when the folder is read,
+so a bundle is the one its card describes or it does not load; a file it does not list
+is never read. What is derived from a model (its ONNX graph, the faster engine) lives in
+the user's cache, never in the folder (``inference.onnx``). ``read_checkpoint`` reads a
 bundle folder as it reads a ``.pt``: every command that takes a checkpoint takes one.
 
 ``resolve_model`` turns what a user types after ``--model`` into a path: the name of a
@@ -28,6 +31,7 @@ from ..errors import CheckpointError
 BUNDLE_FORMAT = "idcscope-model/1"
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 FILES = (CONFIG, WEIGHTS, CARD)
+MANIFEST = "files"  # config.json's {file name: sha256} of every other file of the folder
 # What a bundle keeps of a checkpoint: what scoring needs and what describes the model.
 # Training state (optimiser, random generators, history) and the validation arrays stay in
 # the run folder.
@@ -62,42 +66,96 @@ def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = 
     # Where the run was written and cached is this machine's business, not the model's.
     for local in ("out", "cache_dir"):
         config.get("config", {}).pop(local, None)
-    config["weights_sha256"] = sha256_of(out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     name = ckpt["model"]["name"]
     (out / CARD).write_text(card if card is not None else f"# idcscope model ({name})\n")
+    digests = {f: sha256_of(out / f) for f in (WEIGHTS, CARD)}
+    config["weights_sha256"] = digests[WEIGHTS]  # as the card states it
+    config[MANIFEST] = digests
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     return out
 
 
 def read_bundle(folder: str | Path) -> dict:
-    """The checkpoint dict of a bundle (``state_dict`` included), its weights verified."""
+    """The checkpoint dict of a bundle (``state_dict`` included), its files verified."""
+    return verified_bundle(folder)[0]
+
+
+def verified_bundle(folder: str | Path) -> tuple[dict, str]:
+    """``(checkpoint dict, sha256 of the weights)`` of a bundle whose every listed file
+    has the sha256 its ``config.json`` gives; anything else is a ``CheckpointError``."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from .checkpoint import FORMAT
 
     folder = Path(folder)
+    config = read_config(folder)
+    manifest = _manifest(folder, config)
+    weights = b""
+    for name, want in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {name}, which its {CONFIG} lists")
+        # The weights are hashed from the very bytes that are loaded: none read in between.
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != want:
+            raise CheckpointError(
+                f"{path}: sha256 {digest[:16]}... is not the {want[:16]}... its {CONFIG} "
+                "lists: the file was changed or damaged since the model was written"
+            )
+        if name == WEIGHTS:
+            weights = data
     try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG}: not a readable model config ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"{folder / CONFIG}: not an idcscope model (no {BUNDLE_FORMAT!r})")
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: no {WEIGHTS} beside {CONFIG}")
-    digest = sha256_of(weights)
-    if digest != config.get("weights_sha256"):
-        raise CheckpointError(
-            f"{weights}: sha256 {digest[:16]}... is not the {config.get('weights_sha256')!r} "
-            f"its {CONFIG} describes: the weights were changed or damaged"
-        )
-    try:
-        state_dict = load_file(str(weights))
+        state_dict = load(weights)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights}: not readable safetensors ({e})") from e
-    fields = {k: v for k, v in config.items() if k not in ("format", "weights_sha256")}
-    return {"format": FORMAT, "state_dict": state_dict, **fields}
+        raise CheckpointError(f"{folder / WEIGHTS}: not readable safetensors ({e})") from e
+    fields = {k: v for k, v in config.items() if k not in ("format", "weights_sha256", MANIFEST)}
+    return {"format": FORMAT, "state_dict": state_dict, **fields}, manifest[WEIGHTS]
+
+
+def read_config(folder: str | Path) -> dict:
+    """A bundle's ``config.json``, checked to be one this idcscope reads."""
+    path = Path(folder) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable model config ({e})") from e
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a readable model config: not JSON ({e})") from e
+    fmt = config.get("format") if isinstance(config, dict) else None
+    if fmt is None:
+        raise CheckpointError(
+            f"{path}: not an idcscope model config (it names no format; "
+            f'a model folder\'s config.json says "format": {BUNDLE_FORMAT!r})'
+        )
+    if fmt != BUNDLE_FORMAT:
+        raise CheckpointError(
+            f"{path}: model format {fmt!r} is not one this idcscope reads ({BUNDLE_FORMAT!r}); "
+            "a newer idcscope may read it"
+        )
+    return config
+
+
+def _manifest(folder: Path, config: dict) -> dict[str, str]:
+    """The files a bundle is made of and their sha256: its ``files``, or only the weights
+    for a bundle written before there was a list."""
+    path = folder / CONFIG
+    listed = config.get(MANIFEST, {WEIGHTS: config.get("weights_sha256")})
+    if not isinstance(listed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in listed.items()
+    ):
+        raise CheckpointError(f"{path}: {MANIFEST!r} is not a mapping of file names to sha256")
+    for name in listed:
+        if name in (CONFIG, "", ".", "..") or Path(name).name != name:
+            raise CheckpointError(f"{path}: lists {name!r}, not a file of its own folder")
+    if not listed.get(WEIGHTS):
+        raise CheckpointError(f"{path}: lists no sha256 for {WEIGHTS}")
+    if config.get("weights_sha256", listed[WEIGHTS]) != listed[WEIGHTS]:
+        raise CheckpointError(
+            f"{path}: its weights_sha256 and its {MANIFEST!r} give {WEIGHTS} two sha256"
+        )
+    return listed
 
 
 def sha256_of(path: str | Path) -> str:

@@ -5,13 +5,22 @@ read with ``torch.load(weights_only=True)``: the weights, the model's name and a
 the training config, class names, preprocessing (mean, std, patch size, microns per pixel),
 the decision threshold chosen on validation, the split, and, in ``last.pt``, the optimiser
 state needed to resume. ``predict`` needs nothing but the file.
+
+A model is read, and its weights hashed, once per process: reads are remembered by the
+file's identity (resolved path, inode, size, modification time), so the commands and the
+server that ask for a model several times while they start get it from memory.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import logging
 import os
+import pickle
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -23,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "idcscope-checkpoint/1"
 REQUIRED_KEYS = ("state_dict", "model", "class_names", "preprocessing")
+EXPECTED = "a .pt checkpoint, an .onnx graph or a model folder with config.json"
+_KEEP = 4  # models remembered per process: an ensemble's members, a server's one
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, **fields) -> Path:
@@ -54,22 +65,135 @@ def _atomic_save(obj: dict, path: Path) -> Path:
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict of a ``.pt`` file or of a model folder (``models.bundle``)."""
-    from .bundle import is_bundle, read_bundle
+    ckpt = _read(Path(path)).ckpt
+    # The caller's own copy: the tensors are shared, since nothing writes into them.
+    return {k: dict(v) if k == "state_dict" else copy.deepcopy(v) for k, v in ckpt.items()}
 
-    path = Path(path)
-    if is_bundle(path):
-        return read_bundle(path)
-    if not path.is_file():
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a model's weights: of a model folder's ``model.safetensors`` (verified
+    when read), of a ``.pt``'s tensors by name (copies that differ only in other fields,
+    a threshold or a history, share it)."""
+    entry = _read(Path(path))
+    if entry.sha256 is None:
+        state_dict = entry.ckpt.get("state_dict")
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no state_dict)")
+        entry.sha256 = tensors_sha256(state_dict)
+    return entry.sha256
+
+
+def tensors_sha256(state_dict: dict) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(state_dict.items()):
+        h.update(f"{name}\0".encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class _Read:
+    ckpt: dict
+    sha256: str | None  # of the weights; a .pt's is computed when first asked for
+
+
+_READS: OrderedDict[tuple, _Read] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _read(path: Path) -> _Read:
+    from .bundle import is_bundle, verified_bundle
+
+    bundle = is_bundle(path)
+    if not bundle and not path.is_file():
+        if path.is_dir():
+            raise CheckpointError(
+                f"{path}: checkpoint not found: a folder without config.json is not a model "
+                f"folder (expected {EXPECTED})"
+            )
         raise CheckpointError(f"{path}: checkpoint not found")
+    try:  # a folder's every file: a change to any of them is a new read
+        key = tuple(_stamp(f) for f in (sorted(path.iterdir()) if bundle else [path]))
+    except OSError as e:
+        raise CheckpointError(f"{path}: not readable ({e})") from e
+    with _LOCK:
+        if key in _READS:
+            _READS.move_to_end(key)
+            return _READS[key]
+    entry = _Read(*verified_bundle(path)) if bundle else _Read(_load_pt(path), None)
+    # A training state is read once, to resume, and its optimiser then updates the
+    # tensors it was given in place: it is not kept.
+    if "optimizer" not in entry.ckpt:
+        with _LOCK:
+            _READS[key] = entry
+            while len(_READS) > _KEEP:
+                _READS.popitem(last=False)
+    return entry
+
+
+def _stamp(path: Path) -> tuple:
+    """What tells one version of a file from another without reading it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:  # a dangling link: nothing the model is made of
+        return (str(path), None)
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _load_pt(path: Path) -> dict:
+    unsafe = f"{path}: not a safe idcscope checkpoint"
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"{path}: not readable ({e})") from e
+    # torch.save writes a zip archive, or (before torch 1.6) a pickle: anything else is
+    # another kind of file, and torch's own error about it would be a riddle.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{unsafe}: it is {_kind(head)}, where idcscope expects {EXPECTED}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusals and truncated files alike
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: not a safe idcscope checkpoint ({type(e).__name__}: {str(e)[:300]})"
+            f"{unsafe}: it holds pickled Python objects other than tensors and plain values "
+            f"({_refused(e)}); unpickling those can run any code, so idcscope refuses to load "
+            "it. Use a checkpoint idcscope wrote, or a model folder (weights as safetensors)."
+        ) from e
+    except Exception as e:  # torch raises RuntimeError and others for damaged archives
+        first = str(e).split(". ")[0].strip()
+        raise CheckpointError(
+            f"{unsafe}: a damaged or truncated PyTorch file ({type(e).__name__}: {first})"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an idcscope checkpoint (no format {FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: not an idcscope checkpoint: a PyTorch file without format {FORMAT!r} "
+            "(a model idcscope did not write)"
+        )
     return ckpt
+
+
+def _kind(head: bytes) -> str:
+    if not head:
+        return "an empty file"
+    text = head.decode("utf-8", "ignore")  # 64 bytes may end inside a character
+    if all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "a text file"
+    return "neither a zip archive nor a pickle, the files torch.save writes"
+
+
+def _refused(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, out of its long advice."""
+    text = str(e)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    if not found:
+        return type(e).__name__
+    detail = rest.strip().split("\n")[0].split(" was not an allowed")[0]
+    return detail.rstrip(". ") or type(e).__name__
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
