@@ -79,6 +79,24 @@ def test_a_wrong_path_fails_before_any_heavy_import(tmp_path):
     assert "nowhere" in _one_error_line(res.stderr)
 
 
+def test_one_patch_is_scored_without_the_heavy_libraries(good, tmp_path):
+    """What scoring one patch needs, and no more: no plotting, no numba compiler, no zoo."""
+    res = _python(
+        f"""
+        import sys
+        from idcscope.cli import app
+        try:
+            app(["predict", "{good}", "--out", "{tmp_path / "p.csv"}", "--engine", "torch"],
+                prog_name="idcscope")
+        except SystemExit as e:
+            code = e.code
+        heavy = ("numba", "matplotlib", "sklearn", "skimage", "timm", "torchvision")
+        print(code, sorted(m for m in heavy if m in sys.modules))
+        """
+    )
+    assert res.stdout.split("\n")[-2] == "0 []", res.stdout + res.stderr
+
+
 def test_out_naming_a_folder_is_a_usage_error(good, tmp_path):
     res = _run("predict", str(good), "--out", str(tmp_path))
     assert res.exit_code == EXIT_USAGE
