@@ -80,7 +80,7 @@ def heatmap(
     scored_exit(summary["n_patches"], n_bad, summary["files"]["skipped"])
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command()
 def slide(
     slide_paths: Annotated[
         list[Path], typer.Argument(exists=True, help="Slides: .svs, .ndpi, .mrxs, tiled .tif, ...")
@@ -100,6 +100,9 @@ def slide(
 
     One row per slide goes to OUT/slides.csv. Under torchrun the slides are shared out
     between the processes.
+
+    Exit codes: 0 every slide scored; 1 error (a slide that cannot be read stops the run,
+    the message names it); 2 wrong command line.
     """
     out_folder(out)
     from ..spatial.slide import slides_inference
