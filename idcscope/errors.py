@@ -15,3 +15,7 @@ class CheckpointError(IdcscopeError):
 
 class WeightsUnavailableError(IdcscopeError):
     """Pretrained weights could not be found locally or downloaded."""
+
+
+class NothingScoredError(DataError):
+    """Inputs were given but none of them could be read and scored."""

@@ -163,4 +163,4 @@ def test_cli_heatmap(checkpoint, patient, tmp_path):
         app,
         ["heatmap", str(tmp_path / "nobody"), "--out", str(tmp_path), "--model", str(checkpoint)],
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a usage error: the folder does not exist

@@ -255,3 +255,20 @@ def test_no_context_scores_every_patch_alone(nbhd_ckpt, reference, synthetic_roo
     for engine in ("torch", "onnx"):
         out = predict(nbhd_ckpt, [synthetic_root], engine=engine, context=False)
         _assert_matches(out["path"], out["prob_idc"], ref["alone"])
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_few_patches_skip_numba_with_the_same_blocks(k, monkeypatch):
+    """Up to ``SMALL`` patches the blocks are averaged by numpy (no numba to import when a
+    few patches are scored): the same integer sums, so the same bytes."""
+    import idcscope.data.neighbourhood as neighbourhood
+
+    rng = np.random.default_rng(k)
+    base = rng.integers(0, 256, (9, 6, 50, 50), dtype=np.uint8)
+    nb = rng.integers(-1, 9, (9, k * k))  # -1: glass
+    out = {}
+    for how, limit in (("numpy", 10**9), ("numba", 0)):
+        monkeypatch.setattr(neighbourhood, "SMALL", limit)
+        out[how] = block_planes(base.copy(), nb)
+    np.testing.assert_array_equal(out["numpy"], out["numba"])
+    assert not np.array_equal(out["numpy"][:, 3:], base[:, 3:])

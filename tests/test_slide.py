@@ -173,4 +173,4 @@ def test_cli_slide(trained_run, slide_2mpp, tmp_path):
     res = CliRunner().invoke(
         app, ["slide", str(tmp_path / "none.svs"), "--out", str(tmp_path), "--model", ckpt]
     )
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a usage error: no such slide

@@ -182,3 +182,21 @@ def test_real_patients_get_closer(real_sample):
     for name in METHODS:
         out = normalize_per_patient(images, patients, name)
         assert gap(out) < 0.7 * gap(images), name
+
+
+@pytest.mark.parametrize("name", ["reinhard", "macenko"])
+def test_few_patches_skip_numba_with_the_same_bytes(name, monkeypatch):
+    """Up to ``SMALL_PIXELS`` the colours are packed and unpacked by numpy (no numba to
+    import when a few patches are scored): the same bytes as the compiled loops."""
+    import idcscope.data.stain as stain
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(60, 230, (6, 50, 50, 3), dtype=np.uint8)
+    patients = np.array([0, 0, 0, 1, 1, 1])
+    planes = {}
+    for how, limit in (("numpy", 10**9), ("numba", 0)):
+        monkeypatch.setattr(stain, "SMALL_PIXELS", limit)
+        planes[how] = np.zeros((6, 6, 50, 50), np.uint8)
+        normalize_per_patient(images, patients, name, workers=1, planes=planes[how])
+    np.testing.assert_array_equal(planes["numpy"], planes["numba"])
+    assert planes["numpy"][:, :3].any()

@@ -92,6 +92,11 @@ def train(
 ) -> None:
     """Train a patch classifier; writes best.pt, last.pt, history.csv and config.yaml."""
     options = dict(locals())  # before anything else is defined: the options as given
+    if resume and not (out / "last.pt").is_file():
+        raise typer.BadParameter(
+            f"{out / 'last.pt'} does not exist: nothing to resume (start without --resume)",
+            param_hint="--resume",
+        )
     from ..errors import IdcscopeError
     from ..training.config import make_config
     from ..training.train import train as run_training

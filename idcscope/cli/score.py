@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 
 from .app import (
+    EXIT_CODES_HELP,
     Context,
     DataDirs,
     Engine,
+    Inputs,
     Model,
     ReportDir,
     Tta,
@@ -20,11 +22,14 @@ from .app import (
     fail,
     logger,
     model_path,
+    out_file,
+    out_folder,
     print_headline,
+    scored_exit,
 )
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def evaluate(
     data_dir: DataDirs,
     out: ReportDir,
@@ -39,10 +44,13 @@ def evaluate(
     report(model_path(model), data_arg(data_dir), out, **options)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
-    out: Annotated[Path, typer.Option(help="CSV: path, patient, x, y, prob_idc, pred, error.")],
+    paths: Inputs,
+    out: Annotated[
+        Path,
+        typer.Option(help="CSV: path, patient, x, y, prob_idc, pred, error (folder made)."),
+    ],
     tta: Tta = False,
     engine: Engine = "auto",
     context: Context = True,
@@ -55,24 +63,24 @@ def predict(
     """Predict P(IDC) for patches (files or folders) with a model: the bundled one, a
     checkpoint, an exported .onnx or a model folder.
 
-    Rows are written as they are scored. Under torchrun the patients are shared out
-    between the processes and rank 0 writes the one table.
+    Rows are written as they are scored, whole rows a bucket at a time: a run that stops
+    (killed, disk full) leaves every row it wrote readable. Under torchrun the patients are
+    shared out between the processes and rank 0 writes the one table.
     """
-    from ..errors import IdcscopeError
+    out_file(out)  # before the imports: a wrong --out fails at once
     from ..inference.predict import predict as run_prediction
 
-    try:
-        df = run_prediction(
-            model_path(model), paths, out, batch_size=batch_size, tta=tta, workers=workers,
-            engine=engine, context=context,
-        )  # fmt: skip
-    except IdcscopeError as e:
-        raise fail(e) from e
+    df = run_prediction(
+        model_path(model), paths, out, batch_size=batch_size, tta=tta, workers=workers,
+        engine=engine, context=context,
+    )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("wrote %d rows to %s", len(df), out)
+        n_bad = int((df["error"].fillna("") != "").sum())
+        scored_exit(len(df) - n_bad, n_bad, f"the error column of {out}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def ensemble(
     data_dir: DataDirs,
     out: ReportDir,
@@ -86,22 +94,23 @@ def ensemble(
 ) -> None:
     """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
     if len(model) < 2:
-        raise fail(ValueError("an ensemble needs two or more --model"))
+        raise typer.BadParameter("an ensemble needs two or more", param_hint="--model")
     options = {"split": split, "tta": tta, "context": context, "engine": engine}
     report([model_path(m) for m in model], data_arg(data_dir), out, **options)
 
 
 def report(checkpoints, data: Path, out: Path, **options) -> None:
-    """``evaluate`` on ``data``, its headline metrics printed and its report named."""
-    from ..errors import IdcscopeError
+    """``evaluate`` on ``data``, its headline metrics printed and its report named; exits
+    3 when some files could not be read."""
+    out_folder(out)
     from ..evaluation.evaluate import evaluate as run_evaluation
 
-    try:
-        m = run_evaluation(checkpoints, data, out, **options)
-    except IdcscopeError as e:
-        raise fail(e) from e
+    m = run_evaluation(checkpoints, data, out, **options)
     print_headline(m)
     logger.info("report: %s", (out / "report.html").resolve())
+    summary = m["data_summary"]
+    n_skipped = summary["n_skipped"]
+    scored_exit(summary["n_files"] - n_skipped, n_skipped, out / "skipped.csv")
 
 
 @app.command()

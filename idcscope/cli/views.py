@@ -12,12 +12,25 @@ from typing import Annotated
 
 import typer
 
-from .app import Context, Engine, Model, Tta, app, fail, logger, model_path
+from .app import (
+    EXIT_CODES_HELP,
+    Context,
+    Engine,
+    Inputs,
+    Model,
+    Tta,
+    app,
+    fail,
+    logger,
+    model_path,
+    out_folder,
+    scored_exit,
+)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def explain(
-    paths: Annotated[list[Path], typer.Argument(help="Patch files or folders.")],
+    paths: Inputs,
     out: Annotated[Path, typer.Option(help="Folder for the panels and explanations.csv.")],
     upscale: Annotated[int, typer.Option(help="Pixel enlargement of the patches.")] = 4,
     cam: Annotated[
@@ -31,22 +44,22 @@ def explain(
     P(IDC) is what ``predict`` gives the same files; the maps are computed on the input
     the model scored.
     """
-    from ..errors import IdcscopeError
+    out_folder(out)
     from ..inference.explain import explain_patches
 
-    try:
-        rows = explain_patches(
-            model_path(model), paths, out, upscale=upscale, cam_method=cam, engine=engine
-        )
-    except IdcscopeError as e:
-        raise fail(e) from e
+    rows = explain_patches(
+        model_path(model), paths, out, upscale=upscale, cam_method=cam, engine=engine
+    )
     n_bad = sum(1 for r in rows if r["error"])
     logger.info("explained %d patches in %s (%d unreadable)", len(rows) - n_bad, out, n_bad)
+    scored_exit(len(rows) - n_bad, n_bad, out / "explanations.csv")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def heatmap(
-    patient_dir: Annotated[Path, typer.Argument(help="One patient's folder: <patient>/<0|1>/.")],
+    patient_dir: Annotated[
+        Path, typer.Argument(exists=True, help="One patient's folder: <patient>/<0|1>/.")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the JSON summary.")],
     threshold: Annotated[float | None, typer.Option(help="Default: the checkpoint's.")] = None,
     tta: Tta = False,
@@ -55,23 +68,22 @@ def heatmap(
     model: Model = None,
 ) -> None:
     """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
-    from ..errors import IdcscopeError
+    out_folder(out)
     from ..inference.predictor import Predictor
     from ..spatial.heatmap import patient_heatmap
 
-    try:
-        predictor = Predictor(model_path(model), engine, tta=tta, context=context)
-        summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
-    except IdcscopeError as e:
-        raise fail(e) from e
+    predictor = Predictor(model_path(model), engine, tta=tta, context=context)
+    summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
     logger.info("heatmap: %s", summary["files"]["heatmap"])
+    n_bad = summary["n_unreadable"] + summary["n_skipped"]
+    scored_exit(summary["n_patches"], n_bad, summary["files"]["skipped"])
 
 
 @app.command()
 def slide(
     slide_paths: Annotated[
-        list[Path], typer.Argument(help="Slides: .svs, .ndpi, .mrxs, tiled .tif, ...")
+        list[Path], typer.Argument(exists=True, help="Slides: .svs, .ndpi, .mrxs, tiled .tif, ...")
     ],
     out: Annotated[Path, typer.Option(help="Folder for the overlays, tile CSVs and GeoJSON.")],
     slide_mpp: Annotated[
@@ -88,24 +100,24 @@ def slide(
 
     One row per slide goes to OUT/slides.csv. Under torchrun the slides are shared out
     between the processes.
+
+    Exit codes: 0 every slide scored; 1 error (a slide that cannot be read stops the run,
+    the message names it); 2 wrong command line.
     """
-    from ..errors import IdcscopeError
+    out_folder(out)
     from ..spatial.slide import slides_inference
 
-    try:
-        summaries = slides_inference(
-            model_path(model),
-            slide_paths,
-            out,
-            slide_mpp=slide_mpp,
-            threshold=threshold,
-            tta=tta,
-            min_tissue=min_tissue,
-            context=context,
-            engine=engine,
-        )
-    except IdcscopeError as e:
-        raise fail(e) from e
+    summaries = slides_inference(
+        model_path(model),
+        slide_paths,
+        out,
+        slide_mpp=slide_mpp,
+        threshold=threshold,
+        tta=tta,
+        min_tissue=min_tissue,
+        context=context,
+        engine=engine,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         for summary in summaries:
             print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))

@@ -50,12 +50,31 @@ def block_planes(
         )
     if not planes.flags.c_contiguous or planes.dtype != np.uint8:
         raise ValueError("planes must be a C-contiguous uint8 array")
-    from ._kernels import block_average
-
     rounding = ((np.arange(k * k * GLASS + 1) + k * k // 2) // (k * k)).astype(np.uint8)
     nb = np.ascontiguousarray(neighbours, np.int64)
-    block_average(planes, nb, k, src, dst, channels, rounding)
+    if len(planes) > SMALL:
+        from ._kernels import block_average
+
+        block_average(planes, nb, k, src, dst, channels, rounding)
+    else:
+        _block_average(planes, nb, k, src, dst, channels, rounding)
     return planes
+
+
+# Up to this many patches numpy's block average is quick enough, and scoring a few patches
+# skips importing numba and starting its compiler (a second or more).
+SMALL = 64
+
+
+def _block_average(planes, nb, k, src, dst, channels, rounding) -> None:
+    """``_kernels.block_average`` in numpy, for a few patches: the same integer sums."""
+    n, _, h, w = planes.shape
+    glass = np.full((1, channels, h, w), GLASS, np.uint8)
+    tiles = np.concatenate([planes[:, src : src + channels], glass])[np.where(nb < 0, n, nb)]
+    # (n, ty, tx, c, y, x) -> (n, c, ty, y, tx, x): the (k h, k w) block, then k x k sums
+    block = tiles.reshape(n, k, k, channels, h, w).transpose(0, 3, 1, 4, 2, 5)
+    sums = block.reshape(n, channels, h, k, w, k).sum(axis=(3, 5), dtype=np.int64)
+    planes[:, dst : dst + channels] = rounding[sums]
 
 
 def add_neighbourhood(

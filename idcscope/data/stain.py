@@ -40,6 +40,10 @@ BLACK_OD = -math.log(26 / 256)  # every channel <= 25: padding or pen, not stain
 MIN_TISSUE_PIXELS = 100
 _MAX_SCALE = 5.0  # Reinhard std ratio bound: a near-uniform patient must not explode
 _MAX_CONC = 10.0  # Macenko concentration bound: OD 10 is already black
+# Up to this many pixels (64 patches) numpy packs and unpacks as fast as the compiled
+# loops, and scoring a few patches skips importing numba and starting its compiler (a
+# second or more of a command that takes two).
+SMALL_PIXELS = 64 * 50 * 50
 
 # Reinhard et al. 2001: RGB -> LMS, then log LMS -> l-alpha-beta (Ruderman et al. 1998);
 # the statistics use log10 as in the paper, the code the natural log (hence / ln 10).
@@ -91,9 +95,7 @@ class _Colours:
     """Distinct colours of uint8 images: counts, (3, n) ``rgb`` and ``od``, tissue, black."""
 
     def __init__(self, images: np.ndarray):
-        from ._kernels import pack_colours
-
-        self.key, self.shape = pack_colours(np.ascontiguousarray(images)), images.shape
+        self.key, self.shape = _pack_colours(np.ascontiguousarray(images)), images.shape
         s = np.sort(self.key)
         first = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]])) if s.size else s
         self.uniq, self.counts = s[first], np.diff(first, append=s.size).astype(np.float64)
@@ -131,10 +133,25 @@ class _Colours:
             table[self.uniq], keys = values, self.key
         if planes is None:
             return table[keys].view(np.uint8).reshape(-1, 4)[:, :3].reshape(self.shape)
-        from ._kernels import unpack_to_planes
+        if keys.size > SMALL_PIXELS:
+            from ._kernels import unpack_to_planes
 
-        unpack_to_planes(table, keys, planes)
+            unpack_to_planes(table, keys, planes)
+        else:
+            v = table[keys].reshape(len(planes), *planes.shape[2:])
+            for c in range(3):
+                planes[:, c] = (v >> np.uint32(8 * c)) & np.uint32(255)
         return planes
+
+
+def _pack_colours(images: np.ndarray) -> np.ndarray:
+    """One uint32 per pixel of uint8 (..., 3) images: r | g << 8 | b << 16."""
+    if images.size // 3 > SMALL_PIXELS:
+        from ._kernels import pack_colours
+
+        return pack_colours(images)
+    rgb = images.reshape(-1, 3).astype(np.uint32)
+    return rgb[:, 0] | rgb[:, 1] << np.uint32(8) | rgb[:, 2] << np.uint32(16)
 
 
 def _weighted_percentile(values: np.ndarray, weights: np.ndarray, q: list[float]) -> np.ndarray:

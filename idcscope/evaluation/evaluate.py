@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data import splits as splitting
 from ..data.manifest import index_datasets, roots_text, summarize
-from ..errors import IdcscopeError
+from ..errors import IdcscopeError, NothingScoredError
 from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
@@ -67,7 +67,7 @@ def evaluate(
     )  # with predictions.csv, every file is accounted for
     ok = scored.ok
     if not ok.any():
-        raise IdcscopeError(
+        raise NothingScoredError(
             f"{roots_text(data_dir)}: none of the {len(table) + len(index.skipped)} files could be read; "
             f"the reasons are in {out / 'skipped.csv'}"
         )

@@ -1,13 +1,16 @@
 """Predict P(IDC) for patch files and folders with nothing but a checkpoint.
 
 Rows are written as they are scored, bucket by bucket (whole patients), so a killed run
-keeps every row it finished. Under torchrun the buckets are shared out between the
+keeps every row it finished, and a write that fails (a full disk) is cut back to the last
+whole row before the run stops. Under torchrun the buckets are shared out between the
 processes and rank 0 merges their rows into one file, the same as one process writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import pandas as pd
 
 from ..data.manifest import IMAGE_SUFFIXES, index_files
 from ..distributed import init_distributed, shard, shutdown
-from ..errors import DataError
+from ..errors import DataError, IdcscopeError
 from ..progress import progress_bar
 from .predictor import Predictor, Scored
 from .stream import FileSource, make_buckets, young_garbage_only
@@ -84,7 +87,8 @@ def predict(
     if len(skipped):
         out = pd.concat([out, skipped], ignore_index=True)[COLUMNS]
         if out_csv:
-            skipped.reindex(columns=COLUMNS).to_csv(out_csv, mode="a", header=False, index=False)
+            with RowWriter(out_csv, append=True) as writer:
+                writer.write(skipped.reindex(columns=COLUMNS))
     n_bad = int((out["error"].fillna("") != "").sum())
     logger.info("%d files: %d predicted, %d could not be read", len(out), len(out) - n_bad, n_bad)
     return out
@@ -100,15 +104,21 @@ def _predict_table(predictor: Predictor, table: pd.DataFrame, out_csv, ctx) -> p
         f".{target.name}.part{ctx.rank}"
     )  # fmt: skip
     parts: list[pd.DataFrame] = []
-    with progress_bar("predict", total=sum(len(b.rows) for b in buckets)) as advance:
-        for scored in predictor.score(groups, coords, FileSource(table["path"]), buckets):
+    total = sum(len(b.rows) for b in buckets)
+    writer = RowWriter(part) if part is not None else contextlib.nullcontext()
+    # closing: a failed write stops the scoring's worker threads before the error goes on
+    scoring = contextlib.closing(
+        predictor.score(groups, coords, FileSource(table["path"]), buckets)
+    )
+    with writer, scoring as scores, progress_bar("predict", total=total) as advance:
+        if part is not None:
+            writer.write(pd.DataFrame(columns=COLUMNS), header=True)
+        for scored in scores:
             rows = _rows(table, scored, predictor.threshold)
             if part is not None:
-                rows.to_csv(part, mode="a" if parts else "w", header=not parts, index=False)
+                writer.write(rows)
             parts.append(rows.assign(bucket=scored.bucket.index) if ctx.enabled else rows)
             advance(len(rows))
-    if part is not None and not parts:
-        pd.DataFrame(columns=COLUMNS).to_csv(part, index=False)
     mine = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     if not ctx.enabled:
         return mine
@@ -144,5 +154,53 @@ def _merge(mine: pd.DataFrame, target: Path | None, ctx) -> pd.DataFrame:
     merged = pd.concat(gathered, ignore_index=True).sort_values("bucket", kind="stable")
     merged = merged.drop(columns="bucket").reset_index(drop=True)
     if target is not None:
-        merged.to_csv(target, index=False)
+        with RowWriter(target) as writer:
+            writer.write(merged, header=True)
     return merged
+
+
+class RowWriter:
+    """A CSV file that only ever holds whole rows: each ``write`` appends its rows and
+    flushes them, and a write that fails (disk full, I/O error) is cut back to the rows
+    before it and raised as an :class:`IdcscopeError` that names the file."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = Path(path)
+        self.n_rows = 0
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)  # no \r\n on Windows
+            self._fd = os.open(self.path, flags | (0 if append else os.O_TRUNC), 0o666)
+            self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise IdcscopeError(f"{self.path}: cannot write ({e.strerror})") from e
+
+    def write(self, rows: pd.DataFrame, header: bool = False) -> None:
+        data = rows.to_csv(index=False, header=header, lineterminator="\n").encode()
+        try:
+            _write_all(self._fd, data)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # truncating frees space: it works when full
+                os.ftruncate(self._fd, self._size)
+            raise IdcscopeError(
+                f"{self.path}: write failed ({e.strerror}); it keeps the {self.n_rows} "
+                "whole rows written before"
+            ) from e
+        self._size += len(data)
+        self.n_rows += len(rows)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (``os.write`` may write part of it), at the end."""
+    view = memoryview(data)
+    os.lseek(fd, 0, os.SEEK_END)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -107,8 +107,12 @@ def run_pipeline(
 
     A bucket's files are decoded in chunks; when the last chunk is in, its preparation is
     queued; when that is done, ``launch`` starts its forward passes (queuing them on the
-    pool too). Every stage is queued only once the one before it is done, so no worker
-    ever waits for another.
+    pool too) and returns the calls that wait for them. Every stage is queued only once
+    the one before it is done, so no worker ever waits for another.
+
+    When the caller stops early (an error, a closed generator, Ctrl-C), the buckets ahead
+    start no further stage and the ones already launched are waited for: no worker is
+    left inside ONNX Runtime when the interpreter exits (which aborts the process).
 
     numpy's BLAS is held to one thread meanwhile: its idle workers spin for a while after
     every small product of the stain normalisation, and on 2 cores that spinning took a
@@ -121,20 +125,38 @@ def run_pipeline(
 
     queue = iter(buckets)
     pending: deque[Future] = deque()
+    stop = threading.Event()
 
     def submit() -> None:
         bucket = next(queue, None)
         if bucket is not None:
-            pending.append(_start(bucket, source, prepare, launch, pool))
+            pending.append(_start(bucket, source, prepare, launch, pool, stop))
 
-    with threadpool_limits(limits=1, user_api="blas"), young_garbage_only():
-        for _ in range(1 + ahead):
-            submit()
-        while pending:
-            loaded = pending.popleft().result()
-            submit()
-            gc.collect(1)  # what this bucket left behind; the old objects are not walked
-            yield loaded
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), young_garbage_only():
+            for _ in range(1 + ahead):
+                submit()
+            while pending:
+                loaded = pending.popleft().result()
+                submit()
+                gc.collect(1)  # what this bucket left behind; the old objects are not walked
+                yield loaded
+    finally:
+        stop.set()
+        _settle(pending)
+
+
+def _settle(pending: deque[Future]) -> None:
+    """Wait for the buckets in flight (their stages stopped, see ``_start``), and for the
+    forward passes of those already launched."""
+    for future in pending:
+        try:
+            loaded = future.result()
+        except BaseException:  # stopped, or failed: nothing of it runs any more
+            continue
+        for wait in loaded.launched or ():
+            with contextlib.suppress(Exception):
+                wait()
 
 
 @contextlib.contextmanager
@@ -150,16 +172,28 @@ def young_garbage_only():
             gc.enable()
 
 
-def _start(bucket: Bucket, source, prepare, launch, pool: Workers) -> Future:
-    """Queue a bucket's decoding; the future is done once it is prepared and launched."""
+class Stopped(Exception):
+    """A bucket's stages were not run: the caller stopped before it."""
+
+
+def _start(bucket: Bucket, source, prepare, launch, pool: Workers, stop: threading.Event) -> Future:
+    """Queue a bucket's decoding; the future is done once it is prepared and launched
+    (or failed, or ``Stopped`` once ``stop`` is set)."""
     done: Future = Future()
     chunks = [bucket.rows[s : s + CHUNK] for s in range(0, len(bucket.rows), CHUNK)]
     parts: list = [None] * len(chunks)
     left = [len(chunks)]
     lock = threading.Lock()
 
+    def load(rows: np.ndarray):
+        if stop.is_set():
+            raise Stopped
+        return source.load(rows)
+
     def finish() -> None:
         try:
+            if stop.is_set():
+                raise Stopped
             loaded = _assemble(bucket, parts)
             loaded.prepared = prepare(loaded)
             loaded.launched = launch(loaded)
@@ -182,7 +216,7 @@ def _start(bucket: Bucket, source, prepare, launch, pool: Workers) -> Future:
     if not chunks:
         pool.submit((PREPARE, bucket.index), finish)
     for i, rows in enumerate(chunks):
-        future = pool.submit((DECODE, bucket.index), source.load, rows)
+        future = pool.submit((DECODE, bucket.index), load, rows)
         future.add_done_callback(functools.partial(decoded, i))
     return done
 

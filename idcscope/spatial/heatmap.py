@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from ..data import PATCH_SIZE
-from ..errors import DataError
+from ..errors import DataError, NothingScoredError
 from .figures import _save_png, plot_patient_heatmap, plot_probability_map
 from .grid import raster
 
@@ -171,7 +171,7 @@ def patient_heatmap(
     scored = predictor.score_files(table, root, desc=f"scoring {pid}", keep_patches=True)
     rows = np.flatnonzero(scored.ok)
     if len(rows) == 0:
-        raise DataError(f"{patient_dir}: none of the {len(table)} patches could be read")
+        raise NothingScoredError(f"{patient_dir}: none of the {len(table)} patches could be read")
     placed = _Placed(
         scored.prob[rows], table["x"].to_numpy()[rows], table["y"].to_numpy()[rows],
         table["label"].to_numpy()[rows],
