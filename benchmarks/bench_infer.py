@@ -75,14 +75,14 @@ def main() -> None:
         for name in args.models:
             ckpt = make_checkpoint(name, Path(tmp) / f"{name}.pt")
             t0 = time.perf_counter()
-            export_onnx(ckpt)
+            graph = export_onnx(ckpt)
             export_s = time.perf_counter() - t0
             model, prep = create_model(name).eval(), Preprocessing()
             row = {"model": name}
             row["torch fp32"] = throughput(TorchBackend(model, prep), x, rep)
             if bf16:
                 row["torch bf16"] = throughput(TorchBackend(model, prep, precision="bf16"), x, rep)
-            row["ONNX Runtime fp32"] = throughput(onnx_backend(ckpt, threads=threads), x, rep)
+            row["ONNX Runtime fp32"] = throughput(onnx_backend(graph, threads=threads), x, rep)
             best = max(v for k, v in row.items() if k != "model")
             row["best vs torch fp32"] = f"{best / row['torch fp32']:.1f}x"
             row["export s"] = export_s

@@ -161,7 +161,7 @@ Engine = Annotated[
     str,
     typer.Option(
         help="auto|torch|onnx: where the model runs (auto: the faster here, timed once per "
-        "checkpoint; onnx: ONNX Runtime, the graph cached beside the checkpoint).",
+        "checkpoint; onnx: ONNX Runtime, its graph exported once into the user's cache).",
     ),
 ]
 Context = Annotated[
