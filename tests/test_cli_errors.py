@@ -263,6 +263,9 @@ def test_a_full_disk_exits_1_with_one_line_from_the_console_script(synthetic_roo
         import resource, signal, sys
         import idcscope.inference.stream as stream
         from idcscope.cli import app
+        from idcscope.inference import Predictor
+        from idcscope.models.bundle import DEFAULT_MODEL, resolve_model
+        Predictor(resolve_model(DEFAULT_MODEL))  # the graph and engine cached: only the CSV grows
         stream.BUCKET = 60
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
@@ -305,3 +308,23 @@ def test_other_libraries_stay_quiet_below_warning(tmp_path):
     assert "a real warning" in said
     for noise in ("exporter pass noise", "rewrite noise", "fontManager"):
         assert noise not in said
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a full disk")
+def test_a_graph_that_cannot_be_written_names_its_file(tmp_path):
+    """Exporting into a full cache stops with one line naming the graph, not a bare OSError."""
+    script = f"""
+        import resource, signal, sys
+        from idcscope.inference.onnx import export_onnx
+        from idcscope.models.bundle import DEFAULT_MODEL, resolve_model
+        from idcscope.errors import IdcscopeError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+        try:
+            export_onnx(resolve_model(DEFAULT_MODEL), "{tmp_path / "g.onnx"}")
+        except IdcscopeError as e:
+            print(e)
+        """
+    res = _python(script, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith(f"{tmp_path / 'g.onnx'}: write failed")

@@ -163,6 +163,8 @@ def export_onnx(
         onnx.save(proto, tmp)
         _check_agreement(wrapped, OnnxModel(tmp), example, out)
         tmp.replace(out)
+    except OSError as e:  # a full disk or a file-size limit: say which file, in one line
+        raise IdcscopeError(f"{out}: write failed ({e.strerror or e})") from e
     finally:
         tmp.unlink(missing_ok=True)
     logger.info(
