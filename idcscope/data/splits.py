@@ -168,11 +168,10 @@ def load_splits(path: str | Path, table: pd.DataFrame | None = None, seed: int =
 
 
 def save_splits(splits: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(splits, indent=2) + "\n")
-    tmp.replace(path)  # a run killed while writing leaves no half a split for --resume to read
-    return path
+    from .cache import write_atomic
+
+    # a run killed while writing leaves no half a split for --resume to read
+    return write_atomic(Path(path), json.dumps(splits, indent=2) + "\n")
 
 
 def make_splits(
