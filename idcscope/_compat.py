@@ -1,4 +1,4 @@
-"""Make torchvision importable next to a CPU-only torch.
+"""Make torchvision (and timm, on top of it) importable next to a CPU-only torch.
 
 Some environments end up with a CUDA build of torchvision beside a CPU wheel of torch:
 its compiled ``_C`` extension fails to load, and ``import torchvision`` then dies on
@@ -10,6 +10,7 @@ torchvision come from one index never reach the fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -41,6 +42,15 @@ def ensure_torchvision() -> None:
     _library = torch.library.Library("torchvision", "DEF")
     for op in _MISSING_OPS:
         _library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+@functools.cache
+def import_timm():
+    """timm, imported once and only when a timm model is asked for (it takes seconds)."""
+    ensure_torchvision()
+    import timm
+
+    return timm
 
 
 def _has_op(name: str) -> bool:

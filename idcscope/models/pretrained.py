@@ -84,9 +84,9 @@ def load_weights_in_order(model: nn.Module, path: str | Path) -> None:
     mapped = {}
     for i, ((name, mine), (key, theirs)) in enumerate(zip(own, source, strict=True)):
         if i == 0 and theirs.ndim == 4 and theirs.shape[1] == 3 and mine.ndim == 4:
-            from .zoo import _timm  # the stem of a model with more (or fewer) input channels
+            from .._compat import import_timm  # the stem, for more (or fewer) input channels
 
-            theirs = _timm().models.adapt_input_conv(mine.shape[1], theirs)
+            theirs = import_timm().models.adapt_input_conv(mine.shape[1], theirs)
         if theirs.shape != mine.shape:
             raise WeightsUnavailableError(
                 f"{path}: {key} {tuple(theirs.shape)} (tensor {i} in order) does not fit the "

