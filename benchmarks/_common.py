@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from idcscope.cpus import usable_cpus
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("IDC_SAMPLE", REPO.parent / "shared" / "data" / "idc-sample"))
-CORES = len(os.sched_getaffinity(0))
+CORES = usable_cpus()
 
 
 def setup_torch(threads: int | None = None) -> int:

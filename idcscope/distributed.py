@@ -7,7 +7,7 @@ Launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK::
 
 Training splits each batch between the processes (DistributedDataParallel); scoring
 shares out whole patients or slides (``shard``). Without those variables everything runs
-in one process and nothing here does anything.
+in one process and nothing here does anything (torch is not even imported).
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 
 from .cpus import usable_cpus
 
@@ -52,12 +49,17 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def mean(self, value: float) -> float:
         """The average of ``value`` over all processes."""
         if not self.enabled:
             return value
+        import torch
+        import torch.distributed as dist
+
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return t.item() / self.world
@@ -65,6 +67,8 @@ class DistContext:
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> str:
     if preference == "auto":
+        import torch
+
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         return f"cuda:{local_rank}"
@@ -76,17 +80,26 @@ def init_distributed(device: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.startswith("cuda") else "gloo"
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if not dev.startswith("cuda"):
-            # Processes on one machine share its cores; oversubscribing them is much slower.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
+    if world > 1:
+        _join_group(dev, rank, world, local_rank)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def _join_group(dev: str, rank: int, world: int, local_rank: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if dev.startswith("cuda") else "gloo"
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    if not dev.startswith("cuda"):
+        # Processes on one machine share its cores; oversubscribing them is much slower.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, usable_cpus() // local_world))
+    logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
 
 
 def shard(items: list, ctx: DistContext) -> list:
@@ -95,5 +108,8 @@ def shard(items: list, ctx: DistContext) -> list:
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -18,12 +18,14 @@ the model still scores such a patch from the patch itself.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..spatial.grid import STEP, neighbour_rows
+
+if TYPE_CHECKING:  # torch only where training draws its augmentation
+    import torch
 
 GLASS = 255  # what a missing neighbour looks like
 
@@ -115,6 +117,8 @@ class DropNeighbours:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.p <= 0:  # no draw: the random stream is the one without this wrapper
             return self.augment(x, generator)
+        import torch
+
         device = generator.device if generator is not None else None
         drop = (torch.rand(len(x), generator=generator, device=device) < self.p).to(x.device)
         if drop.any():
@@ -126,6 +130,9 @@ class DropNeighbours:
 def alone_on_glass(patches: torch.Tensor, k: int) -> torch.Tensor:
     """(B, 3, H, W) patches in [0, 1] -> their k x k blocks with glass around, averaged
     down to (H, W): what :func:`add_neighbourhood` gives a patch without neighbours."""
+    import torch
+    import torch.nn.functional as F
+
     b, c, h, w = patches.shape
     block = torch.ones(b, c, k * h, k * w, dtype=patches.dtype, device=patches.device)
     m = k // 2

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import PATCH_MPP, PATCH_SIZE
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: ONNX scoring never needs it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class Preprocessing:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a float batch in [0, 1] of shape (B, C, H, W), C = len(mean)."""
+        import torch
+
         c = len(self.mean)
         mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
@@ -121,6 +126,8 @@ def _to_planes(patches: np.ndarray, out: np.ndarray, chunk: int = 4096) -> None:
 
 def to_float(batch: np.ndarray | torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """uint8 model input (B, C, H, W) -> float32 in [0, 1] on ``device``."""
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
     # Move uint8 (4x fewer bytes than float) before converting.
     return t.to(device, non_blocking=True).float().div_(255.0)

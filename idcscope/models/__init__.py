@@ -1,6 +1,17 @@
-"""Model registry; importing this package registers every built-in model."""
+"""Model registry: ``create_model``, ``list_models`` and ``register_model``.
 
-from . import cancernet, timm_models
-from ._registry import create_model, list_models, register_model
+Importing the package is cheap: the architectures (and torch) are imported when the
+registry is first used (``_registry``), so reading a model folder (``bundle``) or scoring
+its ONNX graph never imports them.
+"""
 
-__all__ = ["cancernet", "create_model", "list_models", "register_model", "timm_models"]
+_REGISTRY = ("create_model", "list_models", "register_model")
+__all__ = list(_REGISTRY)
+
+
+def __getattr__(name: str):
+    if name in _REGISTRY:
+        from . import _registry
+
+        return getattr(_registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,13 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def _builtins() -> None:
+    """Register the built-in models (their modules' ``@register_model`` run on import)."""
+    from . import cancernet, timm_models  # noqa: F401
+
+
 def list_models(include_timm: bool = False) -> list[str]:
+    _builtins()
     names = sorted(_models)
     if include_timm:
         names += [n for n in timm_names() if n not in _models]
@@ -40,6 +46,7 @@ def create_model(
         weights: a local file of backbone weights (.safetensors, .pth, .bin); wins over the hub.
         **kwargs: passed to the factory.
     """
+    _builtins()
     if name in _models:
         return _models[name](
             num_classes=num_classes, pretrained=pretrained, weights=weights, **kwargs

@@ -13,10 +13,14 @@ without coordinates.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .grid import STEP, smooth
+
+if TYPE_CHECKING:
+    import torch
 
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
 
@@ -70,7 +74,9 @@ def smooth_rows(
     """
     if coords is None or not context:
         return logits
-    if isinstance(logits, torch.Tensor):
+    if not isinstance(logits, np.ndarray):  # a tensor: imported where one is given
+        import torch
+
         return torch.from_numpy(
             smooth_rows(logits.numpy(), rows, patients, coords, context)
         ).float()
