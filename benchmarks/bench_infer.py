@@ -25,7 +25,7 @@ from _common import best_of, decoded_sample, machine, setup_torch, table
 
 from idcscope.data.preprocess import Preprocessing
 from idcscope.inference.backends import TorchBackend, onnx_backend
-from idcscope.inference.onnx import export_onnx
+from idcscope.inference.export import export_onnx
 from idcscope.models import create_model, list_models
 from idcscope.models.checkpoint import save_checkpoint
 from idcscope.models.runtime import resolve_precision

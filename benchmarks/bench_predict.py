@@ -124,7 +124,7 @@ def _stage_rates(predictor, paths, groups, coords, dataclasses, smooth_rows) -> 
         rates[name] = n / (time.perf_counter() - start)
     logits = np.random.default_rng(0).normal(size=(n, 2))
     start = time.perf_counter()
-    smooth_rows(logits, None, groups, coords, predictor.checkpoints[0].get("context"))
+    smooth_rows(logits, None, groups, coords, predictor.models[0].context)
     rates["spatial context"] = n / (time.perf_counter() - start)
     return rates
 

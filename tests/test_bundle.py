@@ -10,14 +10,16 @@ import pytest
 
 from idcscope.errors import CheckpointError
 from idcscope.inference import Predictor
+from idcscope.inference.export import save_bundle
 from idcscope.inference.predict import predict
 from idcscope.models import bundle
 from idcscope.models.checkpoint import load_model, read_checkpoint
+from idcscope.models.schema import FORMAT
 
 
 @pytest.fixture(scope="module")
 def model_dir(trained_run, tmp_path_factory):
-    return bundle.save_bundle(
+    return save_bundle(
         trained_run / "best.pt", tmp_path_factory.mktemp("bundle") / "idc-test", "# card\n"
     )
 
@@ -30,7 +32,7 @@ def test_a_bundle_is_config_weights_and_card(model_dir, trained_run):
     ]
     config = json.loads((model_dir / "config.json").read_text())
     ckpt = read_checkpoint(trained_run / "best.pt")
-    assert config["format"] == bundle.BUNDLE_FORMAT
+    assert config["format"] == FORMAT
     assert config["weights_sha256"] == bundle.sha256_of(model_dir / "model.safetensors")
     assert config["files"] == {
         name: bundle.sha256_of(model_dir / name) for name in ("model.safetensors", "README.md")

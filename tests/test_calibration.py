@@ -135,17 +135,16 @@ def test_patches_scored_alone_take_the_lone_calibration(trained_run, synthetic_r
 
     from idcscope.data.dataset import load_patch_data
     from idcscope.inference import Predictor
-    from idcscope.inference.calibration import calibration_of
-    from idcscope.models.checkpoint import read_checkpoint, update_checkpoint
+    from idcscope.models.checkpoint import read_checkpoint, read_meta, update_checkpoint
 
     path = tmp_path / "best.pt"
     path.write_bytes((trained_run / "best.pt").read_bytes())
     plain = read_checkpoint(path)
-    assert calibration_of(plain, lone=True) == calibration_of(plain)
+    assert read_meta(path).calibrated(lone=True) == read_meta(path).calibrated()
     update_checkpoint(path, lone_calibration={"temperature": 2.5, "logit_bias": 0.7})
-    t, b = calibration_of(read_checkpoint(path))
+    t, b = read_meta(path).calibrated()
     assert (t, b) == (plain["temperature"], plain["logit_bias"])
-    assert calibration_of(read_checkpoint(path), lone=True) == (2.5, 0.7)
+    assert read_meta(path).calibrated(lone=True) == (2.5, 0.7)
 
     data = load_patch_data(synthetic_root)
     rows = data.rows()[:96]

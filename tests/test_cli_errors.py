@@ -315,7 +315,7 @@ def test_a_graph_that_cannot_be_written_names_its_file(tmp_path):
     """Exporting into a full cache stops with one line naming the graph, not a bare OSError."""
     script = f"""
         import resource, signal, sys
-        from idcscope.inference.onnx import export_onnx
+        from idcscope.inference.export import export_onnx
         from idcscope.models.bundle import DEFAULT_MODEL, resolve_model
         from idcscope.errors import IdcscopeError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

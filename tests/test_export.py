@@ -15,10 +15,12 @@ from idcscope.data.preprocess import Preprocessing, to_float
 from idcscope.errors import IdcscopeError
 from idcscope.inference.backends import OnnxBackend, TorchBackend, as_float
 from idcscope.inference.calibration import probabilities
-from idcscope.inference.onnx import FORMAT, OnnxModel, cached_onnx, export_onnx, model_cache_dir
+from idcscope.inference.export import export_onnx
+from idcscope.inference.onnx import OnnxModel, cached_onnx, model_cache_dir
 from idcscope.inference.predict import predict
 from idcscope.models import create_model, list_models
 from idcscope.models.checkpoint import load_model, save_checkpoint, weights_sha256
+from idcscope.models.schema import FORMAT
 
 PREP = Preprocessing(mean=(0.80, 0.62, 0.76), std=(0.13, 0.17, 0.11), mpp=4.0)
 

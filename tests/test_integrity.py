@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 from idcscope.data.cache import default_cache_dir, private_dir
 from idcscope.errors import CheckpointError
 from idcscope.inference import Predictor
-from idcscope.inference.onnx import OnnxModel, cached_onnx, export_onnx, model_cache_dir
+from idcscope.inference.export import export_onnx, save_bundle
+from idcscope.inference.onnx import OnnxModel, cached_onnx, model_cache_dir
 from idcscope.inference.predict import predict
-from idcscope.models import bundle, checkpoint
+from idcscope.models import bundle, checkpoint, schema
 from idcscope.models.checkpoint import load_model, read_checkpoint, update_checkpoint
 
 SHIFT = 6.0  # the final bias moved by (-6, +6): benign patches scored as IDC
@@ -44,7 +45,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(trained_run, tmp_path_factory) -> Path:
-    return bundle.save_bundle(trained_run / "best.pt", tmp_path_factory.mktemp("b") / "m", "# m\n")
+    return save_bundle(trained_run / "best.pt", tmp_path_factory.mktemp("b") / "m", "# m\n")
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +180,9 @@ def test_a_model_is_read_and_hashed_once_a_process(
     folder = shutil.copytree(model_dir, tmp_path / "m")
     ckpt = shutil.copy(trained_run / "best.pt", tmp_path / "best.pt")
     reads, hashes = [], []
-    verified = bundle.verified_bundle
+    verified = bundle.verified_files
     digest = checkpoint.tensors_sha256
-    monkeypatch.setattr(bundle, "verified_bundle", lambda p: reads.append(p) or verified(p))
+    monkeypatch.setattr(bundle, "verified_files", lambda p: reads.append(p) or verified(p))
     monkeypatch.setattr(checkpoint, "tensors_sha256", lambda s: hashes.append(1) or digest(s))
     for model in (folder, ckpt):
         read_checkpoint(model)
@@ -245,7 +246,7 @@ class Payload:
 
 def test_the_pickle_refusal_is_one_whole_message(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": checkpoint.FORMAT, "model": Payload()}, evil)
+    torch.save({"format": schema.FORMAT, "model": Payload()}, evil)
     with pytest.raises(CheckpointError) as e:
         read_checkpoint(evil)
     message = str(e.value)
@@ -257,7 +258,7 @@ def test_the_pickle_refusal_is_one_whole_message(tmp_path):
 
 def test_a_bare_pickle_is_refused_whole(tmp_path):
     evil = tmp_path / "old.pt"
-    evil.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "model": Payload()}))
+    evil.write_bytes(pickle.dumps({"format": schema.FORMAT, "model": Payload()}))
     with pytest.raises(CheckpointError, match=r"old\.pt: not a safe .*refuses to load it\."):
         read_checkpoint(evil)
 

@@ -22,13 +22,8 @@ from idcscope.data.preprocess import Preprocessing
 from idcscope.errors import CheckpointError, DataError
 from idcscope.inference import Predictor
 from idcscope.models import create_model
-from idcscope.models.checkpoint import (
-    FORMAT,
-    REQUIRED_KEYS,
-    load_model,
-    read_checkpoint,
-    save_checkpoint,
-)
+from idcscope.models.checkpoint import load_model, read_checkpoint, save_checkpoint
+from idcscope.models.schema import FORMAT, REQUIRED
 from tests.conftest import write_patch
 
 
@@ -173,7 +168,7 @@ def test_not_a_dict(tmp_path):
         read_checkpoint(path)
 
 
-@pytest.mark.parametrize("key", REQUIRED_KEYS)
+@pytest.mark.parametrize("key", ["state_dict", *REQUIRED])
 def test_missing_key(key, good_checkpoint, tmp_path):
     path = _variant(good_checkpoint, tmp_path / "partial.pt", **{key: None})
     with pytest.raises(

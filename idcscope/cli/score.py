@@ -128,8 +128,7 @@ def export(
     """Export a checkpoint: an ONNX graph (normalisation and metadata included), or a model
     folder in the Hugging Face layout that every command takes as a checkpoint."""
     from ..errors import IdcscopeError
-    from ..inference.onnx import export_onnx
-    from ..models.bundle import save_bundle
+    from ..inference.export import export_onnx, save_bundle
 
     try:
         if onnx == bundle:

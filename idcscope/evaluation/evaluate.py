@@ -17,7 +17,6 @@ import numpy as np
 from ..data import splits as splitting
 from ..data.manifest import index_datasets, roots_text, summarize
 from ..errors import IdcscopeError, NothingScoredError
-from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
 from . import metrics, plots
@@ -47,10 +46,10 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(checkpoint, engine, tta=tta, batch_size=batch_size, context=context)
-    ckpt = predictor.checkpoints[0]
+    meta = predictor.models[0]
     with young_garbage_only():  # indexing makes objects by the hundred thousand
         index = index_datasets(data_dir, read_sizes=False)
-    ckpt_splits = ckpt.get("splits", {})
+    ckpt_splits = meta.splits
     warnings = _warnings(predictor, index.table, split)
     chosen = np.ones(len(index.table), bool)
     if split:
@@ -81,8 +80,8 @@ def evaluate(
     result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
     result["ece"] = metrics.expected_calibration_error(y, prob)
     result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
-    # The calibration these patches were scored with (alone: the lone one, `calibration_of`).
-    calibrations = [calibration_of(c, lone=not context) for c in predictor.checkpoints]
+    # The calibration these patches were scored with (alone: the lone one).
+    calibrations = [m.calibrated(lone=not context) for m in predictor.models]
     result["temperature"] = [t for t, _ in calibrations]
     result["logit_bias"] = [b for _, b in calibrations]
     summary = summarize(table) | {
@@ -100,7 +99,7 @@ def evaluate(
         split_method=ckpt_splits.get("method", "patient"),
         tta=tta,
         context_sigma=predictor.context_sigma,
-        threshold_source=ckpt.get("threshold_method", "default 0.5"),
+        threshold_source=meta.threshold_method,
         leaks_patients=ckpt_splits.get("method") == "random",
         data_summary=summary,
         warnings=warnings,
@@ -125,7 +124,7 @@ def _warnings(predictor: Predictor, table, split: str | None) -> list[str]:
                 f"{len(overlap)} of these patients were used to train or validate "
                 f"this model: {', '.join(overlap[:10])}; the numbers are optimistic"
             )
-    if any(c.get("splits", {}).get("method") == "random" for c in predictor.checkpoints):
+    if any(m.splits.get("method") == "random" for m in predictor.models):
         warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
     return warnings
 

@@ -17,16 +17,17 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn as nn
 
-from ..data.augment import dihedral_all
+from ..cpus import usable_cpus
 from ..data.preprocess import Preprocessing, to_float
 from ..errors import IdcscopeError
-from ..models.runtime import autocast, fuse_for_inference
 from .workers import FORWARD, Workers, workers
+
+if TYPE_CHECKING:  # torch is imported where the torch engine runs or is timed
+    import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ def as_float(x: np.ndarray) -> np.ndarray:
 
 def _views(x: np.ndarray) -> np.ndarray:
     """The 8 dihedral views of a uint8 batch, (8 * B, C, H, W), the identity first."""
+    import torch
+
+    from ..data.augment import dihedral_all
+
     return dihedral_all(torch.from_numpy(np.ascontiguousarray(x))).flatten(0, 1).numpy()
 
 
@@ -61,6 +66,10 @@ class TorchBackend:
         precision: str = "fp32",
         batch_size: int | None = None,
     ):
+        import torch
+
+        from ..models.runtime import fuse_for_inference
+
         if prep.channels_last:  # the layout the normalised batches come in
             model = model.to(memory_format=torch.channels_last)
         self.model, self.prep = fuse_for_inference(model.to(device)), prep
@@ -72,14 +81,17 @@ class TorchBackend:
         own threads, once the caller is ready for the result."""
         return lambda: self.logits(x, tta)
 
-    @torch.no_grad()
     def logits(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
         """float32 logits of uint8 model input ``x`` (the mean over 8 views with ``tta``)."""
+        import torch
+
+        from ..models.runtime import autocast
+
         out = []
         for s in range(0, len(x), self.batch_size):
             part = x[s : s + self.batch_size]
             views = _views(part) if tta else part
-            with autocast(self.precision, self.device):
+            with torch.no_grad(), autocast(self.precision, self.device):
                 logits = self.model(self.prep(to_float(views, self.device))).float().cpu()
             out.append(logits.view(8, len(part), -1).mean(0) if tta else logits)
         return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
@@ -128,7 +140,6 @@ class OnnxBackend:
 
 def create_backend(
     path: Path,
-    model: nn.Module,
     prep: Preprocessing,
     engine: str = "auto",
     device: str = "cpu",
@@ -136,17 +147,24 @@ def create_backend(
     batch_size: int | None = None,
     threads: int | None = None,
 ):
-    """The backend ``engine`` names for the checkpoint at ``path`` (already loaded as
-    ``model``); ``"auto"`` is the faster one here (see :func:`choose_engine`)."""
+    """The backend ``engine`` names for the checkpoint at ``path``; ``"auto"`` is the faster
+    one here (see :func:`choose_engine`). The torch model is built only for the torch
+    engine (or to time it once): ONNX Runtime runs the cached graph alone."""
     if engine not in ENGINES:
         raise IdcscopeError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "onnx" and not device.startswith("cpu"):
         raise IdcscopeError(f"the onnx engine runs on the CPU, not on {device!r}")
     if engine == "auto":
-        engine = "torch" if not device.startswith("cpu") else choose_engine(path, model, prep)
+        engine = "torch" if not device.startswith("cpu") else choose_engine(path, prep)
     if engine == "torch":
-        return TorchBackend(model, prep, device, precision, batch_size)
+        return TorchBackend(_model(path, device), prep, device, precision, batch_size)
     return onnx_backend(path, batch_size, threads)
+
+
+def _model(path: Path, device: str = "cpu") -> nn.Module:
+    from ..models.checkpoint import load_model
+
+    return load_model(path, device)[0]
 
 
 def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None = None):
@@ -157,12 +175,12 @@ def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None 
     return OnnxBackend(OnnxModel.from_path(path, threads=1), batch_size, workers(threads))
 
 
-def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:
+def choose_engine(path: Path, prep: Preprocessing) -> str:
     """The engine that scores this checkpoint faster on this machine, timed once.
 
     The rates are kept in ``engine.json`` in the model's cache folder (beside its ONNX
-    graph, ``inference.onnx.model_cache_dir``), by CPU and thread count, so later runs
-    read the answer instead of timing again.
+    graph, ``inference.onnx.model_cache_dir``), by CPU and core count, so later runs read
+    the answer instead of timing again (and need not import torch when it is ONNX).
     """
     from ..data.cache import private_dir, write_atomic
     from .onnx import model_cache_dir
@@ -170,14 +188,14 @@ def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:
     if path.suffix == ".onnx":
         return "onnx"
     record = model_cache_dir(path) / ENGINE_RECORD
-    machine = f"{_cpu_name()}; {torch.get_num_threads()} threads"
+    machine = _machine()
     known = _json_dict(record)  # {} when not timed on this machine yet
     mine = known.get(machine)
     if isinstance(mine, dict) and mine.get("engine") in ("torch", "onnx"):
         return mine["engine"]
     x = np.random.default_rng(0).integers(0, 256, (256, prep.channels, 50, 50), dtype=np.uint8)
     rates = {
-        "torch": _rate(TorchBackend(model, prep), x),
+        "torch": _rate(TorchBackend(_model(path), prep), x),
         "onnx": _rate(onnx_backend(path), x),
     }
     engine = max(rates, key=rates.get)
@@ -188,6 +206,13 @@ def choose_engine(path: Path, model: nn.Module, prep: Preprocessing) -> str:
     with contextlib.suppress(OSError):  # a cache we may not write: time again next run
         write_atomic(private_dir(record.parent) / ENGINE_RECORD, json.dumps(known, indent=1))
     return engine
+
+
+def _machine() -> str:
+    """What the engine timing depends on: the CPU, the cores this process may use and the
+    thread count the user set for torch's OpenMP (read without importing torch)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return f"{_cpu_name()}; {usable_cpus()} cores" + (f"; OMP_NUM_THREADS={omp}" if omp else "")
 
 
 def _json_dict(path: Path) -> dict:

@@ -1,12 +1,4 @@
-"""Export a checkpoint to ONNX and run it with ONNX Runtime.
-
-The exported graph takes ``patches``, float32 of shape (B, C, H, W) with values in [0, 1]
-(the model input of ``data.preprocess`` divided by 255: C = 3, the RGB patch, or 6, the
-patch then the block of its neighbours), and returns ``logits`` (B, 2). Normalisation is
-folded into the graph, so a consumer needs no idcscope code; the class names, decision
-threshold, temperature, spatial context and preprocessing travel in the file's
-``metadata_props``, each value JSON-encoded, so the ``.onnx`` file describes itself as the
-checkpoint does, and ``weights_sha256`` names the weights it was exported from.
+"""Run a model on ONNX Runtime, from its exported graph (``inference.export``).
 
 Scoring a checkpoint or a model folder on ONNX Runtime uses its graph from the user's cache
 (``$IDCSCOPE_CACHE/onnx/<key>/``, see ``data.cache``), exported there once: the key is a
@@ -14,10 +6,8 @@ sha256 of what the graph computes (the model, the sha256 of its verified weights
 normalisation), and the sha256 of the graph file's bytes, recorded beside it when it was
 exported, is checked at every load; a graph that does not match is exported again from the
 weights, never run. Nothing is written beside the model. An ``.onnx`` file a user names
-is theirs, and is run as it is.
-
-Export uses torch's ``torch.export``-based exporter (the default since torch 2.9; it needs
-``onnxscript``), which writes opset 18 or newer; one self-contained file, no external data.
+is theirs, and is run as it is. Once a model's graph is in the cache, scoring it needs
+neither torch nor the model's weights parsed: a patch is scored in a second.
 """
 
 from __future__ import annotations
@@ -27,54 +17,19 @@ import json
 import logging
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from ..cpus import usable_cpus
 from ..data.cache import default_cache_dir, private_dir, write_atomic
 from ..errors import IdcscopeError
-from ..models.checkpoint import load_model, read_checkpoint, weights_sha256
+from ..models.checkpoint import read_fields, weights_sha256
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "idcscope-onnx/1"
-MIN_OPSET = 18  # the torch.export-based exporter writes no older opset
+GRAPH_FORMAT = "idcscope-onnx/1"  # how a graph is laid out: part of its cache key
 GRAPH_RECORD = "graph.json"  # beside a cached graph: its file name and the sha256 of its bytes
-INPUT_CONTRACT = "float32 (B, 3, H, W) RGB in [0, 1]; normalisation is inside the graph"
-NEIGHBOURHOOD_CONTRACT = (
-    "float32 (B, 6, H, W) in [0, 1]: the RGB patch, then the RGB block of its neighbours "
-    "averaged down to (H, W) (idcscope.data.neighbourhood); normalisation is inside the graph"
-)
-# Checkpoint fields copied into the ONNX metadata when present.
-_META_FIELDS = (
-    "model",
-    "class_names",
-    "threshold",
-    "threshold_method",
-    "temperature",
-    "logit_bias",
-    "lone_calibration",
-    "context",
-    "preprocessing",
-    "epoch",
-)
-
-
-class _Normalised(nn.Module):
-    """The model behind its normalisation, so the graph takes images in [0, 1]."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.model((patches - self.mean) / self.std)
 
 
 def graph_key(checkpoint: str | Path) -> str:
@@ -82,10 +37,10 @@ def graph_key(checkpoint: str | Path) -> str:
     sha256, ``models.checkpoint.weights_sha256``) and the normalisation. Thresholds,
     temperature and context do not enter it: copies of a model that differ only in those
     share one graph."""
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_fields(checkpoint)
     prep = ckpt["preprocessing"]
     spec = {
-        "format": FORMAT,
+        "format": GRAPH_FORMAT,
         "model": ckpt["model"],
         "mean": prep["mean"],
         "std": prep["std"],
@@ -97,80 +52,6 @@ def graph_key(checkpoint: str | Path) -> str:
 def model_cache_dir(checkpoint: str | Path) -> Path:
     """The user's cache folder for what is derived from a checkpoint (not created here)."""
     return default_cache_dir() / "onnx" / graph_key(checkpoint)[:32]
-
-
-def export_onnx(
-    checkpoint: str | Path,
-    out_path: str | Path | None = None,
-    opset: int = MIN_OPSET,
-    batch_size: int | None = None,
-) -> Path:
-    """Write the checkpoint's model, normalisation included, as a single ONNX file.
-
-    Args:
-        checkpoint: an idcscope checkpoint (``.pt``).
-        out_path: where to write; defaults to the checkpoint's path with suffix ``.onnx``.
-        opset: ONNX opset version, 18 or newer.
-        batch_size: a fixed batch size; None exports a dynamic batch dimension.
-
-    Returns:
-        The path written (atomically: a temporary file, then a rename). The graph is
-        checked with ``onnx.checker`` and its logits are compared with the torch model's
-        on a random batch before returning.
-    """
-    import onnx
-
-    if opset < MIN_OPSET:
-        raise IdcscopeError(f"opset {opset} is too old: the exporter writes {MIN_OPSET} or newer")
-    checkpoint = Path(checkpoint)
-    out = Path(out_path) if out_path else checkpoint.with_suffix(".onnx")
-    model, ckpt = load_model(checkpoint)
-    prep = ckpt["preprocessing"]
-    wrapped = _Normalised(model, prep["mean"], prep["std"]).eval()
-    size = int(prep.get("patch_size", 50))
-    # torch.export specialises sizes 0 and 1, so the example batch for a dynamic one is 2.
-    # Three channels, or six for a model that sees each patch's neighbourhood too.
-    shape = (batch_size or 2, len(prep["mean"]), size, size)
-    example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    dynamic = None if batch_size else {"patches": {0: torch.export.Dim("batch")}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with warnings.catch_warnings():
-            # torch.export's internals warn about their own deprecations; nothing to act on.
-            warnings.simplefilter("ignore", category=FutureWarning)
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(
-                wrapped,
-                (example,),
-                tmp,
-                dynamo=True,
-                verbose=False,
-                input_names=["patches"],
-                output_names=["logits"],
-                opset_version=opset,
-                dynamic_shapes=dynamic,
-                external_data=False,
-            )
-        proto = onnx.load(tmp)
-        contract = NEIGHBOURHOOD_CONTRACT if prep.get("neighbourhood") else INPUT_CONTRACT
-        meta = {"format": FORMAT, "input": contract, "source": checkpoint.name}
-        meta["weights_sha256"] = weights_sha256(checkpoint)
-        meta.update({k: ckpt[k] for k in _META_FIELDS if k in ckpt})
-        onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in meta.items()})
-        proto.doc_string = f"idcscope {ckpt['model']['name']}: P(IDC) logits of 50x50 H&E patches"
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, tmp)
-        _check_agreement(wrapped, OnnxModel(tmp), example, out)
-        tmp.replace(out)
-    except OSError as e:  # a full disk or a file-size limit: say which file, in one line
-        raise IdcscopeError(f"{out}: write failed ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info(
-        "exported %s to %s (opset %d, batch %s)", checkpoint, out, opset, batch_size or "dynamic"
-    )
-    return out
 
 
 def cached_onnx(checkpoint: str | Path) -> Path:
@@ -215,6 +96,8 @@ def verified_graph(checkpoint: str | Path) -> tuple[Path, bytes]:
 
 
 def _export_to_cache(checkpoint: Path, folder: Path) -> tuple[Path, bytes]:
+    from .export import export_onnx
+
     logger.info("exporting %s to ONNX once, into %s", checkpoint, folder)
     private_dir(folder)
     tmp = folder / f"export-{os.getpid()}-{threading.get_ident()}.onnx"
@@ -230,15 +113,6 @@ def _export_to_cache(checkpoint: Path, folder: Path) -> tuple[Path, bytes]:
     record = {"file": path.name, "sha256": digest, "source": str(checkpoint)}
     write_atomic(folder / GRAPH_RECORD, json.dumps(record, indent=1) + "\n")
     return path, data
-
-
-def _check_agreement(torch_model: nn.Module, runner: OnnxModel, x: torch.Tensor, path) -> None:
-    with torch.no_grad():
-        expected = torch_model(x).numpy()
-    got = runner.logits(x.numpy())
-    if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
-        diff = np.abs(got - expected).max()
-        raise IdcscopeError(f"{path}: ONNX Runtime and torch disagree (max |diff| {diff:.2e})")
 
 
 class OnnxModel:
@@ -274,9 +148,8 @@ class OnnxModel:
                 "an .onnx model is one `idcscope export --onnx` writes"
             ) from e
         props = self.session.get_modelmeta().custom_metadata_map
+        # The model's fields (``models.schema``), read as a checkpoint's are by the Predictor.
         self.metadata = {k: _json_or_text(v) for k, v in props.items()}
-        if self.metadata.get("format") != FORMAT:
-            logger.warning("%s: no idcscope metadata; assuming threshold 0.5", path)
         self.path = path
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
@@ -295,14 +168,6 @@ class OnnxModel:
     @property
     def threshold(self) -> float:
         return float(self.metadata.get("threshold", 0.5))
-
-    @property
-    def temperature(self) -> float:
-        return float(self.metadata.get("temperature", 1.0))
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.metadata.get("class_names", ["no_idc", "idc"]))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 logits (B, 2) of a float32 batch (B, C, H, W) in [0, 1]."""

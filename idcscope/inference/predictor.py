@@ -23,11 +23,12 @@ import numpy as np
 
 from ..data import PATCH_SIZE
 from ..data.preprocess import Preprocessing
+from ..models.schema import ModelMeta
 from ..progress import progress_bar
 from ..spatial.context import smooth_rows
 from ..spatial.grid import placed
 from .backends import create_backend
-from .calibration import calibration_of, probabilities
+from .calibration import probabilities
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
 from .workers import FORWARD, workers
 
@@ -70,16 +71,16 @@ class Member:
     """One model of a predictor: its checkpoint fields, preprocessing and backend."""
 
     path: Path
-    ckpt: dict
+    meta: ModelMeta
     prep: Preprocessing
     backend: object
 
     def probabilities(self, logits: np.ndarray, has_place: np.ndarray) -> np.ndarray:
         """Calibrated P(IDC): patches with a place on the grid (``has_place``) take the
-        checkpoint's calibration, patches scored alone its lone one (`calibration_of`)."""
-        prob = probabilities(logits, *calibration_of(self.ckpt))
+        checkpoint's calibration, patches scored alone its lone one (`ModelMeta.calibrated`)."""
+        prob = probabilities(logits, *self.meta.calibrated())
         if not has_place.all():
-            lone = probabilities(logits, *calibration_of(self.ckpt, lone=True))
+            lone = probabilities(logits, *self.meta.calibrated(lone=True))
             prob = np.where(has_place, prob, lone)
         return prob
 
@@ -90,15 +91,14 @@ def load_member(path, engine, device, precision, batch_size, threads) -> Member:
     path = Path(path)
     if path.suffix == ".onnx":  # an exported graph describes itself in its metadata
         backend = onnx_backend(path, batch_size, threads)
-        meta = backend.model.metadata
-        return Member(path, meta, Preprocessing(**meta.get("preprocessing", {})), backend)
-    from ..models.checkpoint import load_model
+        meta = ModelMeta.from_fields(backend.model.metadata, path)
+        return Member(path, meta, Preprocessing(**meta.preprocessing), backend)
+    from ..models.checkpoint import read_meta
 
-    model, ckpt = load_model(path, device)
-    ckpt.pop("state_dict", None)
-    prep = Preprocessing(**ckpt["preprocessing"])
-    backend = create_backend(path, model, prep, engine, device, precision, batch_size, threads)
-    return Member(path, ckpt, prep, backend)
+    meta = read_meta(path)  # its weights are read by the backend that needs them
+    prep = Preprocessing(**meta.preprocessing)
+    backend = create_backend(path, prep, engine, device, precision, batch_size, threads)
+    return Member(path, meta, prep, backend)
 
 
 class Predictor:
@@ -136,11 +136,12 @@ class Predictor:
         ]
         self.paths = [m.path for m in self.members]
         self.tta, self.context, self.threads = tta, context, threads
-        self.threshold = float(np.mean([m.ckpt.get("threshold", 0.5) for m in self.members]))
+        self.threshold = float(np.mean([m.meta.threshold for m in self.members]))
 
     @property
-    def checkpoints(self) -> list[dict]:
-        return [m.ckpt for m in self.members]
+    def models(self) -> list[ModelMeta]:
+        """What each member's checkpoint says of its model."""
+        return [m.meta for m in self.members]
 
     @property
     def engine(self) -> str:
@@ -151,16 +152,12 @@ class Predictor:
         """Width of the spatial context in use, in grid cells (the members' mean; 0: off)."""
         if not self.context:
             return 0.0
-        return float(np.mean([c.get("context", {}).get("sigma", 0.0) for c in self.checkpoints]))
+        return float(np.mean([m.context.get("sigma", 0.0) for m in self.models]))
 
     @property
     def seen_patients(self) -> set[str]:
         """Patients any member trained or validated on."""
-        seen: set[str] = set()
-        for c in self.checkpoints:
-            s = c.get("splits", {})
-            seen |= set(s.get("train", [])) | set(s.get("val", []))
-        return seen
+        return set().union(*(m.seen_patients for m in self.models))
 
     def model_input(self, patches: np.ndarray, groups=None, coords=None, member: int = 0):
         """What member ``member`` reads for these patches (see ``data.preprocess``)."""
@@ -212,7 +209,7 @@ class Predictor:
             has_place = np.zeros(len(g), bool) if xy is None else placed(*xy)
             calibrated, raw = [], []
             for member, wait in zip(self.members, waits, strict=True):
-                logits = smooth_rows(wait(), None, g, xy, member.ckpt.get("context"))
+                logits = smooth_rows(wait(), None, g, xy, member.meta.context)
                 calibrated.append(member.probabilities(logits, has_place))
                 raw.append(probabilities(logits))
             return Scored(

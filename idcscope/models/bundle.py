@@ -7,8 +7,9 @@ model card. ``config.json`` lists the sha256 of every other file of the folder (
 ``files``; the weights' also as ``weights_sha256``), all checked when the folder is read,
 so a bundle is the one its card describes or it does not load; a file it does not list
 is never read. What is derived from a model (its ONNX graph, the faster engine) lives in
-the user's cache, never in the folder (``inference.onnx``). ``read_checkpoint`` reads a
-bundle folder as it reads a ``.pt``: every command that takes a checkpoint takes one.
+the user's cache, never in the folder (``inference.onnx``). ``inference.export.save_bundle``
+writes a bundle; ``models.checkpoint`` reads one as it reads a ``.pt``: every command
+that takes a checkpoint takes one.
 
 ``resolve_model`` turns what a user types after ``--model`` into a path: the name of a
 bundled model, a checkpoint or ``.onnx`` file, a bundle folder, or ``hf://owner/name`` (a
@@ -19,26 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from importlib.resources import files
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError
+from .schema import FORMAT, migrate
 
-BUNDLE_FORMAT = "idcscope-model/1"
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 FILES = (CONFIG, WEIGHTS, CARD)
 MANIFEST = "files"  # config.json's {file name: sha256} of every other file of the folder
-# What a bundle keeps of a checkpoint: what scoring needs and what describes the model.
-# Training state (optimiser, random generators, history) and the validation arrays stay in
-# the run folder.
-FIELDS = (
-    "model", "class_names", "preprocessing", "threshold", "threshold_method", "temperature",
-    "logit_bias", "lone_calibration", "context", "config", "splits", "data_summary", "epoch", "val_metrics",
-)  # fmt: skip
 HUB_PREFIX = "hf://"
 DEFAULT_MODEL = "idc-default"  # what scores when no --model is given
 
@@ -47,47 +38,10 @@ def is_bundle(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
-def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = None) -> Path:
-    """Write the bundle of a checkpoint into ``out_dir``; returns the folder.
-
-    ``card`` is the model card's markdown (a stub naming the model when None).
-    """
-    from safetensors.torch import save_file
-
-    from .checkpoint import read_checkpoint
-
-    ckpt = read_checkpoint(checkpoint)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt["state_dict"].items()}
-    save_file(weights, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT})
-    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600: others must read an install
-    config = {"format": BUNDLE_FORMAT, **{k: _plain(ckpt[k]) for k in FIELDS if k in ckpt}}
-    # Where the run was written and cached is this machine's business, not the model's.
-    for local in ("out", "cache_dir"):
-        config.get("config", {}).pop(local, None)
-    name = ckpt["model"]["name"]
-    (out / CARD).write_text(card if card is not None else f"# idcscope model ({name})\n")
-    digests = {f: sha256_of(out / f) for f in (WEIGHTS, CARD)}
-    config["weights_sha256"] = digests[WEIGHTS]  # as the card states it
-    config[MANIFEST] = digests
-    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-    return out
-
-
-def read_bundle(folder: str | Path) -> dict:
-    """The checkpoint dict of a bundle (``state_dict`` included), its files verified."""
-    return verified_bundle(folder)[0]
-
-
-def verified_bundle(folder: str | Path) -> tuple[dict, str]:
-    """``(checkpoint dict, sha256 of the weights)`` of a bundle whose every listed file
-    has the sha256 its ``config.json`` gives; anything else is a ``CheckpointError``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    from .checkpoint import FORMAT
-
+def verified_files(folder: str | Path) -> tuple[dict, bytes, str]:
+    """``(fields, weights, sha256 of the weights)`` of a bundle whose every listed file has
+    the sha256 its ``config.json`` gives (anything else is a ``CheckpointError``): its
+    checkpoint fields and the bytes of its safetensors, not parsed (``parse_weights``)."""
     folder = Path(folder)
     config = read_config(folder)
     manifest = _manifest(folder, config)
@@ -106,12 +60,19 @@ def verified_bundle(folder: str | Path) -> tuple[dict, str]:
             )
         if name == WEIGHTS:
             weights = data
-    try:
-        state_dict = load(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / WEIGHTS}: not readable safetensors ({e})") from e
     fields = {k: v for k, v in config.items() if k not in ("format", "weights_sha256", MANIFEST)}
-    return {"format": FORMAT, "state_dict": state_dict, **fields}, manifest[WEIGHTS]
+    return fields, weights, manifest[WEIGHTS]
+
+
+def parse_weights(folder: str | Path, data: bytes) -> dict:
+    """The state dict in a bundle's verified safetensors bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(folder) / WEIGHTS}: not readable safetensors ({e})") from e
 
 
 def read_config(folder: str | Path) -> dict:
@@ -123,18 +84,12 @@ def read_config(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable model config ({e})") from e
     except ValueError as e:
         raise CheckpointError(f"{path}: not a readable model config: not JSON ({e})") from e
-    fmt = config.get("format") if isinstance(config, dict) else None
-    if fmt is None:
+    if not isinstance(config, dict) or config.get("format") is None:
         raise CheckpointError(
             f"{path}: not an idcscope model config (it names no format; "
-            f'a model folder\'s config.json says "format": {BUNDLE_FORMAT!r})'
+            f'a model folder\'s config.json says "format": {FORMAT!r})'
         )
-    if fmt != BUNDLE_FORMAT:
-        raise CheckpointError(
-            f"{path}: model format {fmt!r} is not one this idcscope reads ({BUNDLE_FORMAT!r}); "
-            "a newer idcscope may read it"
-        )
-    return config
+    return migrate(config, path)
 
 
 def _manifest(folder: Path, config: dict) -> dict[str, str]:
@@ -218,18 +173,3 @@ def _from_hub(repo: str) -> Path:
             else ("no network, an unknown repository, or no access")
         )
         raise CheckpointError(f"hf://{repo}: cannot fetch the model ({hint}): {e}") from e
-
-
-def _plain(value):
-    """JSON-ready: tensors and numpy values become lists and numbers; NaN becomes None."""
-    if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return _plain(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -22,34 +22,47 @@ import pickle
 import threading
 from collections import OrderedDict
 from pathlib import Path
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from .schema import FORMAT, OLD_FORMATS, TRAINING_STATE, ModelMeta, migrate
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a model folder's fields,
+    import torch.nn as nn  # its sha256 and its ONNX graph are read without it
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "idcscope-checkpoint/1"
-REQUIRED_KEYS = ("state_dict", "model", "class_names", "preprocessing")
 EXPECTED = "a .pt checkpoint, an .onnx graph or a model folder with config.json"
 _KEEP = 4  # models remembered per process: an ensemble's members, a server's one
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, **fields) -> Path:
-    """Write ``{"format", "state_dict", **fields}`` atomically (temp file, then rename)."""
-    path = Path(path)
+    """Write the module's weights, the model's fields (``schema.ModelMeta``) and any
+    training state (``schema.TRAINING_STATE``) atomically (temp file, then rename)."""
     if "config" in fields and dataclasses.is_dataclass(fields["config"]):
         fields["config"] = dataclasses.asdict(fields["config"])
-    return _atomic_save({"format": FORMAT, "state_dict": module.state_dict(), **fields}, path)
+    return _atomic_save(_checked(path, {**fields, "state_dict": module.state_dict()}), Path(path))
 
 
 def update_checkpoint(path: str | Path, **fields) -> Path:
     """Add or replace fields of an existing checkpoint, weights untouched."""
-    return _atomic_save({**read_checkpoint(path), **fields}, Path(path))
+    return _atomic_save(_checked(path, {**read_checkpoint(path), **fields}), Path(path))
+
+
+def _checked(path, ckpt: dict) -> dict:
+    """``ckpt`` as the schema has it: its model fields through ``ModelMeta`` (one it does
+    not name would be lost on export: a bug, refused here), its training state as it is."""
+    state = {k: v for k, v in ckpt.items() if k in TRAINING_STATE}
+    fields = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE and k != "format"}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelMeta)})
+    if unknown:
+        raise ValueError(f"{path}: {unknown} are not fields of a model (models.schema.ModelMeta)")
+    return {**ModelMeta.from_fields({"format": FORMAT, **fields}, path).to_fields(), **state}
 
 
 def _atomic_save(obj: dict, path: Path) -> Path:
+    import torch
+
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with tmp.open("wb") as f:
@@ -65,9 +78,20 @@ def _atomic_save(obj: dict, path: Path) -> Path:
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict of a ``.pt`` file or of a model folder (``models.bundle``)."""
-    ckpt = _read(Path(path)).ckpt
-    # The caller's own copy: the tensors are shared, since nothing writes into them.
-    return {k: dict(v) if k == "state_dict" else copy.deepcopy(v) for k, v in ckpt.items()}
+    entry = _read(Path(path))
+    ckpt, weights = _fields(entry), entry.state_dict()
+    # The caller's own dict: the tensors are shared, since nothing writes into them.
+    return ckpt if weights is None else {**ckpt, "state_dict": dict(weights)}
+
+
+def read_fields(path: str | Path) -> dict:
+    """Every field of a checkpoint but its weights (a model folder's are not even parsed:
+    scoring a cached ONNX graph needs neither them nor torch)."""
+    return _fields(_read(Path(path)))
+
+
+def _fields(entry: _Read) -> dict:
+    return {k: copy.deepcopy(v) for k, v in entry.ckpt.items() if k != "state_dict"}
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -76,7 +100,7 @@ def weights_sha256(path: str | Path) -> str:
     a threshold or a history, share it)."""
     entry = _read(Path(path))
     if entry.sha256 is None:
-        state_dict = entry.ckpt.get("state_dict")
+        state_dict = entry.state_dict()
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"{path}: not a complete checkpoint (no state_dict)")
         entry.sha256 = tensors_sha256(state_dict)
@@ -84,6 +108,8 @@ def weights_sha256(path: str | Path) -> str:
 
 
 def tensors_sha256(state_dict: dict) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name, value in sorted(state_dict.items()):
         h.update(f"{name}\0".encode())
@@ -100,6 +126,18 @@ def tensors_sha256(state_dict: dict) -> str:
 class _Read:
     ckpt: dict
     sha256: str | None  # of the weights; a .pt's is computed when first asked for
+    folder: Path | None = None  # a model folder, whose weights are parsed when first asked for
+    weights: bytes | None = None  # its verified safetensors until then
+
+    def state_dict(self) -> dict | None:
+        if self.folder is not None and "state_dict" not in self.ckpt:
+            from .bundle import parse_weights
+
+            with _LOCK:  # parsed once: every reader shares the tensors
+                if "state_dict" not in self.ckpt:
+                    self.ckpt["state_dict"] = parse_weights(self.folder, self.weights)
+                    self.weights = None
+        return self.ckpt.get("state_dict")
 
 
 _READS: OrderedDict[tuple, _Read] = OrderedDict()
@@ -107,7 +145,7 @@ _LOCK = threading.Lock()
 
 
 def _read(path: Path) -> _Read:
-    from .bundle import is_bundle, verified_bundle
+    from .bundle import is_bundle, verified_files
 
     bundle = is_bundle(path)
     if not bundle and not path.is_file():
@@ -125,7 +163,11 @@ def _read(path: Path) -> _Read:
         if key in _READS:
             _READS.move_to_end(key)
             return _READS[key]
-    entry = _Read(*verified_bundle(path)) if bundle else _Read(_load_pt(path), None)
+    if bundle:
+        fields, weights, sha256 = verified_files(path)
+        entry = _Read({"format": FORMAT, **fields}, sha256, path, weights)
+    else:
+        entry = _Read(_load_pt(path), None)
     # A training state is read once, to resume, and its optimiser then updates the
     # tensors it was given in place: it is not kept.
     if "optimizer" not in entry.ckpt:
@@ -156,6 +198,8 @@ def _load_pt(path: Path) -> dict:
     # another kind of file, and torch's own error about it would be a riddle.
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise CheckpointError(f"{unsafe}: it is {_kind(head)}, where idcscope expects {EXPECTED}")
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -169,12 +213,14 @@ def _load_pt(path: Path) -> dict:
         raise CheckpointError(
             f"{unsafe}: a damaged or truncated PyTorch file ({type(e).__name__}: {first})"
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt not in (FORMAT, *OLD_FORMATS):
+        of = f"of format {fmt!r}" if isinstance(fmt, str) else "without a format"
         raise CheckpointError(
-            f"{path}: not an idcscope checkpoint: a PyTorch file without format {FORMAT!r} "
-            "(a model idcscope did not write)"
+            f"{path}: not an idcscope checkpoint: a PyTorch file {of}, where idcscope reads "
+            f"{FORMAT!r} and older (a model idcscope did not write, or a newer idcscope did)"
         )
-    return ckpt
+    return migrate(ckpt, path)
 
 
 def _kind(head: bytes) -> str:
@@ -196,33 +242,48 @@ def _refused(e: Exception) -> str:
     return detail.rstrip(". ") or type(e).__name__
 
 
+def read_meta(path: str | Path) -> ModelMeta:
+    """What a checkpoint or model folder says of its model, checked (``schema.ModelMeta``):
+    everything scoring reads before any weights (a model folder's are not even parsed)."""
+    from ..data.preprocess import Preprocessing
+
+    meta = ModelMeta.from_fields(read_fields(path), path)
+    try:
+        Preprocessing(**meta.preprocessing)
+        if not isinstance(meta.model["name"], str) or len(meta.class_names) < 2:
+            raise ValueError("no model name, or fewer than two classes")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(_unbuildable(path, e)) from e
+    return meta
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
-    from ..data.preprocess import Preprocessing
     from ..errors import IdcscopeError
     from . import create_model
 
-    ckpt = read_checkpoint(path)
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {', '.join(missing)})")
-    spec = ckpt["model"]
+    meta, weights = read_meta(path), _read(Path(path)).state_dict()
+    if weights is None:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no state_dict)")
+    ckpt = {**read_fields(path), "state_dict": dict(weights)}  # the caller's own dict
+    spec = meta.model
     try:
-        Preprocessing(**ckpt["preprocessing"])
         # Weights come from the checkpoint alone: its arguments may not fetch or read others.
         model = create_model(
             spec["name"],
-            num_classes=len(ckpt["class_names"]),
+            num_classes=len(meta.class_names),
             pretrained=False,
             weights=None,
             **spec["kwargs"],
         )
     except (KeyError, TypeError, ValueError, IdcscopeError) as e:
-        raise CheckpointError(
-            f"{path}: the model it describes cannot be built ({type(e).__name__}: {e})"
-        ) from e
+        raise CheckpointError(_unbuildable(path, e)) from e
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit model {spec['name']!r}: {e}") from e
     return model.to(device).eval(), ckpt
+
+
+def _unbuildable(path, e: Exception) -> str:
+    return f"{path}: the model it describes cannot be built ({type(e).__name__}: {e})"

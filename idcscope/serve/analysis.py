@@ -22,7 +22,6 @@ import pandas as pd
 
 from ..data.manifest import files_table
 from ..errors import IdcscopeError
-from ..inference.calibration import calibration_of
 from ..inference.predictor import Predictor
 from .jobs import Job
 from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
@@ -58,15 +57,15 @@ class Analyst:
 
         self.predictor = Predictor(checkpoint, device=device)
         self.explainer = Explainer(self.predictor)
-        self.ckpt = self.predictor.checkpoints[0]
+        self.meta = self.predictor.models[0]
         self.lock = threading.Lock()
 
     def describe(self) -> dict:
         """What the page shows about the model."""
-        (t, b), (lone_t, lone_b) = calibration_of(self.ckpt), calibration_of(self.ckpt, True)
+        (t, b), (lone_t, lone_b) = self.meta.calibrated(), self.meta.calibrated(lone=True)
         return {
             "checkpoint": self.predictor.paths[0].name,
-            "model": self.ckpt["model"]["name"],
+            "model": self.meta.model["name"],
             "threshold": round(self.predictor.threshold, 4),
             "temperature": round(t, 4),
             "logit_bias": round(b, 4),
@@ -74,7 +73,7 @@ class Analyst:
             "lone_logit_bias": round(lone_b, 4),
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
-            "mpp": self.ckpt["preprocessing"].get("mpp"),
+            "mpp": self.meta.preprocessing.get("mpp"),
         }
 
     # ------------------------------------------------------------------------- patches

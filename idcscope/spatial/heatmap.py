@@ -187,7 +187,7 @@ def patient_heatmap(
         "context_sigma": predictor.context_sigma,
         **summary,
     }
-    mpp = float(predictor.checkpoints[0]["preprocessing"]["mpp"])
+    mpp = float(predictor.models[0].preprocessing["mpp"])
     summary["files"] = _draw(out, pid, placed, scored.patches, maps, summary, mpp)
     skipped += [(p, r) for p, r in zip(table["path"], scored.reasons, strict=True) if r]
     summary["files"] |= _write_tables(out, pid, table.iloc[rows], placed, threshold, skipped)

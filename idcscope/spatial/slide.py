@@ -111,7 +111,7 @@ def slide_inference(
         slide_mpp = check_mpp(slide_mpp)
     if not isinstance(predictor, Predictor):
         predictor = Predictor(predictor, engine, tta=tta, batch_size=batch_size, context=context)
-    prep = predictor.checkpoints[0]["preprocessing"]
+    prep = predictor.models[0].preprocessing
     mpp, patch = float(prep["mpp"]), int(prep["patch_size"])
     threshold = predictor.threshold if threshold is None else float(threshold)
     path, out = Path(slide_path), Path(out_dir)

@@ -21,8 +21,8 @@ from scipy.special import logit
 
 from ..data import splits as splitting
 from ..evaluation import metrics
-from ..inference.calibration import calibration_of, probabilities
-from ..models.checkpoint import read_checkpoint, update_checkpoint
+from ..inference.calibration import probabilities
+from ..models.checkpoint import read_meta, update_checkpoint
 from ..spatial.grid import STEP
 from .calibration import calibration_report, choose_threshold, fit_platt
 from .config import TrainConfig
@@ -38,12 +38,12 @@ def fold_decisions(fold_dirs: dict[int, Path]) -> dict[int, dict]:
     ``sigma`` and the ``epoch`` kept."""
     out = {}
     for fold, fold_dir in fold_dirs.items():
-        ckpt = read_checkpoint(fold_dir / "best.pt")
+        meta = read_meta(fold_dir / "best.pt")
         out[fold] = {
-            "context": calibration_of(ckpt),
-            "lone": calibration_of(ckpt, lone=True),
-            "sigma": float(ckpt.get("context", {}).get("sigma", 0.0)),
-            "epoch": int(ckpt["epoch"]),
+            "context": meta.calibrated(),
+            "lone": meta.calibrated(lone=True),
+            "sigma": float(meta.context.get("sigma", 0.0)),
+            "epoch": int(meta.epoch),
         }
     return out
 

@@ -1,0 +1,123 @@
+"""What a model is besides its weights: one dataclass, read and written the same way in a
+checkpoint (``.pt``), a model folder (``config.json``) and an ONNX graph's metadata.
+
+``ModelMeta`` names every field a model carries (architecture, classes, preprocessing,
+calibration per scoring context, threshold, spatial context, splits, recipe and where it
+came from), with its default, so a field is added in one place and travels into every
+export; ``to_fields`` writes them as plain JSON values, ``from_fields`` reads them back
+from any of the three, through ``migrate`` when they were written by an older idcscope.
+A ``.pt`` also holds what training resumes from (``TRAINING_STATE``), which never leaves
+the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "idcscope-model/2"
+# What the formats before this one were called in each container: their fields are this
+# schema's, bar the ones added since (defaults), so ``migrate`` renames them.
+OLD_FORMATS = ("idcscope-checkpoint/1", "idcscope-model/1", "idcscope-onnx/1")
+# A .pt's training state: the weights, and what ``--resume`` continues from.
+TRAINING_STATE = (
+    "state_dict", "optimizer", "scheduler", "generator", "torch_rng", "history",
+    "best_val_loss", "world_size", "validation",
+)  # fmt: skip
+# What a container says about itself rather than about the model.
+CONTAINER = ("format", "weights_sha256", "files", "input", "source")
+REQUIRED = ("model", "class_names", "preprocessing")
+
+
+@dataclass
+class ModelMeta:
+    """Every field of a model but its weights."""
+
+    model: dict  # the architecture: {"name": registry name, "kwargs": its arguments}
+    class_names: list
+    preprocessing: dict  # ``data.preprocess.Preprocessing`` as a dict
+    threshold: float = 0.5  # on calibrated P(IDC)
+    threshold_method: str = "default 0.5"
+    # sigmoid(margin / temperature + logit_bias): patches scored with their neighbours...
+    temperature: float = 1.0
+    logit_bias: float = 0.0
+    calibration: dict = field(default_factory=dict)  # ...and the fit's report (ECE before/after)
+    # {"temperature", "logit_bias", "calibration"} of patches scored alone; None: the same
+    lone_calibration: dict | None = None
+    context: dict = field(default_factory=dict)  # grid smoothing of logits: {"sigma", "step"}
+    splits: dict = field(default_factory=dict)  # the patients it trained and validated on
+    config: dict = field(default_factory=dict)  # the recipe: ``training.config.TrainConfig``
+    data_summary: dict = field(default_factory=dict)
+    stain_spread: dict | None = None  # what its stain augmentation drew from
+    epoch: int | None = None  # the epoch whose weights these are
+    best_epoch: int | None = None
+    val_loss: float | None = None
+    val_metrics: dict = field(default_factory=dict)  # on its validation patients
+    oof_metrics: dict = field(default_factory=dict)  # out of fold, for a model of `cv --final`
+    images_per_s: float | None = None  # training speed
+
+    def calibrated(self, lone: bool = False) -> tuple[float, float]:
+        """``(temperature, logit_bias)`` of patches scored with their neighbours, or with
+        ``lone`` of patches scored alone (their own where the model has one)."""
+        fields = (lone and self.lone_calibration) or dataclasses.asdict(self)
+        return float(fields.get("temperature", 1.0)), float(fields.get("logit_bias", 0.0))
+
+    @property
+    def seen_patients(self) -> set[str]:
+        """Patients it trained or validated on."""
+        return set(self.splits.get("train", [])) | set(self.splits.get("val", []))
+
+    def to_fields(self) -> dict:
+        """Every field as plain JSON values (tensors and numpy values as lists and
+        numbers, NaN as None), ``format`` first."""
+        return {"format": FORMAT, **plain(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_fields(cls, fields: dict, where: object) -> ModelMeta:
+        """The model described by ``fields`` (a checkpoint dict, a ``config.json`` or an
+        ONNX graph's metadata), written by this idcscope or an older one; ``where`` names
+        the file in errors."""
+        fields = migrate(fields, where)
+        missing = [k for k in REQUIRED if k not in fields]
+        if missing:
+            raise CheckpointError(f"{where}: not a complete checkpoint (no {', '.join(missing)})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names - set(TRAINING_STATE) - set(CONTAINER))
+        if unknown:  # a newer idcscope's extra field: what this one knows still holds
+            logger.debug("%s: fields this idcscope does not read: %s", where, unknown)
+        return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def migrate(fields: dict, where: object) -> dict:
+    """``fields`` in this schema, from any format an idcscope wrote: the formats before
+    it (``OLD_FORMATS``) hold the same fields, fewer of them; any other is refused."""
+    fmt = fields.get("format")
+    if fmt == FORMAT:
+        return fields
+    if fmt in OLD_FORMATS:
+        return {**fields, "format": FORMAT}
+    if fmt is None:
+        raise CheckpointError(f"{where}: not an idcscope model (it names no format)")
+    raise CheckpointError(
+        f"{where}: model format {fmt!r} is not one this idcscope reads ({FORMAT!r} and "
+        f"older); a newer idcscope may read it"
+    )
+
+
+def plain(value):
+    """JSON-ready: tensors and numpy values become lists and numbers; NaN becomes None."""
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
+        return plain(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
