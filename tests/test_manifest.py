@@ -84,6 +84,25 @@ def test_index_files_mixes_files_and_folders(tiny_tree):
     assert ix.table.iloc[0]["label"] == 1
 
 
+def test_name_gives_the_label_and_the_class_folder_the_rest(tmp_path):
+    for rel in ("1/plain.png", "0/x_class1.png", "misc/x_class0.png", "misc/plain.png"):
+        write_patch(tmp_path / "loose" / rel)
+    table = index_files([tmp_path / "loose"]).table
+    where = table["path"].map(lambda p: Path(p).relative_to(tmp_path / "loose").as_posix())
+    labels = dict(zip(where, table["label"], strict=True))
+    # Scoring needs no label: where name and folder disagree, the name's stands.
+    assert labels == {
+        "0/x_class1.png": 1,
+        "1/plain.png": 1,
+        "misc/plain.png": -1,
+        "misc/x_class0.png": 0,
+    }
+    # Where labels are used, they must agree, in either layout.
+    write_patch(tmp_path / "plain" / "idc" / "x_class0.png")
+    with pytest.raises(DataError, match=r"x_class0.png: file name says class 0 .*'idc'"):
+        index_dataset(tmp_path / "plain")
+
+
 def test_image_size_reads_png_header(tmp_path):
     p = write_patch(tmp_path / "a.png", size=(37, 50))
     assert image_size(p) == (37, 50)
