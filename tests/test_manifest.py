@@ -103,6 +103,20 @@ def test_name_gives_the_label_and_the_class_folder_the_rest(tmp_path):
         index_dataset(tmp_path / "plain")
 
 
+def test_skipped_table_round_trips_awkward_paths(tmp_path):
+    import pandas as pd
+
+    from idcscope.data.manifest import write_skipped
+
+    skipped = [("101/0/a, b.png", 'says "empty"'), ("10é/1/c.png", "line one\nline two")]
+    path = write_skipped(tmp_path / "skipped.csv", skipped)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["path", "reason"]
+    assert list(table.itertuples(index=False, name=None)) == skipped
+    assert write_skipped(path, []).read_text() == "path,reason\n"  # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["skipped.csv"]  # no temporary file left
+
+
 def test_image_size_reads_png_header(tmp_path):
     p = write_patch(tmp_path / "a.png", size=(37, 50))
     assert image_size(p) == (37, 50)

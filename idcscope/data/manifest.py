@@ -16,6 +16,8 @@ Files whose header is not a readable image are left out and returned as ``skippe
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import re
@@ -33,6 +35,7 @@ CLASS_NAMES = ("no_idc", "idc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_TOP = "IDC_regular_ps50_idx5"
 COLUMNS = ["path", "patient", "x", "y", "label", "width", "height"]
+SKIPPED_COLUMNS = ["path", "reason"]
 
 # The patient id is whatever precedes the last "_idx": ids may hold underscores and any script.
 # Coordinates have at most 9 ASCII digits: a longer number is no slide position, and would
@@ -191,6 +194,19 @@ def index_dataset(root: str | Path, read_sizes: bool = True) -> Index:
         )
     _report_skipped(root, skipped)
     return Index(root=root, table=table, layout=layout, skipped=skipped)
+
+
+def write_skipped(path: str | Path, skipped: list[tuple[str, str]]) -> Path:
+    """Write the files left out, one ``path, reason`` row each, as a CSV that is replaced
+    whole (``cache.write_atomic``): a reader never sees half a table. Every command that
+    skips files (``train``, ``evaluate``, ``heatmap``) writes it with this function."""
+    from .cache import write_atomic
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(SKIPPED_COLUMNS)
+    writer.writerows(skipped)
+    return write_atomic(Path(path), text.getvalue())
 
 
 def roots_text(roots) -> str:
