@@ -15,7 +15,6 @@ from idcscope.data.augment import (
     dihedral_all,
     hed_jitter,
     random_affine,
-    tta_dihedral,
 )
 
 DEVICES = [
@@ -90,14 +89,13 @@ def test_dihedral_rejects_non_square():
         dihedral(torch.rand(2, 3, 50, 42), _gen())
 
 
-def test_tta_dihedral_averages_over_transforms():
+def test_dihedral_all_averages_as_tta_needs():
     x = _batch(3)
-    mean = tta_dihedral(lambda t: t.mean((1, 2, 3)), x)
-    torch.testing.assert_close(mean, x.mean((1, 2, 3)))
+    views = dihedral_all(x)  # TTA averages a model's output over these
+    torch.testing.assert_close(views.mean((2, 3, 4)), x.mean((1, 2, 3)).expand(8, -1))
     # The top-left pixel visits each corner twice among the 8 transforms.
-    corner = tta_dihedral(lambda t: t[:, :, 0, 0], x)
     corners = (x[..., 0, 0] + x[..., 0, -1] + x[..., -1, 0] + x[..., -1, -1]) / 4
-    torch.testing.assert_close(corner, corners)
+    torch.testing.assert_close(views[..., 0, 0].mean(0), corners)
 
 
 @pytest.mark.parametrize("size", [(50, 50), (40, 60)])

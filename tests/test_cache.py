@@ -53,6 +53,25 @@ def test_cache_builds_once_and_reports_failures(tiny_tree, tmp_path):
     assert again.errors == first.errors
 
 
+def test_a_replaced_file_is_decoded_again(tiny_tree, tmp_path):
+    import os
+
+    ix = index_dataset(tiny_tree)
+    first = load_or_build(ix.root, ix.table, tmp_path / "c", workers=1)
+    i = int(np.flatnonzero(ix.table["height"] == 50)[0])
+    target = ix.root / ix.table["path"][i]
+    before = target.stat()
+    write_patch(target, color=(10, 200, 30))  # other pixels, the same 50x50
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    again = index_dataset(tiny_tree)
+    assert again.table.equals(ix.table)  # the manifest alone cannot tell
+    second = load_or_build(again.root, again.table, tmp_path / "c", workers=1)
+    assert (second.images[i] == (10, 200, 30)).all()
+    assert not (first.images[i] == (10, 200, 30)).all()
+    others = np.arange(len(ix.table)) != i
+    np.testing.assert_array_equal(np.asarray(second.images)[others], first.images[others])
+
+
 def test_parallel_and_serial_decoding_agree(synthetic_root, tmp_path):
     ix = index_dataset(synthetic_root)
     a = load_or_build(ix.root, ix.table, tmp_path / "a", workers=1)

@@ -84,6 +84,39 @@ def test_index_files_mixes_files_and_folders(tiny_tree):
     assert ix.table.iloc[0]["label"] == 1
 
 
+def test_name_gives_the_label_and_the_class_folder_the_rest(tmp_path):
+    for rel in ("1/plain.png", "0/x_class1.png", "misc/x_class0.png", "misc/plain.png"):
+        write_patch(tmp_path / "loose" / rel)
+    table = index_files([tmp_path / "loose"]).table
+    where = table["path"].map(lambda p: Path(p).relative_to(tmp_path / "loose").as_posix())
+    labels = dict(zip(where, table["label"], strict=True))
+    # Scoring needs no label: where name and folder disagree, the name's stands.
+    assert labels == {
+        "0/x_class1.png": 1,
+        "1/plain.png": 1,
+        "misc/plain.png": -1,
+        "misc/x_class0.png": 0,
+    }
+    # Where labels are used, they must agree, in either layout.
+    write_patch(tmp_path / "plain" / "idc" / "x_class0.png")
+    with pytest.raises(DataError, match=r"x_class0.png: file name says class 0 .*'idc'"):
+        index_dataset(tmp_path / "plain")
+
+
+def test_skipped_table_round_trips_awkward_paths(tmp_path):
+    import pandas as pd
+
+    from idcscope.data.manifest import write_skipped
+
+    skipped = [("101/0/a, b.png", 'says "empty"'), ("10é/1/c.png", "line one\nline two")]
+    path = write_skipped(tmp_path / "skipped.csv", skipped)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["path", "reason"]
+    assert list(table.itertuples(index=False, name=None)) == skipped
+    assert write_skipped(path, []).read_text() == "path,reason\n"  # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["skipped.csv"]  # no temporary file left
+
+
 def test_image_size_reads_png_header(tmp_path):
     p = write_patch(tmp_path / "a.png", size=(37, 50))
     assert image_size(p) == (37, 50)

@@ -150,6 +150,46 @@ def test_corrupt_file_is_reported_and_the_others_predicted(client):
     assert res["rows"][0]["error"]
 
 
+# Names the page and ``predict`` must read alike: Kaggle names, a label without a place, a
+# patient id with underscores, numbers too long to be a place, near misses and no label.
+ODD_NAMES = (
+    "8863_idx5_x51_y1251_class0.png",
+    "x_class1.png",
+    "p_q_idx5_x1_y2_class1.png",
+    "a_idx5_x1234567890_y1_class1.png",
+    "scan 7 é_class0.png",
+    "x_class1_copy.png",
+    "x_class2.png",
+    "plain.png",
+)
+
+
+def test_the_page_reads_names_as_predict_does(client, app, monkeypatch, tmp_path):
+    from idcscope.data.manifest import index_files
+
+    explainer, seen = app.state.analyst.explainer, []
+    explain = explainer.explain
+    monkeypatch.setattr(explainer, "explain", lambda table: seen.append(table) or explain(table))
+    res = client.post("/api/patches", files=files(*[(n, image_bytes()) for n in ODD_NAMES]))
+    assert res.status_code == 200, res.text
+    page = seen[0].assign(file=[row["file"] for row in res.json()["rows"]])
+    page["shown"] = [-1 if row["label"] is None else row["label"] for row in res.json()["rows"]]
+    folder = tmp_path / "patches"  # not a class folder: the names alone tell
+    folder.mkdir()
+    for name in ODD_NAMES:
+        (folder / name).write_bytes(image_bytes())
+    table = index_files([folder]).table
+    table["file"] = table["path"].map(lambda p: Path(p).name)
+    fields = ["file", "patient", "x", "y", "label"]
+    assert page[fields].sort_values("file").values.tolist() == (
+        table[fields].sort_values("file").values.tolist()
+    )
+    assert (page["shown"] == page["label"]).all()  # the label the page shows is the one read
+    labels = dict(zip(table["file"], table["label"], strict=True))
+    assert labels["x_class1.png"] == 1 and labels["x_class1_copy.png"] == -1
+    assert labels["a_idx5_x1234567890_y1_class1.png"] == 1
+
+
 def test_patch_csv_downloads(client):
     sent = files(("a_class0.png", image_bytes()), ("b.png", image_bytes((90, 40, 160))))
     res = client.post("/api/patches", files=sent).json()

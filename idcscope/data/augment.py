@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,24 +88,6 @@ def dihedral_all(x: torch.Tensor) -> torch.Tensor:
     """
     _check_square(x)
     return torch.stack([_dihedral(x, k) for k in range(8)])
-
-
-def tta_dihedral(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Averages `fn` over the 8 dihedral transforms of `x` (test-time augmentation).
-
-    `fn` is called once per transform, so memory stays that of one batch. Its output must
-    not depend on the image layout (per-sample logits or probabilities, not maps); pass a
-    function returning probabilities to average probabilities.
-
-    Args:
-        fn: function of a batch, e.g. a model in eval mode.
-        x: batch (B, C, H, W) with H == W.
-
-    Returns:
-        The mean of `fn` over the transforms.
-    """
-    _check_square(x)
-    return sum(fn(_dihedral(x, k)) for k in range(8)) / 8
 
 
 def random_affine(

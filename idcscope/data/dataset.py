@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +50,6 @@ class PatchData:
             "n_padded": self.n_padded,
             "layout": self.layout,
         }
-
-    def write_skipped(self, path: str | Path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows(self.skipped)
-        return path
 
 
 def load_patch_data(

@@ -7,12 +7,17 @@ Two layouts are understood:
 * Plain: ``<root>/<class>/<anything>.png`` where the patient is unknown; every file then
   becomes its own group, which makes patient-level splitting impossible (a warning says so).
 
+What a file's name says is read by one rule, :func:`parse_name`, everywhere: in these
+layouts, in the loose files ``predict`` and ``explain`` take, and in the web page's uploads.
+
 Sizes are read from the PNG header without decoding, so indexing 277k files takes seconds.
 Files whose header is not a readable image are left out and returned as ``skipped``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import re
@@ -30,6 +35,7 @@ CLASS_NAMES = ("no_idc", "idc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 KAGGLE_TOP = "IDC_regular_ps50_idx5"
 COLUMNS = ["path", "patient", "x", "y", "label", "width", "height"]
+SKIPPED_COLUMNS = ["path", "reason"]
 
 # The patient id is whatever precedes the last "_idx": ids may hold underscores and any script.
 # Coordinates have at most 9 ASCII digits: a longer number is no slide position, and would
@@ -67,15 +73,61 @@ class Index:
         return int(self.table["patient"].nunique())
 
 
-def parse_patch_name(name: str) -> dict | None:
-    """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png``; None if the name does not match."""
-    m = _NAME.fullmatch(os.path.splitext(os.path.basename(name))[0])  # noqa: PTH119, PTH122
+def parse_name(
+    path: str, folder: str | None = None, check_folder: bool = False
+) -> tuple[str | None, int, int, int]:
+    """``(patient, x, y, label)`` as a file's name, and the class folder holding it, tell.
+
+    The one rule, which every command and the web page follow:
+
+    * the Kaggle name ``<patient>_idx<N>_x<X>_y<Y>_class<C>`` gives all four;
+    * any other name whose stem ends ``_class0`` or ``_class1`` gives the label alone
+      (``x_class1.png`` is IDC);
+    * otherwise the folder holding the file, when it is a class folder (``0``, ``1``,
+      ``idc``, ``benign``, ...), gives the label.
+
+    The patient is None, and x and y are -1, where the name does not carry them (a name
+    holds no place without its patient); the label is -1 where neither name nor folder
+    tells. Only the name is read: the file need not exist.
+
+    Args:
+        path: the file's path, or its name alone.
+        folder: the class folder's name (default: the folder ``path`` names).
+        check_folder: where labels are used (training, evaluation, heatmaps), a name and a
+            class folder that disagree are an error; scoring needs no label, so there the
+            name's label stands.
+
+    Raises:
+        DataError: with ``check_folder``, the name and the folder say different classes.
+    """
+    stem = os.path.splitext(os.path.basename(path))[0]  # noqa: PTH119, PTH122
+    label = int(stem[-1]) if stem.endswith(("_class0", "_class1")) else -1
+    if label < 0 or check_folder:  # else the folder changes nothing: predict reads 277k names
+        if folder is None:
+            folder = os.path.basename(os.path.dirname(path))  # noqa: PTH119, PTH120
+        folder_label = class_from_folder(folder)
+        if label < 0 and folder_label is not None:
+            label = folder_label
+        elif folder_label not in (None, label):
+            raise DataError(
+                f"{path}: file name says class {label} but it is in folder {folder!r} "
+                f"(class {folder_label}); fix the file or its folder"
+            )
+    m = _NAME.fullmatch(stem)
     if m is None:
-        return None
-    return {"patient": m["patient"], "x": int(m["x"]), "y": int(m["y"]), "label": int(m["label"])}
+        return None, -1, -1, label
+    return m["patient"], int(m["x"]), int(m["y"]), label
+
+
+def parse_patch_name(name: str) -> dict | None:
+    """The fields of a Kaggle name ``<patient>_idx5_x<X>_y<Y>_class<C>.png``; None for any
+    other name (where the patient and place are needed: patient zips, the Kaggle layout)."""
+    patient, x, y, label = parse_name(name, folder="")
+    return None if patient is None else {"patient": patient, "x": x, "y": y, "label": label}
 
 
 def class_from_folder(name: str) -> int | None:
+    """The class a folder's name stands for (``0``, ``idc``, ``benign``, ...); None if none."""
     return _CLASS_ALIASES.get(name.lower())
 
 
@@ -142,6 +194,19 @@ def index_dataset(root: str | Path, read_sizes: bool = True) -> Index:
         )
     _report_skipped(root, skipped)
     return Index(root=root, table=table, layout=layout, skipped=skipped)
+
+
+def write_skipped(path: str | Path, skipped: list[tuple[str, str]]) -> Path:
+    """Write the files left out, one ``path, reason`` row each, as a CSV that is replaced
+    whole (``cache.write_atomic``): a reader never sees half a table. Every command that
+    skips files (``train``, ``evaluate``, ``heatmap``) writes it with this function."""
+    from .cache import write_atomic
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(SKIPPED_COLUMNS)
+    writer.writerows(skipped)
+    return write_atomic(Path(path), text.getvalue())
 
 
 def roots_text(roots) -> str:
@@ -234,24 +299,20 @@ def index_files(paths: list[str | Path], keep_missing: bool = False) -> Index:
 
 
 def files_table(files: list, names: list[str] | None = None) -> pd.DataFrame:
-    """One row per file: its ``path``, and the patient, place and label its name tells.
+    """One row per file: its ``path``, and the patient, place and label :func:`parse_name`
+    reads from it.
 
-    ``names`` are the names to read (default: the files' own; an upload is stored under
-    another). A name without a patient makes its stem the patient: a lone patch is its own
-    patient. Sizes are -1 (not read).
+    ``names`` are the names to read (default: the files' paths; an upload is stored under
+    another, and its name as sent has no folder). A name without a patient makes its stem
+    the patient: a lone patch is its own patient. Sizes are -1 (not read).
     """
     paths = [str(f) for f in files]
-    names = names if names is not None else [os.path.basename(p) for p in paths]  # noqa: PTH119
     columns: dict[str, list] = {c: [] for c in ("patient", "x", "y", "label")}
-    for path, name in zip(paths, names, strict=True):
-        stem = os.path.splitext(name)[0]  # noqa: PTH122
-        m = _NAME.fullmatch(stem)
-        if m:
-            values = (m["patient"], int(m["x"]), int(m["y"]), int(m["label"]))
-        else:
-            label = class_from_folder(os.path.basename(os.path.dirname(path)))  # noqa: PTH119, PTH120
-            values = (stem, -1, -1, -1 if label is None else label)
-        for column, value in zip(columns.values(), values, strict=True):
+    for name in paths if names is None else names:
+        patient, *values = parse_name(name)
+        if patient is None:
+            patient = os.path.splitext(os.path.basename(name))[0]  # noqa: PTH119, PTH122
+        for column, value in zip(columns.values(), (patient, *values), strict=True):
             column.append(value)
     n = len(paths)
     return pd.DataFrame(
@@ -276,22 +337,15 @@ def _index_kaggle(root: Path, patient_dirs: list[Path], sizes: bool) -> tuple[li
                 continue
             top, under = f"{pdir.name}/{cdir.name}/", len(str(cdir)) + 1
             # Strings, in the order of Path objects: a Path per file costs more than its row.
-            for name in sorted(_walk_images(cdir), key=lambda s: s.split(os.sep)):  # noqa: PTH206
-                f, rel = name, top + name[under:].replace(os.sep, "/")
-                meta = parse_patch_name(os.path.basename(name))  # noqa: PTH119
-                if meta is None:
+            for f in sorted(_walk_images(cdir), key=lambda s: s.split(os.sep)):  # noqa: PTH206
+                rel = top + f[under:].replace(os.sep, "/")
+                patient, x, y, _ = parse_name(f, cdir.name, check_folder=True)
+                if patient is None:  # the patient and place are needed (splits, the grid)
                     skipped.append((rel, "file name is not <patient>_idx5_x<X>_y<Y>_class<C>.png"))
                     continue
-                if meta["label"] != folder_label:
-                    raise DataError(
-                        f"{f}: file name says class {meta['label']} but it is in folder "
-                        f"{cdir.name!r} (class {folder_label}); fix the file or its folder"
-                    )
-                if meta["patient"] != pdir.name:
-                    logger.warning(
-                        "%s: patient %s in name, folder %s", f, meta["patient"], pdir.name
-                    )
-                row = _row(f, rel, pdir.name, meta, folder_label)
+                if patient != pdir.name:
+                    logger.warning("%s: patient %s in name, folder %s", f, patient, pdir.name)
+                row = _row(rel, pdir.name, x, y, folder_label)
                 _append_sized(rows, skipped, row, f, sizes)
     return rows, skipped
 
@@ -303,10 +357,9 @@ def _index_plain(root: Path, class_dirs: list[Path], sizes: bool) -> tuple[list[
         label = class_from_folder(cdir.name)
         for f in sorted(map(Path, _walk_images(cdir))):
             rel = f.relative_to(root).as_posix()
-            meta = parse_patch_name(f.name) or {}
-            if meta.get("label", label) != label:
-                raise DataError(f"{f}: file name says class {meta['label']}, folder {cdir.name!r}")
-            row = _row(f, rel, meta.get("patient", rel), meta, label)
+            patient, x, y, _ = parse_name(str(f), cdir.name, check_folder=True)
+            # A name without a patient: the file is its own group, under its unique path.
+            row = _row(rel, patient or rel, x, y, label)
             _append_sized(rows, skipped, row, f, sizes)
     return rows, skipped
 
@@ -321,14 +374,8 @@ def _walk_images(folder: Path):
                 yield os.path.join(dirpath, name)  # noqa: PTH118
 
 
-def _row(f: Path, rel: str, patient: str, meta: dict, label: int) -> dict:
-    return {
-        "path": rel,
-        "patient": str(patient),
-        "x": meta.get("x", -1),
-        "y": meta.get("y", -1),
-        "label": int(label),
-    }
+def _row(rel: str, patient: str, x: int, y: int, label: int) -> dict:
+    return {"path": rel, "patient": str(patient), "x": x, "y": y, "label": int(label)}
 
 
 def _append_sized(rows: list[dict], skipped: list, row: dict, f, sizes: bool = True) -> None:

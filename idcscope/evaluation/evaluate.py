@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import splits as splitting
-from ..data.manifest import index_datasets, roots_text, summarize
+from ..data.manifest import index_datasets, roots_text, summarize, write_skipped
 from ..errors import IdcscopeError, NothingScoredError
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
@@ -61,9 +61,7 @@ def evaluate(
     skipped = index.skipped + [
         (p, r) for p, r in zip(table["path"], scored.reasons, strict=True) if r
     ]
-    _write_skipped(
-        out / "skipped.csv", skipped
-    )  # with predictions.csv, every file is accounted for
+    write_skipped(out / "skipped.csv", skipped)  # with predictions.csv: every file
     ok = scored.ok
     if not ok.any():
         raise NothingScoredError(
@@ -127,13 +125,6 @@ def _warnings(predictor: Predictor, table, split: str | None) -> list[str]:
     if any(m.splits.get("method") == "random" for m in predictor.models):
         warnings.append("This model was trained on an " + splitting.LEAK_WARNING + ".")
     return warnings
-
-
-def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(skipped)
 
 
 def _describe(result: dict) -> str:

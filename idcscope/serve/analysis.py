@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..data.manifest import files_table
+from ..data.manifest import files_table, parse_name
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
 from .jobs import Job
@@ -30,13 +29,6 @@ logger = logging.getLogger(__name__)
 
 PATCH_CSV_COLUMNS = ["file", "prob_idc", "pred", "label", "error"]
 UPSCALE = 4  # 50 px patches shown at 200 px, pixels kept sharp
-_LABEL = re.compile(r"_class([01])$")
-
-
-def label_from_name(name: str) -> int | None:
-    """The label a file name carries as ``..._class<0|1>.<ext>``; None when it does not."""
-    m = _LABEL.search(Path(name).stem)
-    return int(m[1]) if m else None
 
 
 def slides_supported() -> bool:
@@ -92,7 +84,7 @@ class Analyst:
                 "file": u.name,
                 "prob_idc": None,
                 "pred": None,
-                "label": label_from_name(u.name),
+                "label": _label(u.name),
                 "error": u.error,
                 "images": {},
             }
@@ -182,6 +174,12 @@ class Analyst:
             "summary": summary,
             "files": {k: job.publish(p) for k, p in files.items() if p and Path(p).is_file()},
         }
+
+
+def _label(name: str) -> int | None:
+    """The label the name as sent tells (``parse_name``, as ``predict`` reads it); None if none."""
+    label = parse_name(name)[3]
+    return None if label < 0 else label
 
 
 def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:

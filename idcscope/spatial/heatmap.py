@@ -92,9 +92,6 @@ def dice_iou(pred_mask, true_mask, tissue=None) -> dict[str, float | None]:
     return {"dice": 2 * inter / int(p.sum() + t.sum()), "iou": inter / union}
 
 
-# ----------------------------------------------------------------------------- figures
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -255,7 +252,7 @@ def _draw(out: Path, pid, placed: _Placed, patches, maps: dict, summary: dict, m
 
 def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skipped) -> dict:
     """One row per scored patch, and every file left out with its reason, as CSVs."""
-    import pandas as pd
+    from ..data.manifest import write_skipped
 
     prob = placed.prob
     predictions = table[["path", "x", "y", "label"]].assign(
@@ -264,5 +261,5 @@ def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skip
     predictions["label"] = predictions["label"].where(predictions["label"] >= 0).astype("Int64")
     files = {"predictions": out / f"{pid}_predictions.csv", "skipped": out / f"{pid}_skipped.csv"}
     predictions.to_csv(files["predictions"], index=False)
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(files["skipped"], index=False)
+    write_skipped(files["skipped"], skipped)
     return {k: str(v) for k, v in files.items()}

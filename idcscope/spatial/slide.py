@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data import PATCH_SIZE
 from .wsi import THUMB_PX, Scan, TileGrid, check_mpp, read_slide
 
 logger = logging.getLogger(__name__)
-
-PATCH = PATCH_SIZE
 
 
 def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..data import splits as splitting
 from ..data.augment import create_augment
 from ..data.dataset import PatchData, load_patch_data
-from ..data.manifest import CLASS_NAMES, roots_text
+from ..data.manifest import CLASS_NAMES, roots_text, write_skipped
 from ..data.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -343,7 +343,7 @@ def _load_data(cfg: TrainConfig, ctx: DistContext, out: Path) -> tuple[PatchData
         data = load_patch_data(cfg.data, cfg.cache_dir)
     splits = None
     if ctx.is_main:
-        data.write_skipped(out / "skipped.csv")
+        write_skipped(out / "skipped.csv", data.skipped)
         splits = resolve_splits(cfg, data, out)
     if ctx.enabled:
         box = [splits]
