@@ -103,7 +103,7 @@ def stage_rates(predictor: Predictor, paths: list[str], groups, coords) -> dict:
 
     from threadpoolctl import threadpool_limits
 
-    from idcscope.spatial.context import smooth_rows
+    from idcscope.data.grid import smooth_rows
 
     with threadpool_limits(limits=1, user_api="blas"):  # as the scoring pipeline runs it
         return _stage_rates(predictor, paths, groups, coords, dataclasses, smooth_rows)
@@ -124,7 +124,7 @@ def _stage_rates(predictor, paths, groups, coords, dataclasses, smooth_rows) -> 
         rates[name] = n / (time.perf_counter() - start)
     logits = np.random.default_rng(0).normal(size=(n, 2))
     start = time.perf_counter()
-    smooth_rows(logits, None, groups, coords, predictor.models[0].context)
+    smooth_rows(logits, groups, coords, predictor.models[0].context)
     rates["spatial context"] = n / (time.perf_counter() - start)
     return rates
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from idcscope.spatial.context import fit_sigma, smooth_rows
-from idcscope.spatial.grid import smooth as smooth_logits
+from idcscope.data.grid import smooth as smooth_logits
+from idcscope.data.grid import smooth_rows
+from idcscope.training.calibration import fit_sigma
 
 
 def blob_patients(n_patients=2, side=24, noise=2.0, seed=0, shuffle_labels=False):
@@ -77,14 +78,13 @@ def test_fit_keeps_the_patch_alone_when_neighbours_carry_no_information():
     assert sigma == 0.0 and losses[0.0] == min(losses.values())
 
 
-def test_smooth_rows_indexes_per_image_arrays_by_rows():
+def test_smooth_rows_applies_a_checkpoints_context():
     logits, _, groups, xs, ys = blob_patients(n_patients=2)
-    rows = np.arange(0, len(xs), 3)[::-1]  # a subset, in any order
-    out = smooth_rows(logits[rows], rows, groups, (xs, ys), {"sigma": 1.0, "step": 50})
-    expected = smooth_logits(logits[rows], groups[rows], xs[rows], ys[rows], 1.0)
-    np.testing.assert_allclose(out, expected)
-    same = smooth_rows(logits, None, groups, (xs, ys), {"sigma": 0.0, "step": 50})
+    out = smooth_rows(logits, groups, (xs, ys), {"sigma": 1.0, "step": 50})
+    np.testing.assert_allclose(out, smooth_logits(logits, groups, xs, ys, 1.0))
+    same = smooth_rows(logits, groups, (xs, ys), {"sigma": 0.0, "step": 50})
     np.testing.assert_array_equal(same, logits)
+    assert smooth_rows(logits, groups, None, {"sigma": 1.0}) is logits  # no places: as is
 
 
 # ----------------------------------------------------------------------------- in use

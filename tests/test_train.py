@@ -74,7 +74,7 @@ def test_keep_last_makes_the_final_epoch_the_model(synthetic_root, tmp_path):
 
 
 def test_default_recipe_fits_the_spatial_context_on_validation(run_dir):
-    from idcscope.spatial.context import SIGMAS
+    from idcscope.training.calibration import SIGMAS
 
     ctx = read_checkpoint(run_dir / "best.pt")["context"]
     losses = {float(k): v for k, v in ctx["val_log_loss"].items()}

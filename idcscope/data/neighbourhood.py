@@ -2,7 +2,7 @@
 
 A 50x50 patch at 2.5x holds 200 µm of tissue: a few nuclei, rarely the outline of a duct,
 which is what tells carcinoma in situ from invasive carcinoma and dense benign tissue
-from tumour. Every patch has a place on its patient's grid (``spatial.grid``), so its
+from tumour. Every patch has a place on its patient's grid (``data.grid``), so its
 neighbours are known. With ``radius=1`` the model gets six planes: the patch at full
 resolution, then the 3x3 block of patches around it (150x150 px, 600 µm) averaged down by
 3 to the patch's size. The second view costs one more input layer's worth of work, not
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..spatial.grid import STEP, neighbour_rows
+from .grid import STEP, neighbour_rows
 
 if TYPE_CHECKING:  # torch only where training draws its augmentation
     import torch

@@ -40,7 +40,7 @@ def evaluate(
 
     Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
     ``context=False`` scores every patch alone, as if it came without coordinates: no
-    neighbourhood input, no smoothing (see ``spatial.context`` and ``data.neighbourhood``).
+    neighbourhood input, no smoothing (see ``data.grid`` and ``data.neighbourhood``).
     Patches are decoded as they are scored (``inference.stream``): nothing is cached.
     """
     out = Path(out_dir)

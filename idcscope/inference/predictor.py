@@ -6,7 +6,7 @@ the stain normalisation fitted on each patient's (or slide's) own patches and th
 neighbourhood input (``data.preprocess``, the function training used), the forward pass
 (torch or ONNX Runtime, ``inference.backends``), optionally over the 8 dihedral views,
 the spatial context (each patch's logits averaged with its neighbours' on the patient's
-grid, ``spatial.context``) and the temperature, both fitted on the validation patients;
+grid, ``data.grid``) and the temperature, both fitted on the validation patients;
 an ensemble averages the members' calibrated probabilities and their thresholds.
 """
 
@@ -22,11 +22,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data import PATCH_SIZE
+from ..data.grid import placed, smooth_rows
 from ..data.preprocess import Preprocessing
 from ..models.schema import ModelMeta
 from ..progress import progress_bar
-from ..spatial.context import smooth_rows
-from ..spatial.grid import placed
 from .backends import create_backend
 from .calibration import probabilities
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
@@ -209,7 +208,7 @@ class Predictor:
             has_place = np.zeros(len(g), bool) if xy is None else placed(*xy)
             calibrated, raw = [], []
             for member, wait in zip(self.members, waits, strict=True):
-                logits = smooth_rows(wait(), None, g, xy, member.meta.context)
+                logits = smooth_rows(wait(), g, xy, member.meta.context)
                 calibrated.append(member.probabilities(logits, has_place))
                 raw.append(probabilities(logits))
             return Scored(

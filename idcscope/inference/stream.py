@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data import PATCH_SIZE
 from ..data.decode import decode_into
-from ..spatial.grid import group_order
+from ..data.grid import group_order
 from .workers import DECODE, PREPARE, Workers
 
 BUCKET = 512  # patches: a bucket is whole patients, at least this many patches

@@ -1,2 +1,2 @@
-"""Patches in place: the patient (or slide) grid, the spatial context built on it, patient
-heatmaps rebuilt from patch coordinates and whole-slide inference."""
+"""Patches in place: patient heatmaps rebuilt from patch coordinates (on the grid of
+``data.grid``) and whole-slide inference."""

@@ -19,7 +19,7 @@ import numpy as np
 from ..data import PATCH_SIZE
 from ..errors import DataError, NothingScoredError
 from .figures import _save_png, plot_patient_heatmap, plot_probability_map
-from .grid import raster
+from ..data.grid import raster
 
 if TYPE_CHECKING:
     from ..inference.predictor import Predictor
@@ -67,7 +67,7 @@ def probability_grid(xs, ys, values, patch: int = PATCH) -> tuple[np.ndarray, tu
 
     Returns:
         A float (rows, cols) grid, NaN where no patch lies, and its origin ``(x0, y0)``: the
-        slide coordinates of the top-left corner of cell (0, 0). See ``spatial.grid``.
+        slide coordinates of the top-left corner of cell (0, 0). See ``data.grid``.
     """
     if len(np.asarray(xs)) == 0 or not len(xs) == len(ys) == len(values):
         raise ValueError(f"need as many coordinates as values ({len(values)}, {len(xs)})")

@@ -18,6 +18,7 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import expit
 
+from ..data.grid import STEP, smooth
 from ..evaluation.metrics import (
     expected_calibration_error,
     threshold_for_sensitivity,
@@ -158,3 +159,34 @@ def choose_threshold(
             raise ValueError('method "sensitivity" needs a target sensitivity, e.g. 0.95')
         return threshold_for_sensitivity(y_val, prob_val, target)
     raise ValueError(f"unknown threshold method {method!r}; choose from ['sensitivity', 'youden']")
+
+
+# Spatial context: the width of the grid smoothing (``data.grid.smooth``) fitted as the
+# temperature is, on the validation patients' logits.
+SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
+
+
+def fit_sigma(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    step: int = STEP,
+    sigmas: tuple[float, ...] = SIGMAS,
+) -> tuple[float, dict[float, float]]:
+    """The width whose smoothed, calibrated (`fit_platt`) logits give the lowest log-loss.
+
+    Each candidate gets its own temperature and bias (smoothing changes how confident the logits
+    are), so widths are compared at their best calibration. Returns the width and the
+    log-loss of every candidate.
+    """
+    from ..inference.calibration import probabilities
+
+    labels = np.asarray(labels, dtype=np.int64)
+    losses = {}
+    for sigma in sigmas:
+        z = smooth(logits, groups, xs, ys, sigma, step)
+        losses[float(sigma)] = _nll(labels, probabilities(z, *fit_platt(z, labels)))
+    best = min(losses, key=lambda s: (losses[s], s))
+    return best, losses

@@ -23,7 +23,7 @@ from ..data import splits as splitting
 from ..evaluation import metrics
 from ..inference.calibration import probabilities
 from ..models.checkpoint import read_meta, update_checkpoint
-from ..spatial.grid import STEP
+from ..data.grid import STEP
 from .calibration import calibration_report, choose_threshold, fit_platt
 from .config import TrainConfig
 

@@ -17,8 +17,7 @@ from ..data.dataset import PatchData
 from ..evaluation import metrics
 from ..inference.calibration import probabilities
 from ..models.checkpoint import read_checkpoint, update_checkpoint
-from ..spatial.context import fit_sigma
-from ..spatial.grid import STEP, smooth
+from ..data.grid import STEP, smooth
 from .calibration import calibration_report, choose_threshold, fit_platt
 from .config import TrainConfig
 from .loop import validation_pass

@@ -7,6 +7,14 @@ group's smallest coordinates; a patch whose coordinates are unknown (NaN or nega
 the manifest writes -1) has no cell. This one map serves the three things built on the
 grid: the neighbourhood the model sees (:func:`neighbour_rows`), the spatial context that
 smooths scores (:func:`smooth`) and the heatmap (:func:`raster`).
+
+Spatial context: IDC is annotated as regions many patches across, so a patch's label is
+almost always its neighbours' label, while a 50x50 patch alone is a noisy view of it. Each
+patch's logits are replaced by a Gaussian average over its patient's grid, normalised over
+the cells that hold a patch, so glass and the edge of the tissue pull scores towards
+neither class. Only images are used, never labels. The width (in grid cells) is fitted on
+the validation patients at training time (``training.calibration.fit_sigma``) and stored
+in the checkpoint; width 0 is the patch alone, and so is a patch without coordinates.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..data import PATCH_SIZE
+from . import PATCH_SIZE
 
 STEP = PATCH_SIZE  # grid step of the Kaggle patches in slide pixels: their size
 TRUNCATE = 3.0  # the smoothing Gaussian reaches 3 sigma
@@ -138,3 +146,21 @@ def raster(xs, ys, values, step: int = STEP) -> tuple[np.ndarray, tuple[int, int
     with np.errstate(invalid="ignore", divide="ignore"):
         grid = np.where(count > 0, total / count, np.nan)
     return grid, (int(c.origin[0]), int(c.origin[1]))
+
+
+def smooth_rows(
+    logits: np.ndarray,
+    patients: np.ndarray | None,
+    coords: tuple[np.ndarray, np.ndarray] | None,
+    context: dict | None,
+) -> np.ndarray:
+    """The spatial context of a checkpoint (its ``context`` field, ``{"sigma", "step"}``)
+    applied to the logits of patches of ``patients`` (None: all one) at ``coords``
+    (``(xs, ys)``, NaN or negative where unknown): :func:`smooth`, or the logits as they
+    are without coordinates or context."""
+    if coords is None or not context:
+        return logits
+    sigma, step = float(context.get("sigma", 0.0)), int(context.get("step", STEP))
+    xs, ys = (np.asarray(c, dtype=np.float64) for c in coords)
+    groups = np.zeros(len(xs)) if patients is None else np.asarray(patients)
+    return smooth(logits, groups, xs, ys, sigma, step)
