@@ -5,6 +5,8 @@ the validation negative log-likelihood; `fit_platt` adds a logit bias (Platt sca
 undoes the prior of class-balanced training. Neither can change the ranking (AUC), only how
 confident the probabilities are; models trained on few patients are typically overconfident
 on new ones (T > 1). Apply them with ``probabilities(logits, temperature=T, bias=b)``.
+`fit_posthoc` fits both with the threshold, the one fit of validation patients
+(``posthoc``) and of out-of-fold predictions (``oof``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ..evaluation.metrics import (
     threshold_for_sensitivity,
     youden_threshold,
 )
-from ..inference.calibration import _margin
+from ..inference.calibration import _margin, probabilities
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +161,32 @@ def choose_threshold(
             raise ValueError('method "sensitivity" needs a target sensitivity, e.g. 0.95')
         return threshold_for_sensitivity(y_val, prob_val, target)
     raise ValueError(f"unknown threshold method {method!r}; choose from ['sensitivity', 'youden']")
+
+
+def fit_posthoc(logits: Any, y: Any, cfg: TrainConfig, on: str) -> tuple[dict, np.ndarray]:
+    """Temperature, logit bias (`fit_platt`) and threshold (`choose_threshold` with
+    ``cfg.threshold`` and ``cfg.target_sensitivity``) fitted on logits and their labels.
+
+    Args:
+        logits: (N, 2) logits or (N,) logit margins, uncalibrated.
+        y: labels, 0 or 1.
+        cfg: how the threshold is chosen.
+        on: what the scores are, for ``threshold_method`` ("validation patients").
+
+    Returns:
+        The checkpoint fields ``temperature``, ``logit_bias``, ``threshold``,
+        ``threshold_method`` and ``calibration`` (`calibration_report`), and the calibrated
+        probabilities. Without samples: T = 1, no bias, threshold 0.5, no report.
+    """
+    n = int(np.asarray(y).size)
+    temperature, bias = fit_platt(logits, y)
+    prob = probabilities(logits, temperature, bias)
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    fields = {
+        "temperature": temperature,
+        "logit_bias": bias,
+        "threshold": choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity) if n else 0.5,
+        "threshold_method": f"{method} on {on}",
+        "calibration": calibration_report(y, probabilities(logits), prob) if n else {},
+    }
+    return fields, prob
