@@ -158,3 +158,51 @@ def test_patches_scored_alone_take_the_lone_calibration(trained_run, synthetic_r
     np.testing.assert_allclose(got.prob, expected, atol=1e-9)
     alone = Predictor(path, precision="fp32", context=False).predict(data.images, rows)
     np.testing.assert_allclose(alone.prob, expit(logit(alone.prob_uncalibrated) / 2.5 + 0.7))
+
+
+def test_validation_and_oof_fits_are_the_one_posthoc_fit_as_before():
+    """``posthoc`` (validation patients) and ``oof`` (out-of-fold predictions) fit through
+    `fit_posthoc`: the same fields from the same margins, the numbers both gave before."""
+    import dataclasses
+    from pathlib import Path
+
+    import pandas as pd
+
+    from idcscope.data.dataset import PatchData
+    from idcscope.training.config import TrainConfig
+    from idcscope.training.oof import fit_decision
+    from idcscope.training.posthoc import fit_on_validation
+
+    rng = np.random.default_rng(7)
+    n = 240
+    margin = rng.normal(0.5, 3, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-margin / 2 + 0.8))).astype(int)
+    logits = torch.from_numpy(np.stack([-margin / 2, margin / 2], 1).astype(np.float32))
+    table = pd.DataFrame({"patient": "a", "x": 0, "y": 0, "label": y}, index=range(n))
+    data = PatchData(Path(), "flat", table, np.zeros((n, 1)), np.ones(n, bool), [], 0, n)
+    val = np.arange(40, n)
+    exact = (logits[:, 1].double() - logits[:, 0].double()).numpy()[val]
+    before = {  # fit_on_validation and oof.fit_decision before they shared fit_posthoc
+        "youden": (1.971703700607845, -1.0377949363897936, 0.3842188044275916),
+        "sensitivity": (1.971703700607845, -1.0377949363897936, 0.14363009136102664),
+    }
+    for method, (t, b, threshold) in before.items():
+        cfg = dataclasses.replace(
+            TrainConfig(), context="none", threshold=method, target_sensitivity=0.95
+        )
+        fields, prob = fit_on_validation(logits[val], data, val, cfg)
+        oof = fit_decision(exact, y[val], cfg)
+        named = "youden" if method == "youden" else "sensitivity 0.95"
+        assert fields["threshold_method"] == f"{named} on validation patients"
+        assert oof["threshold_method"] == f"{named} on out-of-fold predictions of 200 patches"
+        for key in ("temperature", "logit_bias", "threshold", "calibration"):
+            assert fields[key] == oof[key]
+        assert fields["temperature"] == pytest.approx(t, rel=1e-9)
+        assert fields["logit_bias"] == pytest.approx(b, rel=1e-9)
+        assert fields["threshold"] == pytest.approx(threshold, rel=1e-9)
+        assert fields["calibration"]["nll_after"] == pytest.approx(0.4991093244220029, rel=1e-9)
+        assert fields["context"] == {"sigma": 0.0, "step": 50}
+        np.testing.assert_allclose(prob, probabilities(exact, t, b), rtol=1e-9)
+    empty, prob = fit_on_validation(logits[:0], data, val[:0], TrainConfig())
+    assert (empty["temperature"], empty["logit_bias"], empty["threshold"]) == (1.0, 0.0, 0.5)
+    assert empty["calibration"] == empty["val_metrics"] == {} and prob.size == 0

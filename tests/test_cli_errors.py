@@ -216,7 +216,7 @@ def test_a_full_disk_stops_predict_with_whole_rows_and_no_work_left(
     from idcscope.inference.stream import FileSource
 
     monkeypatch.setattr("idcscope.inference.stream.BUCKET", 60)  # several buckets here
-    _full_disk_after(monkeypatch, budget=12_000)
+    _full_disk_after(monkeypatch, budget=16_000)  # the first bucket fits, not the next
     busy, real_load, real_predict, at_error = (
         _busy_tasks(monkeypatch),
         FileSource.load,
@@ -268,7 +268,7 @@ def test_a_full_disk_exits_1_with_one_line_from_the_console_script(synthetic_roo
         Predictor(resolve_model(DEFAULT_MODEL))  # the graph and engine cached: only the CSV grows
         stream.BUCKET = 60
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))  # the first bucket fits
         sys.argv = ["idcscope", "predict", "{synthetic_root}", "--out", "{out}"]
         app(prog_name="idcscope")
         """

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -176,3 +177,127 @@ def test_cv_draws_its_folds_from_the_fold_seed(synthetic_root, tmp_path, monkeyp
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen["seed"] == 1 and seen["fold_seed"] == 0
+
+
+FOLD_CALIBRATIONS = [(1.0, 0.0), (1.2, -0.5), (0.8, 0.5)]  # each fold model's (T, bias)
+
+
+@pytest.fixture
+def confident_folds(tmp_path):
+    """Three folds' test predictions as evaluate writes them (P(IDC) after the fold model's
+    calibration to 6 decimals, the margin in full), with and without context, from models
+    so confident that most margins exceed 15, where P(IDC) rounds to 0 or 1; their labels
+    follow T = 10. Returns the CV folder, the margins of both modes and the labels."""
+    from scipy.special import expit
+
+    rng = np.random.default_rng(0)
+    n = 400
+    margin = {"context": rng.normal(0, 30, 3 * n)}
+    margin["lone"] = 0.7 * margin["context"] + rng.normal(0, 5, 3 * n)
+    y = (rng.random(3 * n) < expit(margin["context"] / 10 - 1)).astype(int)
+    for fold, (t, b) in enumerate(FOLD_CALIBRATIONS):
+        mine = slice(fold * n, (fold + 1) * n)
+        for mode, where in (("context", "eval"), ("lone", "eval_lone")):
+            prob = expit(margin[mode][mine] / t + b)
+            (tmp_path / f"fold{fold}" / where).mkdir(parents=True)
+            pd.DataFrame({
+                "path": [f"{fold}/{i}.png" for i in range(n)], "patient": str(fold), "x": 0,
+                "y": 0, "label": y[mine], "prob_idc": prob.round(6), "pred": (prob >= 0.5) * 1,
+                "margin": margin[mode][mine],
+            }).to_csv(tmp_path / f"fold{fold}" / where / "predictions.csv", index=False)  # fmt: skip
+    return tmp_path, margin, y
+
+
+def _pooled(cfg, out) -> dict:
+    from idcscope.training.cv import _fold_predictions
+
+    return {
+        mode: pd.concat(
+            [
+                _fold_predictions(cfg, out / f"fold{f}", False, mode).assign(fold=f)
+                for f in range(3)
+            ],
+            ignore_index=True,
+        )
+        for mode in ("context", "lone")
+    }
+
+
+def test_oof_calibration_is_fitted_on_the_margins_not_the_rounded_probabilities(
+    confident_folds, monkeypatch
+):
+    """The final model's temperature, bias, threshold and lone calibration, and the
+    cross-fitted cohorts, are those fitted on the exact margins. Margins rebuilt from P(IDC)
+    as written (the old path) lose every margin beyond about 15 and fit another model."""
+    import torch
+    from scipy.special import logit
+
+    import idcscope.training.train as train_module
+    from idcscope.models.checkpoint import save_checkpoint
+    from idcscope.training.config import TrainConfig
+    from idcscope.training.cv import cohort_results, pooled_metrics
+    from idcscope.training.oof import cross_fitted, fit_decision, train_final
+
+    out, margin, y = confident_folds
+    assert (np.abs(margin["context"]) > 15).mean() > 0.5
+    cfg = TrainConfig(out=str(out))
+    pooled = _pooled(cfg, out)
+    np.testing.assert_array_equal(pooled["context"]["margin"], margin["context"])  # in full
+    exact = fit_decision(margin["context"], y, cfg)
+    exact_lone = fit_decision(margin["lone"], y, cfg)
+
+    def fake_train(cfg, resume=False):  # the weights do not matter here
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(Path(cfg.out) / name, torch.nn.Linear(1, 1), epoch=0)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    folds = {f: {"sigma": 0.0, "epoch": 0} for f in range(3)}
+    final = train_final(cfg, pooled, folds)
+    for key in ("temperature", "logit_bias", "threshold"):
+        assert final[key] == exact[key]
+    assert final["lone_calibration"]["temperature"] == exact_lone["temperature"]
+    assert final["lone_calibration"]["logit_bias"] == exact_lone["logit_bias"]
+
+    cohorts = cohort_results(cfg, pooled, n_boot=0)
+    context = (pooled["context"], margin["context"])
+    expected = {
+        "context": cross_fitted(pooled["context"], margin["context"], cfg),
+        "lone": cross_fitted(pooled["lone"], margin["lone"], cfg, threshold_from=context),
+    }
+    for mode, frame in expected.items():
+        assert cohorts[f"{mode}/oof"]["all"] == pooled_metrics(frame, 0, cfg.seed)
+
+    folds_of = pooled["context"]["fold"].to_numpy()
+    t, b = (np.array(c)[folds_of] for c in zip(*FOLD_CALIBRATIONS, strict=True))
+    p = pooled["context"]["prob_idc"].to_numpy().clip(5e-7, 1 - 5e-7)
+    rebuilt = (logit(p) - b) * t
+    assert np.abs(rebuilt).max() < 20 < 80 < np.abs(margin["context"]).max()  # clipped
+    old = fit_decision(rebuilt, y, cfg)
+    assert old["temperature"] < 0.75 * exact["temperature"]  # a model far too confident
+
+
+def test_oof_predictions_written_before_margins_are_scored_again(
+    confident_folds, monkeypatch, caplog
+):
+    """A CV resumed from a version that wrote no margins scores those folds' test patients
+    again (the fold models are there) rather than fit on rounded probabilities."""
+    from idcscope.training.config import TrainConfig
+    from idcscope.training.cv import _fold_predictions
+
+    out, _, _ = confident_folds
+    csv = out / "fold1" / "eval_lone" / "predictions.csv"
+    written = pd.read_csv(csv)
+    written.drop(columns="margin").to_csv(csv, index=False)
+    calls = []
+
+    def fake_evaluate(checkpoint, data, where, **kwargs):
+        calls.append((Path(where), kwargs["context"]))
+        written.to_csv(Path(where) / "predictions.csv", index=False)
+
+    monkeypatch.setattr("idcscope.training.cv.evaluate", fake_evaluate)
+    cfg = TrainConfig(out=str(out))
+    assert "margin" in _fold_predictions(cfg, out / "fold1", False, "lone")
+    assert calls == [(csv.parent, False)]
+    assert "scoring its patients again" in caplog.text
+    _fold_predictions(cfg, out / "fold1", False, "context")  # with margins: read as it is
+    assert len(calls) == 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from idcscope.data.augment import create_augment
+from idcscope.data.grid import neighbour_rows
 from idcscope.data.neighbourhood import GLASS, add_neighbourhood, block_planes
 from idcscope.data.preprocess import Preprocessing
-from idcscope.data.grid import neighbour_rows
 from tests.conftest import same_blocks
 
 # Patient "a": an L of five patches and one without a place; patient "b": one patch at the

@@ -69,6 +69,7 @@ def evaluate(
             f"the reasons are in {out / 'skipped.csv'}"
         )
     table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
+    margin = scored.margin[ok]
     threshold = predictor.threshold
     y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
     result = metrics.binary_metrics(y, prob, threshold)
@@ -102,7 +103,7 @@ def evaluate(
         data_summary=summary,
         warnings=warnings,
     )
-    _write_outputs(out, result, table, prob, checkpoint)
+    _write_outputs(out, result, table, prob, margin, checkpoint)
     for w in warnings:
         logger.warning(w)
     return result
@@ -156,18 +157,20 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     }
 
 
-def _write_outputs(out: Path, result: dict, table, prob, checkpoint) -> None:
+def _write_outputs(out: Path, result: dict, table, prob, margin, checkpoint) -> None:
+    """The metrics, report, figures and ``predictions.csv``: a row per patch with its
+    calibrated P(IDC) (6 decimals), decision and uncalibrated logit margin (``margin``,
+    see ``inference.predictor.Scored``; written in full, what ``training.oof`` fits)."""
     y = table["label"].to_numpy()
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     report_text = metrics.classification_report_text(y, prob >= result["threshold"])
     (out / "classification_report.txt").write_text(report_text)
     with (out / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred"])
-        for r, p in zip(table.itertuples(index=False), prob, strict=True):
-            w.writerow(
-                [r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}", int(p >= result["threshold"])]
-            )
+        w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred", "margin"])
+        for r, p, m in zip(table.itertuples(index=False), prob, margin, strict=True):
+            decided = int(p >= result["threshold"])
+            w.writerow([r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}", decided, repr(float(m))])
     figures = {
         "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),
         "Precision-recall curve": plots.plot_pr(y, prob, threshold=result["threshold"]),

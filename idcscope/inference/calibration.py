@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def _margin(logits: Any) -> np.ndarray:
+def logit_margin(logits: Any) -> np.ndarray:
     """Positive-class logit margin: z1 - z0 for (N, 2) logits, the logit itself for (N,)."""
     if hasattr(logits, "detach"):  # a tensor
         logits = logits.detach().cpu().double().numpy()
@@ -23,7 +23,7 @@ def _margin(logits: Any) -> np.ndarray:
 def probabilities(logits: Any, temperature: float = 1.0, bias: float = 0.0) -> np.ndarray:
     """P(IDC) = sigmoid((z1 - z0) / T + bias) of (N, 2) logits (array or tensor), in float64:
     ``softmax(logits / T)[:, 1]`` when the bias is 0."""
-    return sigmoid(_margin(logits) / temperature + bias)
+    return sigmoid(logit_margin(logits) / temperature + bias)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,9 @@ from .stream import FileSource, make_buckets, young_garbage_only
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred", "error"]
+# prob_idc: calibrated P(IDC), 6 decimals; margin: the uncalibrated logit margin, in full
+# (``inference.predictor.Scored``); both empty where the file could not be read.
+COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred", "error", "margin"]
 
 
 def predict(
@@ -137,6 +139,7 @@ def _rows(table: pd.DataFrame, scored: Scored, threshold: float) -> pd.DataFrame
             "prob_idc": prob.round(6),
             "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
             "error": scored.reasons,
+            "margin": scored.margin,
         }
     )
 

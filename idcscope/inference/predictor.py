@@ -37,15 +37,22 @@ logger = logging.getLogger(__name__)
 class Prediction(NamedTuple):
     prob: np.ndarray  # calibrated, averaged over members
     prob_uncalibrated: np.ndarray
+    margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
 
 
 @dataclass
 class Scored:
-    """One bucket scored: P(IDC) for each of its rows, NaN where a file could not be read."""
+    """One bucket scored: P(IDC) for each of its rows, NaN where a file could not be read.
+
+    ``margin`` is the logit margin logit[IDC] - logit[no IDC] before calibration (after
+    each member's spatial context), in float64: the mean of the members' margins for an
+    ensemble. It is what calibration and thresholds are fitted on (``training.oof``).
+    """
 
     bucket: Bucket
     prob: np.ndarray
     prob_uncalibrated: np.ndarray
+    margin: np.ndarray
     reasons: list[str]  # why each unreadable row failed, "" elsewhere
     patches: np.ndarray  # the decoded patches of the rows that were read, in row order
 
@@ -59,6 +66,7 @@ class TableScores(NamedTuple):
 
     prob: np.ndarray  # calibrated P(IDC) per row, NaN where the file could not be read
     raw: np.ndarray  # uncalibrated
+    margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
     ok: np.ndarray
     reasons: list[str]  # why each unreadable file failed, "" elsewhere
     n_padded: int  # patches smaller than 50x50, padded with glass
@@ -206,15 +214,17 @@ class Predictor:
         def finish(loaded: Loaded, waits) -> Scored:
             g, xy = where(loaded)
             has_place = np.zeros(len(g), bool) if xy is None else placed(*xy)
-            calibrated, raw = [], []
+            calibrated, raw, margins = [], [], []
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), g, xy, member.meta.context)
                 calibrated.append(member.probabilities(logits, has_place))
                 raw.append(probabilities(logits))
+                margins.append(logits[:, 1].astype(np.float64) - logits[:, 0])
             return Scored(
                 loaded.bucket,
                 _spread(np.mean(calibrated, axis=0), loaded.ok),
                 _spread(np.mean(raw, axis=0), loaded.ok),
+                _spread(np.mean(margins, axis=0), loaded.ok),
                 loaded.reasons,
                 loaded.patches,
             )
@@ -231,11 +241,11 @@ class Predictor:
         base = str(root)  # strings: a Path per file costs more than its decode
         source = FileSource([os.path.join(base, p) for p in table["path"]])  # noqa: PTH118
         coords = (table["x"].to_numpy(), table["y"].to_numpy())
-        prob, raw = np.full(len(table), np.nan), np.full(len(table), np.nan)
+        prob, raw, margin = (np.full(len(table), np.nan) for _ in range(3))
         reasons, kept = [""] * len(table), []
         with progress_bar(desc, total=len(table)) as advance:
             for s in self.score(table["patient"].to_numpy(), coords, source):
-                prob[s.rows], raw[s.rows] = s.prob, s.prob_uncalibrated
+                prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
                 for r, why in zip(s.rows, s.reasons, strict=True):
                     reasons[r] = why
                 if keep_patches:
@@ -248,7 +258,7 @@ class Predictor:
             position = np.cumsum(ok) - 1
             for rows, part in kept:
                 patches[position[rows]] = part
-        return TableScores(prob, raw, ok, reasons, source.n_padded, patches)
+        return TableScores(prob, raw, margin, ok, reasons, source.n_padded, patches)
 
     def predict(
         self,
@@ -257,7 +267,8 @@ class Predictor:
         patients: np.ndarray | None = None,
         coords: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Prediction:
-        """Calibrated and raw P(IDC) of ``images[rows]`` (all rows when None), in that order.
+        """Calibrated and raw P(IDC), and the raw logit margin, of ``images[rows]`` (all
+        rows when None), in that order.
 
         ``patients`` (one id per image; None: all one patient) groups the patches whose
         stain is normalised together and whose grid is shared; ``coords`` (``(xs, ys)``,
@@ -267,10 +278,10 @@ class Predictor:
         rows = np.arange(len(images)) if rows is None else np.asarray(rows)
         groups = np.zeros(len(images), np.int64) if patients is None else np.asarray(patients)
         sub = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
-        prob, raw = np.empty(len(rows)), np.empty(len(rows))
-        for scored in self.score(groups[rows], sub, _Rows(images, rows)):
-            prob[scored.rows], raw[scored.rows] = scored.prob, scored.prob_uncalibrated
-        return Prediction(prob, raw)
+        prob, raw, margin = (np.empty(len(rows)) for _ in range(3))
+        for s in self.score(groups[rows], sub, _Rows(images, rows)):
+            prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
+        return Prediction(prob, raw, margin)
 
     def predict_proba(self, images, rows=None, patients=None, coords=None) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from ..data import PATCH_SIZE
+from ..data.grid import raster
 from ..errors import DataError, NothingScoredError
 from .figures import _save_png, plot_patient_heatmap, plot_probability_map
-from ..data.grid import raster
 
 if TYPE_CHECKING:
     from ..inference.predictor import Predictor

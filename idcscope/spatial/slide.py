@@ -6,8 +6,9 @@ level closest to (and not coarser than) 4 µm/px and resized to 50x50. Only tile
 Otsu tissue mask on a thumbnail calls tissue are scored. Tiles are read a row band at a
 time, so memory stays bounded by one band plus the tissue tiles themselves.
 
-Outputs: a per-tile CSV, a heatmap overlay PNG, and the IDC regions as GeoJSON polygons in
-level-0 pixel coordinates, the convention QuPath imports.
+Outputs: a per-tile CSV (calibrated P(IDC) and the uncalibrated logit margin of each
+tile), a heatmap overlay PNG, and the IDC regions as GeoJSON polygons in level-0 pixel
+coordinates, the convention QuPath imports.
 """
 
 from __future__ import annotations
@@ -118,15 +119,16 @@ def slide_inference(
     scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
     t_read = time.perf_counter() - t0
     grid, rows, cols = scan.grid, scan.rows, scan.cols
-    prob = np.full((grid.rows, grid.cols), np.nan)
+    prob, margin = np.full((grid.rows, grid.cols), np.nan), np.full(len(scan.tiles), np.nan)
     if len(scan.tiles):  # one slide is one patient for stain normalisation and spatial context
         where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
         group = np.full(len(scan.tiles), path.stem)
-        prob[rows, cols] = predictor.predict_proba(scan.tiles, None, group, where)
+        scored = predictor.predict(scan.tiles, None, group, where)
+        prob[rows, cols], margin = scored.prob, scored.margin
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
-    summary["files"] = _write_maps(out, path, scan, prob, threshold, mpp * patch / THUMB_PX)
+    summary["files"] = _write_maps(out, path, scan, prob, margin, threshold, mpp * patch / THUMB_PX)
     (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: %d tissue tiles, %s, %.1f tiles/s",
@@ -173,8 +175,12 @@ def _found(summary: dict) -> str:
     )
 
 
-def _write_maps(out: Path, path: Path, scan: Scan, prob, threshold, thumb_mpp) -> dict:
-    """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths."""
+def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thumb_mpp) -> dict:
+    """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths.
+
+    The table has a row per tissue tile (``margin``: one per tile, in their order): P(IDC)
+    to 6 decimals and the uncalibrated logit margin in full (``inference.predictor.Scored``).
+    """
     from .heatmap import _save_png, plot_patient_heatmap
 
     name, grid, rows, cols = path.stem, scan.grid, scan.rows, scan.cols
@@ -193,6 +199,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, threshold, thumb_mpp) -
             "tissue": scan.fraction[rows, cols].round(3),
             "prob_idc": prob[rows, cols].round(6),
             "pred": (prob[rows, cols] >= threshold).astype(int),
+            "margin": margin,
         }
     ).to_csv(files["tiles_csv"], index=False)
     files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")

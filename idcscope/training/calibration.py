@@ -5,6 +5,8 @@ the validation negative log-likelihood; `fit_platt` adds a logit bias (Platt sca
 undoes the prior of class-balanced training. Neither can change the ranking (AUC), only how
 confident the probabilities are; models trained on few patients are typically overconfident
 on new ones (T > 1). Apply them with ``probabilities(logits, temperature=T, bias=b)``.
+`fit_posthoc` fits both with the threshold, the one fit of validation patients
+(``posthoc``) and of out-of-fold predictions (``oof``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ..evaluation.metrics import (
     threshold_for_sensitivity,
     youden_threshold,
 )
-from ..inference.calibration import _margin
+from ..inference.calibration import logit_margin, probabilities
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def fit_platt(
 
 
 def _fit(logits, labels, bounds, with_bias: bool) -> tuple[float, float]:
-    d = _margin(logits)
+    d = logit_margin(logits)
     y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels).ravel()
     if d.size != y.size:
         raise ValueError(f"{d.size} logits but {y.size} labels")
@@ -161,6 +164,35 @@ def choose_threshold(
     raise ValueError(f"unknown threshold method {method!r}; choose from ['sensitivity', 'youden']")
 
 
+def fit_posthoc(logits: Any, y: Any, cfg: TrainConfig, on: str) -> tuple[dict, np.ndarray]:
+    """Temperature, logit bias (`fit_platt`) and threshold (`choose_threshold` with
+    ``cfg.threshold`` and ``cfg.target_sensitivity``) fitted on logits and their labels.
+
+    Args:
+        logits: (N, 2) logits or (N,) logit margins, uncalibrated.
+        y: labels, 0 or 1.
+        cfg: how the threshold is chosen.
+        on: what the scores are, for ``threshold_method`` ("validation patients").
+
+    Returns:
+        The checkpoint fields ``temperature``, ``logit_bias``, ``threshold``,
+        ``threshold_method`` and ``calibration`` (`calibration_report`), and the calibrated
+        probabilities. Without samples: T = 1, no bias, threshold 0.5, no report.
+    """
+    n = int(np.asarray(y).size)
+    temperature, bias = fit_platt(logits, y)
+    prob = probabilities(logits, temperature, bias)
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    fields = {
+        "temperature": temperature,
+        "logit_bias": bias,
+        "threshold": choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity) if n else 0.5,
+        "threshold_method": f"{method} on {on}",
+        "calibration": calibration_report(y, probabilities(logits), prob) if n else {},
+    }
+    return fields, prob
+
+
 # Spatial context: the width of the grid smoothing (``data.grid.smooth``) fitted as the
 # temperature is, on the validation patients' logits.
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # grid cells; the candidates fit_sigma tries
@@ -181,8 +213,6 @@ def fit_sigma(
     are), so widths are compared at their best calibration. Returns the width and the
     log-loss of every candidate.
     """
-    from ..inference.calibration import probabilities
-
     labels = np.asarray(labels, dtype=np.int64)
     losses = {}
     for sigma in sigmas:

@@ -97,12 +97,11 @@ def cross_validate(
     result = summarize_folds(per_fold, pooled["context"], n_boot, cfg.seed)
     from .oof import fold_decisions, train_final
 
-    decisions = fold_decisions(fold_dirs)
-    result["cohorts"] = cohort_results(cfg, pooled, decisions, n_boot)
+    result["cohorts"] = cohort_results(cfg, pooled, n_boot)
     per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     if final:
-        result["final"] = train_final(cfg, pooled, decisions, locked)
+        result["final"] = train_final(cfg, pooled, fold_decisions(fold_dirs), locked)
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
     (out / "cv.md").write_text(text + "\n")
@@ -133,26 +132,31 @@ def selection_bias(scores: np.ndarray, chosen: int | None = None) -> float:
 
 def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) -> pd.DataFrame:
     """The fold model's test predictions, with context or every patch alone (scored now
-    if a fold finished before lone scoring existed)."""
+    if a fold finished before lone scoring existed, or before the predictions had the
+    ``margin`` that ``training.oof`` fits on: their rounded probabilities lose it)."""
     where = fold_dir / ("eval" if mode == "context" else "eval_lone")
-    if not (where / "predictions.csv").exists():
+    path = where / "predictions.csv"
+    stale = path.exists() and "margin" not in pd.read_csv(path, nrows=0).columns
+    if stale:
+        logger.warning("%s: written before margins were, scoring its patients again", path)
+    if stale or not path.exists():
         evaluate(
             fold_dir / "best.pt", cfg.data, where, split="test", tta=tta, n_boot=0,
             context=mode == "context",
         )  # fmt: skip
-    return pd.read_csv(where / "predictions.csv", dtype={"patient": str})
+    return pd.read_csv(path, dtype={"patient": str})
 
 
-def cohort_results(cfg: TrainConfig, pooled: dict, decisions: dict, n_boot: int) -> dict:
+def cohort_results(cfg: TrainConfig, pooled: dict, n_boot: int) -> dict:
     """Pooled metrics per scoring mode ("context", "lone") and calibration ("fold": each
-    fold model's own; "oof": cross-fitted on the other folds' scores in the same mode,
+    fold model's own; "oof": cross-fitted on the other folds' margins in the same mode,
     thresholded as the scores with neighbours are, as the final model is calibrated), for
     all patients and for each data folder (several folders are told apart by the first
     part of the path)."""
-    from .oof import cross_fitted, oof_margins
+    from .oof import cross_fitted
 
     out: dict = {}
-    margins = {mode: oof_margins(pred, decisions, mode) for mode, pred in pooled.items()}
+    margins = {mode: pred["margin"].to_numpy(np.float64) for mode, pred in pooled.items()}
     context = (pooled["context"], margins["context"])
     for mode, pred in pooled.items():
         oof = cross_fitted(pred, margins[mode], cfg, None if mode == "context" else context)

@@ -2,8 +2,11 @@
 
 Cross-validation scores each patient once, by a model that never saw it. Those out-of-fold
 (OOF) predictions of all patients decide what a few validation patients decide otherwise:
-the temperature, the logit bias and the threshold. Their own honest estimate is
-cross-fitted: each fold's patients are calibrated by a fit on the other folds' patients.
+the temperature, the logit bias and the threshold, fitted as on validation patients
+(``calibration.fit_posthoc``) on the uncalibrated logit margins the fold models wrote (the
+``margin`` column of ``predictions.csv``), never on their rounded probabilities. Their own
+honest estimate is cross-fitted: each fold's patients are calibrated by a fit on the other
+folds' patients.
 The final model then trains on every patient, validation patients included, and takes the
 OOF fit (`train_final`).
 """
@@ -17,63 +20,35 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import logit
 
 from ..data import splits as splitting
+from ..data.grid import STEP
 from ..evaluation import metrics
 from ..inference.calibration import probabilities
 from ..models.checkpoint import read_meta, update_checkpoint
-from ..data.grid import STEP
-from .calibration import calibration_report, choose_threshold, fit_platt
+from .calibration import fit_posthoc
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-_CLIP = 5e-7  # predictions.csv keeps 6 decimals: 0 and 1 are below this
-
 
 def fold_decisions(fold_dirs: dict[int, Path]) -> dict[int, dict]:
     """What each fold model's validation patients decided, read once from its checkpoint:
-    the calibration (temperature, logit bias) of its "context" and "lone" scores, context
-    ``sigma`` and the ``epoch`` kept."""
+    the context ``sigma`` and the ``epoch`` kept."""
     out = {}
     for fold, fold_dir in fold_dirs.items():
         meta = read_meta(fold_dir / "best.pt")
         out[fold] = {
-            "context": meta.calibrated(),
-            "lone": meta.calibrated(lone=True),
             "sigma": float(meta.context.get("sigma", 0.0)),
             "epoch": int(meta.epoch),
         }
     return out
 
 
-def oof_margins(pred: pd.DataFrame, folds: dict[int, dict], mode: str = "context") -> np.ndarray:
-    """Each patch's logit margin before calibration, from its fold model's calibrated
-    P(IDC) (``pred["prob_idc"]``, scored in ``mode``: "context" or "lone") and that
-    model's temperature and bias for the mode (`fold_decisions`)."""
-    margin = np.empty(len(pred))
-    for fold, rows in pred.groupby("fold").indices.items():
-        t, b = folds[fold][mode]
-        p = pred["prob_idc"].to_numpy()[rows].clip(_CLIP, 1 - _CLIP)
-        margin[rows] = (logit(p) - b) * t
-    return margin
-
-
 def fit_decision(margin: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> dict:
-    """Temperature, logit bias and threshold fitted on OOF margins (as `posthoc` fits them
-    on validation patients), with the calibration before and after."""
-    t, b = fit_platt(margin, y)
-    prob = probabilities(margin, t, b)
-    threshold = choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity)
-    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
-    return {
-        "temperature": t,
-        "logit_bias": b,
-        "threshold": threshold,
-        "threshold_method": f"{method} on out-of-fold predictions of {len(y)} patches",
-        "calibration": calibration_report(y, probabilities(margin), prob),
-    }
+    """Temperature, logit bias and threshold fitted on OOF margins by `fit_posthoc`, the
+    fit ``posthoc`` makes on validation patients, with the calibration before and after."""
+    return fit_posthoc(margin, y, cfg, f"out-of-fold predictions of {len(y)} patches")[0]
 
 
 def cross_fitted(
@@ -110,8 +85,9 @@ def train_final(
 ) -> dict:
     """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
 
-    ``pooled`` holds the OOF predictions per scoring mode: "context" ones give the
-    temperature, bias and threshold, "lone" ones (when there) the ``lone_calibration``.
+    ``pooled`` holds the OOF predictions (with their ``margin``) per scoring mode:
+    "context" ones give the temperature, bias and threshold, "lone" ones (when there) the
+    ``lone_calibration``.
     The context width is the median of the fold models' (``folds``, `fold_decisions`; each
     chosen on its validation patients). ``locked`` patients (kept out of the folds) are its
     test patients. A finished final model is not trained again (its decisions are refitted,
@@ -138,7 +114,7 @@ def train_final(
         logger.info("final model: already trained (%s)", done)
     else:  # a killed final run resumes; one finished under another config starts again
         train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
-    margin, y = oof_margins(pred, folds), pred["label"].to_numpy()
+    margin, y = pred["margin"].to_numpy(np.float64), pred["label"].to_numpy()
     sigmas = [f["sigma"] for f in folds.values()]
     fit = fit_decision(margin, y, cfg)
     prob = probabilities(margin, fit["temperature"], fit["logit_bias"])
@@ -148,7 +124,8 @@ def train_final(
     }
     if "lone" in pooled:
         lone = pooled["lone"]
-        lone_fit = fit_decision(oof_margins(lone, folds, "lone"), lone["label"].to_numpy(), cfg)
+        lone_margin = lone["margin"].to_numpy(np.float64)
+        lone_fit = fit_decision(lone_margin, lone["label"].to_numpy(), cfg)
         fields["lone_calibration"] = {
             k: lone_fit[k] for k in ("temperature", "logit_bias", "calibration")
         }

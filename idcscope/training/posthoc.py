@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from ..data.dataset import PatchData
-from ..evaluation import metrics
-from ..inference.calibration import probabilities
-from ..models.checkpoint import read_checkpoint, update_checkpoint
 from ..data.grid import STEP, smooth
-from .calibration import calibration_report, choose_threshold, fit_platt
+from ..evaluation import metrics
+from ..models.checkpoint import read_checkpoint, update_checkpoint
+from .calibration import fit_posthoc, fit_sigma
 from .config import TrainConfig
 from .loop import validation_pass
 
@@ -32,10 +31,10 @@ def fit_on_validation(
     validation probabilities.
 
     The fields: ``context`` (``{"sigma", "step"}``, plus each candidate width's validation
-    log-loss with ``cfg.context == "grid"``), ``temperature`` and ``logit_bias``
-    (`fit_platt`), ``threshold``,
-    ``threshold_method``, ``calibration`` (ECE, Brier, NLL before and after) and
-    ``val_metrics``. Without validation patients: no context, T = 1, no bias, threshold 0.5.
+    log-loss with ``cfg.context == "grid"``), those of `fit_posthoc` on the (smoothed)
+    logits (``temperature``, ``logit_bias``, ``threshold``, ``threshold_method``,
+    ``calibration``: ECE, Brier, NLL before and after) and ``val_metrics``. Without
+    validation patients: no context, T = 1, no bias, threshold 0.5.
     """
     y = data.labels[val_rows]
     context: dict = {"sigma": 0.0, "step": STEP}
@@ -44,23 +43,9 @@ def fit_on_validation(
         sigma, losses = fit_sigma(logits.numpy(), y, *where, step=STEP)
         context.update(sigma=sigma, val_log_loss={str(k): v for k, v in losses.items()})
         logits = torch.from_numpy(smooth(logits.numpy(), *where, sigma, STEP)).float()
-    temperature, bias = fit_platt(logits, y) if len(val_rows) else (1.0, 0.0)
-    prob = probabilities(logits, temperature, bias)
-    threshold = 0.5
-    if len(val_rows):
-        threshold = choose_threshold(y, prob, cfg.threshold, cfg.target_sensitivity)
-    val = metrics.binary_metrics(y, prob, threshold) if len(val_rows) else {}
-    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
-    fields = {
-        "context": context,
-        "temperature": temperature,
-        "logit_bias": bias,
-        "threshold": threshold,
-        "threshold_method": f"{method} on validation patients",
-        "calibration": calibration_report(y, probabilities(logits), prob) if val else {},
-        "val_metrics": val,
-    }
-    return fields, prob
+    fitted, prob = fit_posthoc(logits, y, cfg, "validation patients")
+    val = metrics.binary_metrics(y, prob, fitted["threshold"]) if len(val_rows) else {}
+    return {"context": context, **fitted, "val_metrics": val}, prob
 
 
 def finalize(out: Path, model, data, val_rows, prep, cfg, history) -> dict:
