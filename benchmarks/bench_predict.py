@@ -36,7 +36,7 @@ from idcscope.data.decode import decode_into
 from idcscope.data.manifest import index_files
 from idcscope.inference import Predictor
 from idcscope.inference.backends import OnnxBackend, TorchBackend, onnx_backend
-from idcscope.inference.onnx import OnnxModel
+from idcscope.inference.graphs import open_graph
 from idcscope.inference.predict import predict
 
 _BEFORE = """
@@ -176,7 +176,7 @@ def main() -> None:
 
     model, _ = load_model(args.checkpoint)
     torch_backend, onnx_ = TorchBackend(model, prep), onnx_backend(args.checkpoint)
-    inline = OnnxBackend(OnnxModel.from_path(args.checkpoint, threads=1))  # runs in its caller
+    inline = OnnxBackend(open_graph(args.checkpoint, threads=1))  # runs in its caller
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "p.csv"
         measures = {

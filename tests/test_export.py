@@ -16,7 +16,8 @@ from idcscope.errors import IdcscopeError
 from idcscope.inference.backends import OnnxBackend, TorchBackend, as_float
 from idcscope.inference.calibration import probabilities
 from idcscope.inference.export import export_onnx
-from idcscope.inference.onnx import OnnxModel, cached_onnx, model_cache_dir
+from idcscope.inference.graphs import cached_onnx, model_cache_dir
+from idcscope.inference.onnx import OnnxModel
 from idcscope.inference.predict import predict
 from idcscope.models import create_model, list_models
 from idcscope.models.checkpoint import load_model, save_checkpoint, weights_sha256

@@ -27,7 +27,8 @@ from idcscope.data.cache import default_cache_dir, private_dir
 from idcscope.errors import CheckpointError
 from idcscope.inference import Predictor
 from idcscope.inference.export import export_onnx, save_bundle
-from idcscope.inference.onnx import OnnxModel, cached_onnx, model_cache_dir
+from idcscope.inference.graphs import cached_onnx, model_cache_dir, open_graph
+from idcscope.inference.onnx import OnnxModel
 from idcscope.inference.predict import predict
 from idcscope.models import bundle, checkpoint, schema
 from idcscope.models.checkpoint import load_model, read_checkpoint, update_checkpoint
@@ -89,7 +90,7 @@ def test_a_tampered_cached_graph_is_exported_again_never_run(
     shifted = predict(evil, [patient], engine="onnx")
     assert np.abs(shifted["prob_idc"] - ref["prob_idc"]).max() > 0.5
     graph.write_bytes(evil.read_bytes())  # the graph in the cache, changed behind its back
-    with caplog.at_level(logging.WARNING, logger="idcscope.inference.onnx"):
+    with caplog.at_level(logging.WARNING, logger="idcscope.inference.graphs"):
         got = predict(ckpt, [patient], engine="onnx")
     np.testing.assert_allclose(got["prob_idc"], ref["prob_idc"], rtol=0, atol=1e-4)
     assert "exported again from the verified weights" in caplog.text
@@ -104,7 +105,7 @@ def test_a_graph_the_manifest_does_not_list_is_never_loaded(model_dir, patient, 
     for engine in ("onnx", "auto"):
         got = predict(folder, [patient], engine=engine)
         np.testing.assert_allclose(got["prob_idc"], ref["prob_idc"], rtol=0, atol=1e-4)
-    assert OnnxModel.from_path(folder).path.parent == model_cache_dir(folder)
+    assert open_graph(folder).path.parent == model_cache_dir(folder)
 
 
 def test_every_file_of_a_model_folder_is_listed_and_checked(model_dir, tmp_path):
@@ -188,7 +189,7 @@ def test_a_model_is_read_and_hashed_once_a_process(
         read_checkpoint(model)
         load_model(model)
         cached_onnx(model)
-        OnnxModel.from_path(model, threads=1)
+        open_graph(model, threads=1)
         Predictor(model, "auto")
         Predictor(model, "onnx")
     assert len(reads) == 1  # the folder: its files hashed once

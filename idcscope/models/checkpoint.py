@@ -260,7 +260,7 @@ def read_meta(path: str | Path) -> ModelMeta:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint describes; returns ``(model in eval mode, checkpoint)``."""
     from ..errors import IdcscopeError
-    from . import create_model
+    from ._factory import create_model
 
     meta, weights = read_meta(path), _read(Path(path)).state_dict()
     if weights is None:
