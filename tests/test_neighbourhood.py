@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from idcscope.data.augment import create_augment
-from idcscope.data.grid import neighbour_rows
+from idcscope.data.grid import neighbour_counts, neighbour_rows
 from idcscope.data.neighbourhood import GLASS, add_neighbourhood, block_planes
 from idcscope.data.preprocess import Preprocessing
 from tests.conftest import same_blocks
@@ -272,3 +272,14 @@ def test_few_patches_skip_numba_with_the_same_blocks(k, monkeypatch):
         out[how] = block_planes(base.copy(), nb)
     np.testing.assert_array_equal(out["numpy"], out["numba"])
     assert not np.array_equal(out["numpy"][:, 3:], base[:, 3:])
+
+
+def test_neighbour_counts_say_how_much_context_a_patch_had():
+    # A 3x3 block of one patient, a corner of it missing; one patch without a place; one
+    # patch of another patient at a neighbouring place (patients never mix).
+    xs = [0, 50, 100, 0, 50, 100, 0, 50, -1, 150]
+    ys = [0, 0, 0, 50, 50, 50, 100, 100, -1, 0]
+    groups = ["a"] * 9 + ["b"]
+    counts = neighbour_counts(np.array(groups), np.array(xs, float), np.array(ys, float))
+    np.testing.assert_array_equal(counts[:8], [3, 5, 3, 5, 7, 4, 3, 4])
+    assert np.isnan(counts[8]) and counts[9] == 0

@@ -101,6 +101,16 @@ def neighbour_rows(groups, xs, ys, radius: int = 1, step: int = STEP) -> np.ndar
     return out
 
 
+def neighbour_counts(groups, xs, ys, step: int = STEP) -> np.ndarray:
+    """How many of its 8 neighbours each patch has on its group's grid (0 to 8), NaN for a
+    patch without a place: the context it is scored in (the neighbourhood the model sees
+    and the grid its logits are smoothed over)."""
+    rows = neighbour_rows(groups, xs, ys, 1, step)
+    counts = ((rows >= 0).sum(axis=1) - 1).astype(np.float64)
+    counts[~placed(xs, ys)] = np.nan
+    return counts
+
+
 def smooth(values, groups, xs, ys, sigma: float, step: int = STEP) -> np.ndarray:
     """Gaussian average of each row's values over the neighbouring patches of its group.
 
