@@ -40,7 +40,6 @@ def assert_same(got: dict[str, float], want: dict[str, float]) -> None:
 def test_the_predictor_gives_the_margin_it_calibrates(model, data, tmp_path):
     """One model: P(IDC) is the sigmoid of the margin, calibrated or not. An ensemble: the
     mean of its members' margins, each after its own spatial context."""
-    from idcscope.inference.calibration import calibration_of
     from idcscope.models.checkpoint import update_checkpoint
 
     rows = data.rows()[:150]
@@ -49,7 +48,7 @@ def test_the_predictor_gives_the_margin_it_calibrates(model, data, tmp_path):
     got = one.predict(data.images, rows, data.patients, coords)
     assert got.margin.dtype == np.float64 and np.isfinite(got.margin).all()
     np.testing.assert_allclose(expit(got.margin), got.prob_uncalibrated, rtol=1e-12)
-    t, b = calibration_of(one.checkpoints[0])
+    t, b = one.models[0].calibrated()
     np.testing.assert_allclose(got.prob, expit(got.margin / t + b), rtol=1e-12)
 
     wide = tmp_path / "wide.pt"  # the same weights, smoothed over a wider context

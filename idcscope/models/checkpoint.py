@@ -50,14 +50,14 @@ def update_checkpoint(path: str | Path, **fields) -> Path:
 
 
 def _checked(path, ckpt: dict) -> dict:
-    """``ckpt`` as the schema has it: its model fields through ``ModelMeta`` (one it does
-    not name would be lost on export: a bug, refused here), its training state as it is."""
-    state = {k: v for k, v in ckpt.items() if k in TRAINING_STATE}
-    fields = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE and k != "format"}
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelMeta)})
+    """``ckpt`` in this schema's format, once each of its fields is one ``ModelMeta``
+    names or training state (any other would be lost on export: a bug, refused here).
+    Fields not yet fitted stay absent (a run killed before its threshold has none)."""
+    known = {f.name for f in dataclasses.fields(ModelMeta)} | set(TRAINING_STATE)
+    unknown = sorted(set(ckpt) - known - {"format"})
     if unknown:
         raise ValueError(f"{path}: {unknown} are not fields of a model (models.schema.ModelMeta)")
-    return {**ModelMeta.from_fields({"format": FORMAT, **fields}, path).to_fields(), **state}
+    return {"format": FORMAT, **{k: v for k, v in ckpt.items() if k != "format"}}
 
 
 def _atomic_save(obj: dict, path: Path) -> Path:
