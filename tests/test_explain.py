@@ -368,3 +368,32 @@ def test_deletion_test_tells_a_faithful_map_from_a_random_one():
     patch_only[:, 1] = -1e9
     drop_ig = deletion(model, x, ig, fill=glass)
     assert (deletion(model, x, patch_only, fill=glass)[-1] > drop_ig[-1]).all()
+
+
+def test_explainer_shows_a_neighbourhood_model_the_block_it_saw(checkpoint, synthetic_root):
+    from idcscope.data.manifest import index_files
+    from idcscope.data.neighbourhood import GLASS
+    from idcscope.inference.explain import Explainer
+    from idcscope.inference.predictor import Predictor
+
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    table = index_files([patient]).table
+    x, y = table["x"].to_numpy(), table["y"].to_numpy()
+    centre = int(np.argmin((x - np.median(x)) ** 2 + (y - np.median(y)) ** 2))
+    near = (np.abs(x - x[centre]) <= 50) & (np.abs(y - y[centre]) <= 50)
+    table = table[near].reset_index(drop=True)
+    ex = Explainer(Predictor(checkpoint)).explain(table)
+    n = int(ex.ok.sum())
+    assert n == len(table)
+    assert ex.blocks.shape == (n, 150, 150, 3)
+    assert ex.attribution.shape == (n, 2, 50, 50)
+    assert np.isfinite(ex.attribution).all()
+    i = int(np.flatnonzero((table["x"] == x[centre]) & (table["y"] == y[centre]))[0])
+    seen = set()
+    for j, (xj, yj) in enumerate(zip(table["x"], table["y"], strict=True)):
+        r, c = int(yj - y[centre]) // 50 + 1, int(xj - x[centre]) // 50 + 1
+        cell = ex.blocks[i, 50 * r : 50 * (r + 1), 50 * c : 50 * (c + 1)]
+        np.testing.assert_array_equal(cell, ex.patches[j])  # stain "none": as decoded
+        seen.add((r, c))
+    for r, c in set(np.ndindex(3, 3)) - seen:
+        assert (ex.blocks[i, 50 * r : 50 * (r + 1), 50 * c : 50 * (c + 1)] == GLASS).all()

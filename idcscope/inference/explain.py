@@ -10,6 +10,10 @@ Both are computed in fp32 with the model in eval mode, and both leave the model 
 they found it: hooks removed, every module's training flag restored, no ``.grad`` written
 to the parameters.
 
+A model that also sees its neighbourhood (six planes) is explained per plane group
+instead (``inference.attribution``): a CAM over the patch alone would draw the
+neighbours' evidence on the patch's edges. Its panel is the 3x3 block the model saw.
+
 Why not ``grad-cam`` (pytorch-grad-cam 1.5.7), measured on 256 real patches of a
 default-recipe cancernet: its GradCAM and HiResCAM give the same maps as these (largest
 difference 0.000), but take 2.1-2.3x as long (464 vs 202 ms, 666 vs 325 ms), because they
