@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from idcscope.cli import app
@@ -214,3 +215,185 @@ def test_cli_explain(checkpoint, patches, tmp_path):
         ["explain", str(patches[0]), "--out", str(tmp_path), "--model", str(tmp_path / "none.pt")],
     )
     assert res.exit_code == 1
+
+
+# --------------------------------------------------------------- neighbourhood models
+
+
+def _grid_patches(n_side=3):
+    """A patient of n_side x n_side patches, each one flat colour that names its cell."""
+    n = n_side * n_side
+    patches = np.zeros((n, 50, 50, 3), np.uint8)
+    for i in range(n):
+        patches[i] = (10 * i, 100 + i, 200 - i)
+    ys, xs = np.divmod(np.arange(n), n_side)
+    return patches, xs * 50.0, ys * 50.0
+
+
+def test_block_holds_the_patch_in_the_centre_its_neighbours_in_place_and_glass_elsewhere():
+    from idcscope.data.neighbourhood import GLASS
+    from idcscope.data.preprocess import Preprocessing
+    from idcscope.inference.attribution import block_rows, neighbour_blocks
+
+    patches, xs, ys = _grid_patches()
+    inputs = Preprocessing(neighbourhood=1).model_input(patches, None, (xs, ys))
+    blocks = neighbour_blocks(inputs, block_rows(9, None, (xs, ys), 1))
+    assert blocks.shape == (9, 150, 150, 3)
+    assert blocks.dtype == np.uint8
+    # The middle patch (4) sees all eight neighbours where they lie on the grid.
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        np.testing.assert_array_equal(
+            blocks[4, 50 * r : 50 * (r + 1), 50 * c : 50 * (c + 1)], patches[cell]
+        )
+    # Patch 0 (top-left corner): itself in the centre, glass above and to the left.
+    np.testing.assert_array_equal(blocks[0, 50:100, 50:100], patches[0])
+    np.testing.assert_array_equal(blocks[0, 50:100, 100:150], patches[1])
+    np.testing.assert_array_equal(blocks[0, 100:150, 100:150], patches[4])
+    assert (blocks[0, :50] == GLASS).all()
+    assert (blocks[0, :, :50] == GLASS).all()
+    # Averaged down by 3, each block is what the model read as its neighbourhood planes.
+    down = blocks.reshape(9, 50, 3, 50, 3, 3).astype(np.int64).sum((2, 4))
+    np.testing.assert_array_equal((down + 4) // 9, inputs[:, 3:].transpose(0, 2, 3, 1))
+    # A patch without a place is alone on glass.
+    lone = neighbour_blocks(inputs[:1], block_rows(1, None, None, 1))
+    np.testing.assert_array_equal(lone[0, 50:100, 50:100], patches[0])
+    lone[0, 50:100, 50:100] = GLASS
+    assert (lone == GLASS).all()
+
+
+class _LinearNet(nn.Module):
+    """Logits linear in the input: Integrated Gradients is exact for any number of steps."""
+
+    def __init__(self, chans=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(chans, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+def test_group_attributions_split_the_logit_difference_exactly_on_a_linear_model():
+    from idcscope.inference.attribution import block_map, group_maps, integrated_gradients
+
+    model = _LinearNet()
+    x, glass = torch.rand(3, 6, 50, 50), torch.ones(1, 6, 1, 1)
+    groups = group_maps(integrated_gradients(model, x, glass, target=1, steps=2))
+    assert groups.shape == (3, 2, 50, 50)
+    with torch.no_grad():
+        f = lambda z: model(z)[:, 1].numpy()  # noqa: E731
+        whole = f(x) - f(glass.expand_as(x))
+        only_patch = x.clone()
+        only_patch[:, 3:] = 1.0  # the neighbourhood planes at glass
+        patch_part = f(only_patch) - f(glass.expand_as(x))
+    # The two groups are the two parts of one sum: the patch planes' part is what the
+    # patch alone adds to glass, the neighbourhood planes' is the rest.
+    np.testing.assert_allclose(groups.sum((1, 2, 3)), whole, atol=1e-4)
+    np.testing.assert_allclose(groups[:, 0].sum((1, 2)), patch_part, atol=1e-4)
+    np.testing.assert_allclose(groups[:, 1].sum((1, 2)), whole - patch_part, atol=1e-4)
+    # Drawn over the block, each cell's share spread over its 3x3 pixels: the same total,
+    # and outside the centre only the neighbourhood planes.
+    blk = block_map(groups)
+    assert blk.shape == (3, 150, 150)
+    np.testing.assert_allclose(blk.sum((1, 2)), whole, atol=1e-4)
+    np.testing.assert_allclose(blk[:, :3, :3].sum((1, 2)), groups[:, 1, 0, 0], atol=1e-6)
+    hood = blk.copy()
+    hood[:, 50:100, 50:100] -= groups[:, 0]  # the patch planes lie over the centre cell
+    np.testing.assert_allclose(hood, groups[:, 1].repeat(3, 1).repeat(3, 2) / 9, atol=1e-6)
+
+
+def test_integrated_gradients_is_complete_on_a_real_network_and_leaves_it_as_found():
+    from idcscope.inference.attribution import integrated_gradients
+
+    torch.manual_seed(0)
+    model = create_model("cancernet", in_chans=6).train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    hooks, state = _hooks(model), _state(model)
+    x, glass = torch.rand(2, 6, 50, 50), torch.ones(1, 6, 1, 1)
+    ig = integrated_gradients(model, x, glass, steps=64)
+    model.eval()
+    with torch.no_grad():
+        delta = model(x)[:, 1] - model(glass.expand_as(x))[:, 1]
+    model.train()
+    gap = (ig.sum((1, 2, 3)) - delta).abs()
+    assert (gap <= 0.05 * delta.abs().clamp_min(0.1)).all(), (gap, delta)
+    assert _hooks(model) == hooks
+    assert _state(model) == state
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _DarkSpotNet(nn.Module):
+    """On white glass, the IDC logit grows with dark pixels, in any of the six planes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 4, 3, padding=1, padding_mode="replicate")
+        nn.init.constant_(self.conv.weight, -0.1)
+        nn.init.constant_(self.conv.bias, 4.0)  # white stays below zero, a dark group not
+
+    def forward(self, x):
+        evidence = F.relu(self.conv(x)).sum((1, 2, 3)) / 100
+        return torch.stack([torch.zeros_like(evidence), evidence - 1], 1)
+
+
+def test_deletion_test_tells_a_faithful_map_from_a_random_one():
+    from idcscope.inference.attribution import deletion, group_maps, integrated_gradients
+
+    x = torch.ones(4, 6, 50, 50)  # glass, with dark evidence in each group
+    for i in range(4):
+        r, c = 5 + 9 * i, 40 - 9 * i
+        x[i, :3, r : r + 6, c : c + 6] = 0.1  # in the patch
+        x[i, 3:, c : c + 5, r : r + 5] = 0.2  # in the neighbourhood
+    model, glass = _DarkSpotNet(), torch.ones(1, 6, 1, 1)
+    ig = torch.from_numpy(group_maps(integrated_gradients(model, x, glass, steps=16)))
+    gen = torch.Generator().manual_seed(0)
+
+    def faithful(scores) -> bool:
+        drop = deletion(model, x, scores, fill=glass)  # (fractions, B)
+        rand = np.mean(
+            [deletion(model, x, torch.rand(ig.shape, generator=gen), fill=glass) for _ in range(5)],
+            0,
+        )
+        return bool((drop < rand - 0.05).all())
+
+    assert faithful(ig)
+    assert not faithful(torch.rand(ig.shape, generator=gen))
+    # Both groups hold evidence: a map of the patch planes alone removes less of it.
+    patch_only = ig.clone()
+    patch_only[:, 1] = -1e9
+    drop_ig = deletion(model, x, ig, fill=glass)
+    assert (deletion(model, x, patch_only, fill=glass)[-1] > drop_ig[-1]).all()
+
+
+def test_explainer_shows_a_neighbourhood_model_the_block_it_saw(checkpoint, synthetic_root):
+    from idcscope.data.manifest import index_files
+    from idcscope.data.neighbourhood import GLASS
+    from idcscope.inference.explain import Explainer
+    from idcscope.inference.predictor import Predictor
+
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    table = index_files([patient]).table
+    x, y = table["x"].to_numpy(), table["y"].to_numpy()
+    centre = int(np.argmin((x - np.median(x)) ** 2 + (y - np.median(y)) ** 2))
+    near = (np.abs(x - x[centre]) <= 50) & (np.abs(y - y[centre]) <= 50)
+    table = table[near].reset_index(drop=True)
+    ex = Explainer(Predictor(checkpoint)).explain(table)
+    n = int(ex.ok.sum())
+    assert n == len(table)
+    assert ex.blocks.shape == (n, 150, 150, 3)
+    assert ex.attribution.shape == (n, 2, 50, 50)
+    assert np.isfinite(ex.attribution).all()
+    i = int(np.flatnonzero((table["x"] == x[centre]) & (table["y"] == y[centre]))[0])
+    seen = set()
+    for j, (xj, yj) in enumerate(zip(table["x"], table["y"], strict=True)):
+        r, c = int(yj - y[centre]) // 50 + 1, int(xj - x[centre]) // 50 + 1
+        cell = ex.blocks[i, 50 * r : 50 * (r + 1), 50 * c : 50 * (c + 1)]
+        np.testing.assert_array_equal(cell, ex.patches[j])  # stain "none": as decoded
+        seen.add((r, c))
+    for r, c in set(np.ndindex(3, 3)) - seen:
+        assert (ex.blocks[i, 50 * r : 50 * (r + 1), 50 * c : 50 * (c + 1)] == GLASS).all()

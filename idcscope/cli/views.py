@@ -42,7 +42,10 @@ def explain(
     """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch.
 
     P(IDC) is what ``predict`` gives the same files; the maps are computed on the input
-    the model scored.
+    the model scored. A model that sees the neighbourhood gets the patch's 3x3 block
+    instead, with the evidence of its neighbourhood planes over the block and of its patch
+    planes over the patch (Integrated Gradients from glass; pass the patient's folder so
+    the neighbours are there).
     """
     out_folder(out)
     from ..inference.explain import explain_patches
