@@ -70,15 +70,7 @@ def evaluate(
         )
     table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
     margin = scored.margin[ok]
-    threshold = predictor.threshold
-    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
-    result = metrics.binary_metrics(y, prob, threshold)
-    result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
-    result["n_patients"] = len(set(patients))
-    result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
-    result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
-    result["ece"] = metrics.expected_calibration_error(y, prob)
-    result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+    result = _metrics(table, prob, raw, predictor.threshold, n_boot)
     # The calibration these patches were scored with (alone: the lone one).
     calibrations = [m.calibrated(lone=not context) for m in predictor.models]
     result["temperature"] = [t for t, _ in calibrations]
@@ -141,6 +133,21 @@ def _describe(result: dict) -> str:
         f"spatial context (Gaussian sigma, grid cells): {result['context_sigma']}\n"
         f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}"
     )
+
+
+def _metrics(table, prob, raw, threshold: float, n_boot: int) -> dict:
+    """How calibrated P(IDC) ``prob`` (and uncalibrated ``raw``) of ``table``'s patches
+    meet their labels: at the threshold and at 0.5, per patient, with patient-clustered
+    bootstrap CIs and calibration errors."""
+    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
+    result = metrics.binary_metrics(y, prob, threshold)
+    result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
+    result["n_patients"] = len(set(patients))
+    result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
+    result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
+    result["ece"] = metrics.expected_calibration_error(y, prob)
+    result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+    return result
 
 
 def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
