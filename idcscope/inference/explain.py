@@ -220,6 +220,7 @@ class Explanations:
     """What the model says about patches, and where it looks: one entry per patch read."""
 
     prob: np.ndarray  # calibrated P(IDC) from the Predictor, (N,)
+    margin: np.ndarray  # its uncalibrated logit margin (``inference.predictor.Scored``)
     cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
     saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
     method: str  # "gradcam" or "hirescam"
@@ -262,7 +263,10 @@ class Explainer:
             (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok]),
         )
         cams, sals, method = self.maps(inputs)
-        return Explanations(scored.prob[ok], cams, sals, method, scored.patches, ok, scored.reasons)
+        return Explanations(
+            scored.prob[ok], scored.margin[ok], cams, sals, method, scored.patches, ok,
+            scored.reasons,
+        )  # fmt: skip
 
     def maps(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
         """CAM and saliency maps of uint8 model input (N, C, H, W), and the CAM method."""
