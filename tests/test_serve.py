@@ -198,7 +198,9 @@ def test_patch_csv_downloads(client):
     assert "attachment" in r.headers["content-disposition"]
     table = list(csv.DictReader(io.StringIO(r.text)))
     assert [t["file"] for t in table] == ["a_class0.png", "b.png"]
-    assert list(table[0]) == ["file", "prob_idc", "pred", "label", "error"]
+    assert list(table[0]) == [
+        "file", "patient", "x", "y", "label", "prob_idc", "pred", "error", "margin"
+    ]  # fmt: skip
     assert table[0]["label"] == "0"
     assert table[1]["label"] == ""
     for t, row in zip(table, res["rows"], strict=True):

@@ -19,6 +19,7 @@ from ..data.manifest import index_datasets, roots_text, summarize, write_skipped
 from ..errors import IdcscopeError, NothingScoredError
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
+from ..inference.tables import PATCH_IDS, prediction_table
 from . import metrics, plots
 from .report import write_html_report
 
@@ -70,15 +71,7 @@ def evaluate(
         )
     table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
     margin = scored.margin[ok]
-    threshold = predictor.threshold
-    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
-    result = metrics.binary_metrics(y, prob, threshold)
-    result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
-    result["n_patients"] = len(set(patients))
-    result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
-    result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
-    result["ece"] = metrics.expected_calibration_error(y, prob)
-    result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+    result = _metrics(table, prob, raw, predictor.threshold, n_boot)
     # The calibration these patches were scored with (alone: the lone one).
     calibrations = [m.calibrated(lone=not context) for m in predictor.models]
     result["temperature"] = [t for t, _ in calibrations]
@@ -143,6 +136,21 @@ def _describe(result: dict) -> str:
     )
 
 
+def _metrics(table, prob, raw, threshold: float, n_boot: int) -> dict:
+    """How calibrated P(IDC) ``prob`` (and uncalibrated ``raw``) of ``table``'s patches
+    meet their labels: at the threshold and at 0.5, per patient, with patient-clustered
+    bootstrap CIs and calibration errors."""
+    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
+    result = metrics.binary_metrics(y, prob, threshold)
+    result["per_patient"] = metrics.per_patient_metrics(y, prob, patients, threshold)
+    result["n_patients"] = len(set(patients))
+    result["at_threshold_0.5"] = metrics.binary_metrics(y, prob, 0.5)
+    result["ci95"] = _confidence_intervals(y, prob, patients, threshold, n_boot)
+    result["ece"] = metrics.expected_calibration_error(y, prob)
+    result["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+    return result
+
+
 def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     """Patient-clustered bootstrap: resampling patients, not patches, is what new patients vary."""
     if n_boot <= 0 or len(set(patients)) < 3:
@@ -158,19 +166,15 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
 
 
 def _write_outputs(out: Path, result: dict, table, prob, margin, checkpoint) -> None:
-    """The metrics, report, figures and ``predictions.csv``: a row per patch with its
-    calibrated P(IDC) (6 decimals), decision and uncalibrated logit margin (``margin``,
-    see ``inference.predictor.Scored``; written in full, what ``training.oof`` fits)."""
+    """The metrics, report, figures and ``predictions.csv``: a row per patch with its label,
+    calibrated P(IDC), call and uncalibrated logit margin (``inference.tables``; the margin
+    in full, what ``training.oof`` fits)."""
     y = table["label"].to_numpy()
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     report_text = metrics.classification_report_text(y, prob >= result["threshold"])
     (out / "classification_report.txt").write_text(report_text)
-    with (out / "predictions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "patient", "x", "y", "label", "prob_idc", "pred", "margin"])
-        for r, p, m in zip(table.itertuples(index=False), prob, margin, strict=True):
-            decided = int(p >= result["threshold"])
-            w.writerow([r.path, r.patient, r.x, r.y, r.label, f"{p:.6f}", decided, repr(float(m))])
+    predictions = prediction_table(table[PATCH_IDS], prob, margin, result["threshold"], label=y)
+    predictions.to_csv(out / "predictions.csv", index=False)
     figures = {
         "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),
         "Precision-recall curve": plots.plot_pr(y, prob, threshold=result["threshold"]),

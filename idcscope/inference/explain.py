@@ -255,6 +255,7 @@ class Explanations:
     """What the model says about patches, and where it looks: one entry per patch read."""
 
     prob: np.ndarray  # calibrated P(IDC) from the Predictor, (N,)
+    margin: np.ndarray  # its uncalibrated logit margin (``inference.predictor.Scored``)
     cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
     saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
     method: str  # "gradcam" or "hirescam"
@@ -303,7 +304,10 @@ class Explainer:
             (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok]),
         )
         cams, sals, method = self.maps(inputs)
-        ex = Explanations(scored.prob[ok], cams, sals, method, scored.patches, ok, scored.reasons)
+        ex = Explanations(
+            scored.prob[ok], scored.margin[ok], cams, sals, method, scored.patches, ok,
+            scored.reasons,
+        )  # fmt: skip
         radius = self.predictor.members[0].prep.neighbourhood
         if radius:
             from .attribution import block_rows, neighbour_blocks

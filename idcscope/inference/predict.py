@@ -13,21 +13,20 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..data.manifest import IMAGE_SUFFIXES, index_files
 from ..distributed import init_distributed, shard, shutdown
 from ..errors import DataError, IdcscopeError
-from ..progress import progress_bar
 from .predictor import Predictor, Scored
-from .stream import FileSource, make_buckets, young_garbage_only
+from .stream import make_buckets, young_garbage_only
+from .tables import PATCH_IDS, prediction_columns, prediction_table
 
 logger = logging.getLogger(__name__)
 
-# prob_idc: calibrated P(IDC), 6 decimals; margin: the uncalibrated logit margin, in full
-# (``inference.predictor.Scored``); both empty where the file could not be read.
-COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred", "error", "margin"]
+# A patch file, its place, what the model says and why a file could not be read (its
+# prob_idc, pred and margin empty): see ``inference.tables``.
+COLUMNS = prediction_columns(PATCH_IDS, error=True)
 
 
 def predict(
@@ -97,51 +96,34 @@ def predict(
 
 
 def _predict_table(predictor: Predictor, table: pd.DataFrame, out_csv, ctx) -> pd.DataFrame:
-    """Score ``table`` (this process's share of its buckets) and write the rows."""
-    groups = table["patient"].to_numpy()
-    coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
-    buckets = shard(make_buckets(groups), ctx)
+    """Score ``table`` (this process's share of its buckets), writing each bucket's rows
+    as it is scored."""
+    buckets = shard(make_buckets(table["patient"].to_numpy()), ctx)
     target = None if out_csv is None else Path(out_csv)
     part = target if target is None or not ctx.enabled else target.with_name(
         f".{target.name}.part{ctx.rank}"
     )  # fmt: skip
     parts: list[pd.DataFrame] = []
-    total = sum(len(b.rows) for b in buckets)
-    writer = RowWriter(part) if part is not None else contextlib.nullcontext()
-    # closing: a failed write stops the scoring's worker threads before the error goes on
-    scoring = contextlib.closing(
-        predictor.score(groups, coords, FileSource(table["path"]), buckets)
-    )
-    with writer, scoring as scores, progress_bar("predict", total=total) as advance:
-        if part is not None:
+    writer = RowWriter(part) if part is not None else None
+    ids = table[PATCH_IDS]
+
+    def write(scored: Scored) -> None:
+        rows = prediction_table(
+            ids.iloc[scored.rows], scored.prob, scored.margin, predictor.threshold,
+            error=scored.reasons,
+        )  # fmt: skip
+        if writer is not None:
+            writer.write(rows)
+        parts.append(rows.assign(bucket=scored.bucket.index) if ctx.enabled else rows)
+
+    with writer or contextlib.nullcontext():
+        if writer is not None:
             writer.write(pd.DataFrame(columns=COLUMNS), header=True)
-        for scored in scores:
-            rows = _rows(table, scored, predictor.threshold)
-            if part is not None:
-                writer.write(rows)
-            parts.append(rows.assign(bucket=scored.bucket.index) if ctx.enabled else rows)
-            advance(len(rows))
+        predictor.score_files(table, buckets=buckets, each=write)
     mine = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
     if not ctx.enabled:
         return mine
     return _merge(mine, target, ctx)
-
-
-def _rows(table: pd.DataFrame, scored: Scored, threshold: float) -> pd.DataFrame:
-    sub = table.iloc[scored.rows]
-    prob = scored.prob
-    return pd.DataFrame(
-        {
-            "path": sub["path"].to_numpy(),
-            "patient": sub["patient"].to_numpy(),
-            "x": sub["x"].to_numpy(),
-            "y": sub["y"].to_numpy(),
-            "prob_idc": prob.round(6),
-            "pred": pd.array(np.where(np.isnan(prob), None, prob >= threshold), dtype="Int64"),
-            "error": scored.reasons,
-            "margin": scored.margin,
-        }
-    )
 
 
 def _merge(mine: pd.DataFrame, target: Path | None, ctx) -> pd.DataFrame:

@@ -12,9 +12,10 @@ an ensemble averages the members' calibrated probabilities and their thresholds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -234,22 +235,43 @@ class Predictor:
             yield finish(loaded, loaded.launched)
 
     def score_files(
-        self, table, root: str | Path = "", desc: str = "predict", keep_patches: bool = False
+        self,
+        table,
+        root: str | Path = "",
+        desc: str = "predict",
+        keep_patches: bool = False,
+        buckets: list[Bucket] | None = None,
+        each: Callable[[Scored], None] | None = None,
     ) -> TableScores:
-        """Every row of a manifest table (``path`` under ``root``, ``patient``, ``x``,
-        ``y``) scored from its file, in table order."""
+        """Rows of a manifest table (``path`` under ``root``, ``patient``, ``x``, ``y``)
+        scored from their files, in table order, with a progress bar.
+
+        Args:
+            buckets: the buckets to score (default: every row, ``stream.make_buckets``;
+                ``predict`` under torchrun: this process's share); other rows stay NaN.
+            each: called with each bucket as soon as it is scored (``predict`` writes its
+                rows there). An error it raises stops the scoring, worker threads
+                included, before it goes on.
+        """
         base = str(root)  # strings: a Path per file costs more than its decode
         source = FileSource([os.path.join(base, p) for p in table["path"]])  # noqa: PTH118
-        coords = (table["x"].to_numpy(), table["y"].to_numpy())
+        groups = table["patient"].to_numpy()
+        coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
+        buckets = make_buckets(groups) if buckets is None else buckets
         prob, raw, margin = (np.full(len(table), np.nan) for _ in range(3))
         reasons, kept = [""] * len(table), []
-        with progress_bar(desc, total=len(table)) as advance:
-            for s in self.score(table["patient"].to_numpy(), coords, source):
+        # closing: an error in ``each`` must stop the worker threads before it goes on
+        scoring = contextlib.closing(self.score(groups, coords, source, buckets))
+        total = sum(len(b.rows) for b in buckets)
+        with scoring as scores, progress_bar(desc, total=total) as advance:
+            for s in scores:
                 prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
                 for r, why in zip(s.rows, s.reasons, strict=True):
                     reasons[r] = why
                 if keep_patches:
                     kept.append((s.rows[~np.isnan(s.prob)], s.patches))
+                if each is not None:
+                    each(s)
                 advance(len(s.rows))
         ok = ~np.isnan(prob)
         patches = None

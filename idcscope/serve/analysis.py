@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.manifest import files_table, parse_name
+from ..data.manifest import files_table
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
+from ..inference.tables import PATCH_IDS, prediction_table
 from .jobs import Job
 from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
 
 logger = logging.getLogger(__name__)
 
-PATCH_CSV_COLUMNS = ["file", "prob_idc", "pred", "label", "error"]
 UPSCALE = 4  # 50 px patches shown at 200 px, pixels kept sharp
 
 
@@ -79,34 +79,28 @@ class Analyst:
         Raises:
             UploadError: 413 when the images hold more than ``max_pixels`` in all.
         """
-        rows = [
-            {
-                "file": u.name,
-                "prob_idc": None,
-                "pred": None,
-                "label": _label(u.name),
-                "error": u.error,
-                "images": {},
-            }
-            for u in uploads
-        ]
         sent = [i for i, u in enumerate(uploads) if not u.error]
         table = files_table([uploads[i].path for i in sent], [uploads[i].name for i in sent])
         threshold = self.predictor.threshold
         with self.lock:
             check_pixels(uploads, max_pixels)
             ex = self.explainer.explain(table)
+        errors = [u.error for u in uploads]
         for i, reason in zip(sent, ex.reasons, strict=True):
             if reason:
-                rows[i]["error"] = f"not a readable image: {_named(reason, uploads[i])}"
-        for k, i in enumerate(np.asarray(sent, dtype=np.int64)[ex.ok]):
-            prob, row = float(ex.prob[k]), rows[i]
-            row.update(prob_idc=round(prob, 6), pred=int(prob >= threshold))
-            row["images"] = _write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
-            row["cam_empty"] = not ex.cam[k].max() > 0  # no positive evidence: bare patch
+                errors[i] = f"not a readable image: {_named(reason, uploads[i])}"
+        scored = np.asarray(sent, dtype=np.int64)[ex.ok]  # the uploads read, in ex's order
+        prob, margin = np.full(len(uploads), np.nan), np.full(len(uploads), np.nan)
+        prob[scored], margin[scored] = ex.prob, ex.margin
+        predictions = _patch_table(uploads, prob, margin, threshold, errors)
         csv = job.folder / "predictions.csv"
-        table = pd.DataFrame(rows, columns=PATCH_CSV_COLUMNS)
-        table.astype({"pred": "Int64", "label": "Int64"}).to_csv(csv, index=False)
+        predictions.to_csv(csv, index=False)
+        rows = predictions.astype(object).where(predictions.notna(), None).to_dict("records")
+        for row in rows:
+            row["images"] = {}
+        for k, i in enumerate(scored):
+            rows[i]["images"] = _write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
+            rows[i]["cam_empty"] = not ex.cam[k].max() > 0  # no positive evidence: bare patch
         return {
             "kind": "patches",
             "threshold": threshold,
@@ -176,10 +170,14 @@ class Analyst:
         }
 
 
-def _label(name: str) -> int | None:
-    """The label the name as sent tells (``parse_name``, as ``predict`` reads it); None if none."""
-    label = parse_name(name)[3]
-    return None if label < 0 else label
+def _patch_table(uploads: list[Upload], prob, margin, threshold: float, errors) -> pd.DataFrame:
+    """The uploads' prediction table (``inference.tables``): each file named as it was sent
+    (``file``, what the page reads; never its server path), with the patient, place and
+    label its name tells, read as ``predict`` reads them."""
+    named = files_table([u.name for u in uploads])
+    ids = named[PATCH_IDS].rename(columns={"path": "file"})
+    label = named["label"].to_numpy()
+    return prediction_table(ids, prob, margin, threshold, label=label, error=errors)
 
 
 def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:

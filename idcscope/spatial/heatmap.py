@@ -170,8 +170,8 @@ def patient_heatmap(
     if len(rows) == 0:
         raise NothingScoredError(f"{patient_dir}: none of the {len(table)} patches could be read")
     placed = _Placed(
-        scored.prob[rows], table["x"].to_numpy()[rows], table["y"].to_numpy()[rows],
-        table["label"].to_numpy()[rows],
+        scored.prob[rows], scored.margin[rows], table["x"].to_numpy()[rows],
+        table["y"].to_numpy()[rows], table["label"].to_numpy()[rows],
     )  # fmt: skip
     summary, maps = _compare(placed, threshold)
     summary = {
@@ -194,9 +194,11 @@ def patient_heatmap(
 
 
 class _Placed(NamedTuple):
-    """A patient's scored patches: P(IDC), top-left corners and labels (-1: unknown)."""
+    """A patient's scored patches: P(IDC), logit margin (``inference.predictor.Scored``),
+    top-left corners and labels (-1: unknown)."""
 
     prob: np.ndarray
+    margin: np.ndarray
     xs: np.ndarray
     ys: np.ndarray
     labels: np.ndarray
@@ -208,7 +210,7 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
     and the grids behind them."""
     from ..evaluation import metrics
 
-    prob, xs, ys, labels = placed
+    prob, _, xs, ys, labels = placed
     known = bool((labels >= 0).all())
     grid, origin = probability_grid(xs, ys, prob)
     tissue = ~np.isnan(grid)
@@ -251,14 +253,14 @@ def _draw(out: Path, pid, placed: _Placed, patches, maps: dict, summary: dict, m
 
 
 def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skipped) -> dict:
-    """One row per scored patch, and every file left out with its reason, as CSVs."""
+    """One row per scored patch (``inference.tables``), and every file left out with its
+    reason, as CSVs."""
     from ..data.manifest import write_skipped
+    from ..inference.tables import PATCH_IDS, prediction_table
 
-    prob = placed.prob
-    predictions = table[["path", "x", "y", "label"]].assign(
-        prob_idc=np.round(prob, 6), pred=(prob >= threshold).astype(int)
+    predictions = prediction_table(
+        table[PATCH_IDS], placed.prob, placed.margin, threshold, label=placed.labels
     )
-    predictions["label"] = predictions["label"].where(predictions["label"] >= 0).astype("Int64")
     files = {"predictions": out / f"{pid}_predictions.csv", "skipped": out / f"{pid}_skipped.csv"}
     predictions.to_csv(files["predictions"], index=False)
     write_skipped(files["skipped"], skipped)

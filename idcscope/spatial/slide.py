@@ -178,9 +178,11 @@ def _found(summary: dict) -> str:
 def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thumb_mpp) -> dict:
     """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths.
 
-    The table has a row per tissue tile (``margin``: one per tile, in their order): P(IDC)
-    to 6 decimals and the uncalibrated logit margin in full (``inference.predictor.Scored``).
+    The table has a row per tissue tile (``margin``: one per tile, in their order): its
+    place on the tile grid and in level-0 pixels, its size and tissue fraction, then the
+    prediction columns every table has (``inference.tables``).
     """
+    from ..inference.tables import prediction_table
     from .heatmap import _save_png, plot_patient_heatmap
 
     name, grid, rows, cols = path.stem, scan.grid, scan.rows, scan.cols
@@ -189,7 +191,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thum
         "geojson": out / f"{name}_idc.geojson",
         "overlay": out / f"{name}_overlay.png",
     }
-    pd.DataFrame(
+    tiles = pd.DataFrame(
         {
             "row": rows,
             "col": cols,
@@ -197,11 +199,10 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thum
             "y": np.round(rows * grid.tile).astype(int),
             "size": round(grid.tile, 3),
             "tissue": scan.fraction[rows, cols].round(3),
-            "prob_idc": prob[rows, cols].round(6),
-            "pred": (prob[rows, cols] >= threshold).astype(int),
-            "margin": margin,
         }
-    ).to_csv(files["tiles_csv"], index=False)
+    )
+    table = prediction_table(tiles, prob[rows, cols], margin, threshold)
+    table.to_csv(files["tiles_csv"], index=False)
     files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")
     hot = int((prob[rows, cols] >= threshold).sum())
     found = _found({"n_tiles": len(scan.tiles), "n_idc_tiles": hot})
