@@ -93,86 +93,90 @@ def patch_statistics(images, lut, lags, tissue_od, out):  # pragma: no cover - c
     minus red over every pixel; then per lag of ``lags`` the squared differences of ``g``
     that far apart across and down, and the same of blue minus red.
     """
-    n, h, w, _ = images.shape
-    nl = lags.shape[0]
+    _, h, w, _ = images.shape
     od = np.empty((3, h, w), np.float32)
     g = np.empty((h, w), np.float32)
     c = np.empty((h, w), np.float32)
-    for q in range(n):
-        s = out[q]
-        s[:] = 0.0
+    for q in range(images.shape[0]):
         for y in range(h):
             for x in range(w):
-                od[0, y, x] = lut[images[q, y, x, 0]]
-                od[1, y, x] = lut[images[q, y, x, 1]]
-                od[2, y, x] = lut[images[q, y, x, 2]]
-        a = np.zeros(24)
+                for ch in range(3):
+                    od[ch, y, x] = lut[images[q, y, x, ch]]
+        _colour_sums(od, tissue_od, g, c, out[q])
+        _texture_sums(g, c, lags, out[q])
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+def _colour_sums(od, tissue_od, g, c, s):  # pragma: no cover - compiled
+    """``patch_statistics``' sums 0-10, 14-23; fills ``g`` and ``c`` (blue minus red)."""
+    _, h, w = od.shape
+    s[:] = 0.0
+    for y in range(h):
+        for x in range(w):
+            r, gg, b = od[0, y, x], od[1, y, x], od[2, y, x]
+            t = r + gg + b
+            g[y, x] = t
+            c[y, x] = b - r
+            s[4] += r
+            s[5] += gg
+            s[6] += b
+            s[9] += t
+            s[10] += t * t
+            s[22] += b - r
+            s[23] += (b - r) * (b - r)
+            m = 1.0 if t > tissue_od else 0.0
+            s[0] += m
+            s[1] += m * r
+            s[2] += m * gg
+            s[3] += m * b
+            s[7] += m * (b - r)
+            s[8] += m * (b - r) * (b - r)
+    mean = s[9] / (h * w) if s[0] == 0 else (s[1] + s[2] + s[3]) / s[0]
+    for y in range(h):
+        for x in range(w):
+            t = g[y, x]
+            m = 1.0 if t > tissue_od else 0.0
+            k = 14 if t > mean else 18
+            s[k] += m
+            for ch in range(3):
+                s[k + 1 + ch] += m * od[ch, y, x]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+def _texture_sums(g, c, lags, s):  # pragma: no cover - compiled
+    """``patch_statistics``' sums 11-13 and its variograms, from ``g`` and ``c``."""
+    h, w = g.shape
+    nl = lags.shape[0]
+    d2 = d4 = lap2 = 0.0
+    for y in range(h):
+        for x in range(w - 1):
+            d = g[y, x + 1] - g[y, x]
+            d2 += d * d
+            d4 += d * d * d * d
+    for y in range(h - 1):
+        for x in range(w):
+            d = g[y + 1, x] - g[y, x]
+            d2 += d * d
+            d4 += d * d * d * d
+    for y in range(1, h - 1):
+        for x in range(1, w - 1):
+            lap = 4 * g[y, x] - g[y - 1, x] - g[y + 1, x] - g[y, x - 1] - g[y, x + 1]
+            lap2 += lap * lap
+    s[11], s[12], s[13] = d2, d4, lap2
+    for i in range(nl):
+        lag = lags[i]
+        vg = vc = 0.0
         for y in range(h):
+            for x in range(w - lag):
+                d = g[y, x + lag] - g[y, x]
+                e = c[y, x + lag] - c[y, x]
+                vg += d * d
+                vc += e * e
+        for y in range(h - lag):
             for x in range(w):
-                r, gg, b = od[0, y, x], od[1, y, x], od[2, y, x]
-                t = r + gg + b
-                g[y, x] = t
-                c[y, x] = b - r
-                a[4] += r
-                a[5] += gg
-                a[6] += b
-                a[9] += t
-                a[10] += t * t
-                a[22] += b - r
-                a[23] += (b - r) * (b - r)
-                m = 1.0 if t > tissue_od else 0.0
-                a[0] += m
-                a[1] += m * r
-                a[2] += m * gg
-                a[3] += m * b
-                a[7] += m * (b - r)
-                a[8] += m * (b - r) * (b - r)
-        mean = a[9] / (h * w) if a[0] == 0 else (a[1] + a[2] + a[3]) / a[0]
-        for y in range(h):
-            for x in range(w):
-                t = g[y, x]
-                m = 1.0 if t > tissue_od else 0.0
-                k = 14 if t > mean else 18
-                a[k] += m
-                a[k + 1] += m * od[0, y, x]
-                a[k + 2] += m * od[1, y, x]
-                a[k + 3] += m * od[2, y, x]
-        d2 = 0.0
-        d4 = 0.0
-        for y in range(h):
-            for x in range(w - 1):
-                d = g[y, x + 1] - g[y, x]
-                d2 += d * d
-                d4 += d * d * d * d
-        for y in range(h - 1):
-            for x in range(w):
-                d = g[y + 1, x] - g[y, x]
-                d2 += d * d
-                d4 += d * d * d * d
-        a[11] = d2
-        a[12] = d4
-        lap2 = 0.0
-        for y in range(1, h - 1):
-            for x in range(1, w - 1):
-                lap = 4 * g[y, x] - g[y - 1, x] - g[y + 1, x] - g[y, x - 1] - g[y, x + 1]
-                lap2 += lap * lap
-        a[13] = lap2
-        s[:24] = a
-        for i in range(nl):
-            lag = lags[i]
-            vg = 0.0
-            vc = 0.0
-            for y in range(h):
-                for x in range(w - lag):
-                    d = g[y, x + lag] - g[y, x]
-                    e = c[y, x + lag] - c[y, x]
-                    vg += d * d
-                    vc += e * e
-            for y in range(h - lag):
-                for x in range(w):
-                    d = g[y + lag, x] - g[y, x]
-                    e = c[y + lag, x] - c[y, x]
-                    vg += d * d
-                    vc += e * e
-            s[24 + i] = vg
-            s[24 + nl + i] = vc
+                d = g[y + lag, x] - g[y, x]
+                e = c[y + lag, x] - c[y, x]
+                vg += d * d
+                vc += e * e
+        s[24 + i] = vg
+        s[24 + nl + i] = vc
