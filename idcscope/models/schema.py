@@ -61,6 +61,9 @@ class ModelMeta:
     val_metrics: dict = field(default_factory=dict)  # on its validation patients
     oof_metrics: dict = field(default_factory=dict)  # out of fold, for a model of `cv --final`
     images_per_s: float | None = None  # training speed
+    # Which patches are not what it was made for (``data.inputcheck.fit_input_check``'s
+    # plain-JSON parameters, read by ``check_patches``); empty: no check.
+    input_check: dict = field(default_factory=dict)
 
     def calibrated(self, lone: bool = False) -> tuple[float, float]:
         """``(temperature, logit_bias)`` of patches scored with their neighbours, or with
