@@ -118,7 +118,7 @@ def test_patches_in_the_page_match_the_api(page, server, patient, tmp_path):
     assert "not a readable image" in failed.inner_text()
     assert "2 of 3 files predicted" in page.locator("#patch-results .counts").inner_text()
     csv_url = page.locator("#patch-results a.csv").get_attribute("href")
-    assert httpx.get(url + csv_url).text.startswith("file,patient,x,y,label,prob_idc")
+    assert httpx.get(url + csv_url).text.startswith("file,patient,x,y,label,neighbours,prob_idc")
     page.screenshot(path=str(tmp_path / "patches.png"), full_page=True)
     assert page.console_errors == []
 

@@ -18,7 +18,9 @@ from idcscope.inference import Predictor
 F32 = {"rtol": float(np.finfo(np.float32).eps), "atol": 1e-12}  # float32 precision
 # Every column any table has for the same thing, in the one order (``file``: the web page's
 # ``path``, a file as the client named it).
-ORDER = ["path", "file", "patient", "x", "y", "label", "prob_idc", "pred", "error", "margin"]
+ORDER = [
+    "path", "file", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "error", "margin"
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,26 @@ def test_the_tables_of_a_patch_agree(tables):
     assert (want["error"].isna()).all() and len(want) > 0
     for name in ("evaluate", "heatmap", "web"):
         got = read[name].reindex(want.index)
-        assert (got[["patient", "x", "y", "pred"]] == want[["patient", "x", "y", "pred"]]).all(
-            axis=None
-        ), name
+        same = ["patient", "x", "y", "neighbours", "pred"]
+        assert (got[same] == want[same]).all(axis=None), name
         np.testing.assert_allclose(got["prob_idc"], want["prob_idc"], atol=1e-6, err_msg=name)
         np.testing.assert_allclose(got["margin"], want["margin"], **F32, err_msg=name)
     labels = [read[n].reindex(want.index)["label"] for n in ("evaluate", "heatmap", "web")]
     assert (labels[0] == labels[1]).all() and (labels[0] == labels[2]).all()
+
+
+def test_neighbours_say_the_context_each_patch_was_scored_in(model, patient, tables, tmp_path):
+    """Within its patient a patch has its neighbours; uploaded alone it has a place but
+    none; scored without context it has no context at all (empty)."""
+    from idcscope.data.grid import neighbour_counts
+    from idcscope.inference.predict import predict
+
+    whole = pd.read_csv(tables["predict"], dtype={"patient": str})
+    expected = neighbour_counts(whole["patient"].to_numpy(), whole["x"], whole["y"])
+    np.testing.assert_array_equal(whole["neighbours"].to_numpy(float), expected)
+    assert whole["neighbours"].max() == 8
+    one = sorted(patient.rglob("*.png"))[0]
+    alone = predict(Predictor(model, "torch"), [one], tmp_path / "one.csv")
+    assert alone["neighbours"].tolist() == [0]
+    off = predict(Predictor(model, "torch", context=False), [patient], tmp_path / "off.csv")
+    assert off["neighbours"].isna().all()

@@ -138,7 +138,7 @@ def test_predict_files_and_folders(run_dir, synthetic_root, tmp_path):
     df = predict(run_dir / "best.pt", [patient, broken], tmp_path / "preds.csv")
     n_files = len(list(patient.rglob("*.png")))
     assert len(df) == n_files + 1  # every input accounted for
-    assert list(df.columns)[:6] == ["path", "patient", "x", "y", "prob_idc", "pred"]
+    assert list(df.columns)[:7] == ["path", "patient", "x", "y", "neighbours", "prob_idc", "pred"]
     good = df[df["error"] == ""]
     assert len(good) == n_files and good["prob_idc"].between(0, 1).all()
     assert (good["patient"] == patient.name).all() and (good["x"] >= 0).all()

@@ -70,7 +70,7 @@ def evaluate(
             f"the reasons are in {out / 'skipped.csv'}"
         )
     table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
-    margin = scored.margin[ok]
+    margin, neighbours = scored.margin[ok], scored.neighbours[ok]
     result = _metrics(table, prob, raw, predictor.threshold, n_boot)
     # The calibration these patches were scored with (alone: the lone one).
     calibrations = [m.calibrated(lone=not context) for m in predictor.models]
@@ -96,7 +96,7 @@ def evaluate(
         data_summary=summary,
         warnings=warnings,
     )
-    _write_outputs(out, result, table, prob, margin, checkpoint)
+    _write_outputs(out, result, table, prob, (margin, neighbours), checkpoint)
     for w in warnings:
         logger.warning(w)
     return result
@@ -165,15 +165,15 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     }
 
 
-def _write_outputs(out: Path, result: dict, table, prob, margin, checkpoint) -> None:
+def _write_outputs(out: Path, result: dict, table, prob, scores, checkpoint) -> None:
     """The metrics, report, figures and ``predictions.csv``: a row per patch with its label,
-    calibrated P(IDC), call and uncalibrated logit margin (``inference.tables``; the margin
-    in full, what ``training.oof`` fits)."""
+    the context it was scored in, calibrated P(IDC), call and uncalibrated logit margin
+    (``scores``: ``(margin, neighbours)``, see ``inference.tables``)."""
     y = table["label"].to_numpy()
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     report_text = metrics.classification_report_text(y, prob >= result["threshold"])
     (out / "classification_report.txt").write_text(report_text)
-    predictions = prediction_table(table[PATCH_IDS], prob, margin, result["threshold"], label=y)
+    predictions = prediction_table(table[PATCH_IDS], prob, *scores, result["threshold"], label=y)
     predictions.to_csv(out / "predictions.csv", index=False)
     figures = {
         "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),

@@ -256,6 +256,7 @@ class Explanations:
 
     prob: np.ndarray  # calibrated P(IDC) from the Predictor, (N,)
     margin: np.ndarray  # its uncalibrated logit margin (``inference.predictor.Scored``)
+    neighbours: np.ndarray  # the context it was scored in (``inference.predictor.Scored``)
     cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
     saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
     method: str  # "gradcam" or "hirescam"
@@ -305,7 +306,8 @@ class Explainer:
         )
         cams, sals, method = self.maps(inputs)
         ex = Explanations(
-            scored.prob[ok], scored.margin[ok], cams, sals, method, scored.patches, ok,
+            scored.prob[ok], scored.margin[ok], scored.neighbours[ok], cams, sals, method,
+            scored.patches, ok,
             scored.reasons,
         )  # fmt: skip
         radius = self.predictor.members[0].prep.neighbourhood

@@ -109,7 +109,8 @@ def _predict_table(predictor: Predictor, table: pd.DataFrame, out_csv, ctx) -> p
 
     def write(scored: Scored) -> None:
         rows = prediction_table(
-            ids.iloc[scored.rows], scored.prob, scored.margin, predictor.threshold,
+            ids.iloc[scored.rows], scored.prob, scored.margin, scored.neighbours,
+            predictor.threshold,
             error=scored.reasons,
         )  # fmt: skip
         if writer is not None:

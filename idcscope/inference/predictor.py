@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data import PATCH_SIZE
-from ..data.grid import placed, smooth_rows
+from ..data.grid import neighbour_counts, placed, smooth_rows
 from ..data.preprocess import Preprocessing
 from ..models.schema import ModelMeta
 from ..progress import progress_bar
@@ -39,6 +39,7 @@ class Prediction(NamedTuple):
     prob: np.ndarray  # calibrated, averaged over members
     prob_uncalibrated: np.ndarray
     margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
+    neighbours: np.ndarray  # the context each was scored in (see `Scored`)
 
 
 @dataclass
@@ -48,12 +49,16 @@ class Scored:
     ``margin`` is the logit margin logit[IDC] - logit[no IDC] before calibration (after
     each member's spatial context), in float64: the mean of the members' margins for an
     ensemble. It is what calibration and thresholds are fitted on (``training.oof``).
+    ``neighbours`` is the context a patch was scored in: how many of its 8 neighbours
+    were there (0 to 8; ``data.grid.neighbour_counts``), NaN for a patch scored alone (no
+    place, or context off) or not read.
     """
 
     bucket: Bucket
     prob: np.ndarray
     prob_uncalibrated: np.ndarray
     margin: np.ndarray
+    neighbours: np.ndarray
     reasons: list[str]  # why each unreadable row failed, "" elsewhere
     patches: np.ndarray  # the decoded patches of the rows that were read, in row order
 
@@ -68,6 +73,7 @@ class TableScores(NamedTuple):
     prob: np.ndarray  # calibrated P(IDC) per row, NaN where the file could not be read
     raw: np.ndarray  # uncalibrated
     margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
+    neighbours: np.ndarray  # the context each row was scored in (see `Scored`)
     ok: np.ndarray
     reasons: list[str]  # why each unreadable file failed, "" elsewhere
     n_padded: int  # patches smaller than 50x50, padded with glass
@@ -226,6 +232,9 @@ class Predictor:
                 _spread(np.mean(calibrated, axis=0), loaded.ok),
                 _spread(np.mean(raw, axis=0), loaded.ok),
                 _spread(np.mean(margins, axis=0), loaded.ok),
+                _spread(
+                    np.full(len(g), np.nan) if xy is None else neighbour_counts(g, *xy), loaded.ok
+                ),
                 loaded.reasons,
                 loaded.patches,
             )
@@ -258,7 +267,7 @@ class Predictor:
         groups = table["patient"].to_numpy()
         coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
         buckets = make_buckets(groups) if buckets is None else buckets
-        prob, raw, margin = (np.full(len(table), np.nan) for _ in range(3))
+        prob, raw, margin, neighbours = (np.full(len(table), np.nan) for _ in range(4))
         reasons, kept = [""] * len(table), []
         # closing: an error in ``each`` must stop the worker threads before it goes on
         scoring = contextlib.closing(self.score(groups, coords, source, buckets))
@@ -266,6 +275,7 @@ class Predictor:
         with scoring as scores, progress_bar(desc, total=total) as advance:
             for s in scores:
                 prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
+                neighbours[s.rows] = s.neighbours
                 for r, why in zip(s.rows, s.reasons, strict=True):
                     reasons[r] = why
                 if keep_patches:
@@ -280,7 +290,7 @@ class Predictor:
             position = np.cumsum(ok) - 1
             for rows, part in kept:
                 patches[position[rows]] = part
-        return TableScores(prob, raw, margin, ok, reasons, source.n_padded, patches)
+        return TableScores(prob, raw, margin, neighbours, ok, reasons, source.n_padded, patches)
 
     def predict(
         self,
@@ -300,10 +310,11 @@ class Predictor:
         rows = np.arange(len(images)) if rows is None else np.asarray(rows)
         groups = np.zeros(len(images), np.int64) if patients is None else np.asarray(patients)
         sub = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
-        prob, raw, margin = (np.empty(len(rows)) for _ in range(3))
+        prob, raw, margin, neighbours = (np.empty(len(rows)) for _ in range(4))
         for s in self.score(groups[rows], sub, _Rows(images, rows)):
             prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
-        return Prediction(prob, raw, margin)
+            neighbours[s.rows] = s.neighbours
+        return Prediction(prob, raw, margin, neighbours)
 
     def predict_proba(self, images, rows=None, patients=None, coords=None) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""

@@ -90,9 +90,9 @@ class Analyst:
             if reason:
                 errors[i] = f"not a readable image: {_named(reason, uploads[i])}"
         scored = np.asarray(sent, dtype=np.int64)[ex.ok]  # the uploads read, in ex's order
-        prob, margin = np.full(len(uploads), np.nan), np.full(len(uploads), np.nan)
-        prob[scored], margin[scored] = ex.prob, ex.margin
-        predictions = _patch_table(uploads, prob, margin, threshold, errors)
+        prob, margin, neighbours = (np.full(len(uploads), np.nan) for _ in range(3))
+        prob[scored], margin[scored], neighbours[scored] = ex.prob, ex.margin, ex.neighbours
+        predictions = _patch_table(uploads, (prob, margin, neighbours), threshold, errors)
         csv = job.folder / "predictions.csv"
         predictions.to_csv(csv, index=False)
         rows = predictions.astype(object).where(predictions.notna(), None).to_dict("records")
@@ -170,14 +170,15 @@ class Analyst:
         }
 
 
-def _patch_table(uploads: list[Upload], prob, margin, threshold: float, errors) -> pd.DataFrame:
-    """The uploads' prediction table (``inference.tables``): each file named as it was sent
+def _patch_table(uploads: list[Upload], scores, threshold: float, errors) -> pd.DataFrame:
+    """The uploads' prediction table (``inference.tables``; ``scores``: the P(IDC), margin
+    and neighbours of each upload): each file named as it was sent
     (``file``, what the page reads; never its server path), with the patient, place and
     label its name tells, read as ``predict`` reads them."""
     named = files_table([u.name for u in uploads])
     ids = named[PATCH_IDS].rename(columns={"path": "file"})
     label = named["label"].to_numpy()
-    return prediction_table(ids, prob, margin, threshold, label=label, error=errors)
+    return prediction_table(ids, *scores, threshold, label=label, error=errors)
 
 
 def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:

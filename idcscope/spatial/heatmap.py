@@ -170,7 +170,7 @@ def patient_heatmap(
     if len(rows) == 0:
         raise NothingScoredError(f"{patient_dir}: none of the {len(table)} patches could be read")
     placed = _Placed(
-        scored.prob[rows], scored.margin[rows], table["x"].to_numpy()[rows],
+        scored.prob[rows], scored.margin[rows], scored.neighbours[rows], table["x"].to_numpy()[rows],
         table["y"].to_numpy()[rows], table["label"].to_numpy()[rows],
     )  # fmt: skip
     summary, maps = _compare(placed, threshold)
@@ -194,11 +194,12 @@ def patient_heatmap(
 
 
 class _Placed(NamedTuple):
-    """A patient's scored patches: P(IDC), logit margin (``inference.predictor.Scored``),
-    top-left corners and labels (-1: unknown)."""
+    """A patient's scored patches: P(IDC), logit margin and scoring context
+    (``inference.predictor.Scored``), top-left corners and labels (-1: unknown)."""
 
     prob: np.ndarray
     margin: np.ndarray
+    neighbours: np.ndarray
     xs: np.ndarray
     ys: np.ndarray
     labels: np.ndarray
@@ -210,7 +211,7 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
     and the grids behind them."""
     from ..evaluation import metrics
 
-    prob, _, xs, ys, labels = placed
+    prob, xs, ys, labels = placed.prob, placed.xs, placed.ys, placed.labels
     known = bool((labels >= 0).all())
     grid, origin = probability_grid(xs, ys, prob)
     tissue = ~np.isnan(grid)
@@ -259,7 +260,12 @@ def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skip
     from ..inference.tables import PATCH_IDS, prediction_table
 
     predictions = prediction_table(
-        table[PATCH_IDS], placed.prob, placed.margin, threshold, label=placed.labels
+        table[PATCH_IDS],
+        placed.prob,
+        placed.margin,
+        placed.neighbours,
+        threshold,
+        label=placed.labels,
     )
     files = {"predictions": out / f"{pid}_predictions.csv", "skipped": out / f"{pid}_skipped.csv"}
     predictions.to_csv(files["predictions"], index=False)

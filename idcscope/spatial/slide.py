@@ -119,16 +119,18 @@ def slide_inference(
     scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
     t_read = time.perf_counter() - t0
     grid, rows, cols = scan.grid, scan.rows, scan.cols
-    prob, margin = np.full((grid.rows, grid.cols), np.nan), np.full(len(scan.tiles), np.nan)
+    prob = np.full((grid.rows, grid.cols), np.nan)
+    margin, neighbours = np.full(len(scan.tiles), np.nan), np.full(len(scan.tiles), np.nan)
     if len(scan.tiles):  # one slide is one patient for stain normalisation and spatial context
         where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
         group = np.full(len(scan.tiles), path.stem)
         scored = predictor.predict(scan.tiles, None, group, where)
-        prob[rows, cols], margin = scored.prob, scored.margin
+        prob[rows, cols], margin, neighbours = scored.prob, scored.margin, scored.neighbours
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
-    summary["files"] = _write_maps(out, path, scan, prob, margin, threshold, mpp * patch / THUMB_PX)
+    tiles = (margin, neighbours)
+    summary["files"] = _write_maps(out, path, scan, prob, tiles, threshold, mpp * patch / THUMB_PX)
     (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: %d tissue tiles, %s, %.1f tiles/s",
@@ -175,10 +177,11 @@ def _found(summary: dict) -> str:
     )
 
 
-def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thumb_mpp) -> dict:
+def _write_maps(out: Path, path: Path, scan: Scan, prob, tiles, threshold, thumb_mpp) -> dict:
     """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths.
 
-    The table has a row per tissue tile (``margin``: one per tile, in their order): its
+    The table has a row per tissue tile (``tiles``: the margin and the neighbours of each
+    tile, in their order): its
     place on the tile grid and in level-0 pixels, its size and tissue fraction, then the
     prediction columns every table has (``inference.tables``).
     """
@@ -191,7 +194,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thum
         "geojson": out / f"{name}_idc.geojson",
         "overlay": out / f"{name}_overlay.png",
     }
-    tiles = pd.DataFrame(
+    ids = pd.DataFrame(
         {
             "row": rows,
             "col": cols,
@@ -201,7 +204,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, margin, threshold, thum
             "tissue": scan.fraction[rows, cols].round(3),
         }
     )
-    table = prediction_table(tiles, prob[rows, cols], margin, threshold)
+    table = prediction_table(ids, prob[rows, cols], *tiles, threshold)
     table.to_csv(files["tiles_csv"], index=False)
     files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")
     hot = int((prob[rows, cols] >= threshold).sum())
