@@ -226,4 +226,4 @@ def test_cli_export_and_predict(cancernet_ckpt, synthetic_root, tmp_path):
         app, ["predict", str(patient), "--out", str(csv), "--engine", "onnx", "--model", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert csv.read_text().startswith("path,patient,x,y,prob_idc,pred")
+    assert csv.read_text().startswith("path,patient,x,y,neighbours,prob_idc,pred")
