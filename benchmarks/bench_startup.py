@@ -31,7 +31,9 @@ def seconds(checkout: Path, args: list[str], cache: Path, expect: int = 0) -> fl
     env = {**os.environ, "PYTHONPATH": str(checkout), "IDCSCOPE_CACHE": str(cache)}
     code = "import sys; from idcscope.cli import app; sys.argv[0] = 'idcscope'; app()"
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True)
+    # -P: not the working directory first on sys.path, so the checkout named is what runs.
+    command = [sys.executable, "-P", "-c", code, *args]
+    done = subprocess.run(command, env=env, capture_output=True)
     took = time.perf_counter() - start
     if done.returncode != expect:
         raise SystemExit(
@@ -64,7 +66,7 @@ def main() -> None:
             for name, checkout in checkouts.items():
                 cache = Path(tmp) / f"cache-{name}"
                 repeat = 1 if "empty" in what else args.repeat
-                expect = 1 if "wrong" in what else 0
+                expect = 2 if "wrong" in what else 0  # a missing path: a usage error
                 row[f"{name} (s)"] = min(
                     seconds(checkout, command, cache, expect) for _ in range(repeat)
                 )
