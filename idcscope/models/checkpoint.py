@@ -245,9 +245,13 @@ def _refused(e: Exception) -> str:
 def read_meta(path: str | Path) -> ModelMeta:
     """What a checkpoint or model folder says of its model, checked (``schema.ModelMeta``):
     everything scoring reads before any weights (a model folder's are not even parsed)."""
+    return _meta(read_fields(path), path)
+
+
+def _meta(fields: dict, path) -> ModelMeta:
     from ..data.preprocess import Preprocessing
 
-    meta = ModelMeta.from_fields(read_fields(path), path)
+    meta = ModelMeta.from_fields(fields, path)
     try:
         Preprocessing(**meta.preprocessing)
         if not isinstance(meta.model["name"], str) or len(meta.class_names) < 2:
@@ -262,10 +266,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     from ..errors import IdcscopeError
     from ._factory import create_model
 
-    meta, weights = read_meta(path), _read(Path(path)).state_dict()
-    if weights is None:
+    ckpt = read_checkpoint(path)  # the caller's own dict
+    meta = _meta(ckpt, path)
+    if "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a complete checkpoint (no state_dict)")
-    ckpt = {**read_fields(path), "state_dict": dict(weights)}  # the caller's own dict
     spec = meta.model
     try:
         # Weights come from the checkpoint alone: its arguments may not fetch or read others.

@@ -68,8 +68,10 @@ class ModelMeta:
     def calibrated(self, lone: bool = False) -> tuple[float, float]:
         """``(temperature, logit_bias)`` of patches scored with their neighbours, or with
         ``lone`` of patches scored alone (their own where the model has one)."""
-        fields = (lone and self.lone_calibration) or dataclasses.asdict(self)
-        return float(fields.get("temperature", 1.0)), float(fields.get("logit_bias", 0.0))
+        if lone and self.lone_calibration:
+            own = self.lone_calibration
+            return float(own.get("temperature", 1.0)), float(own.get("logit_bias", 0.0))
+        return float(self.temperature), float(self.logit_bias)
 
     @property
     def seen_patients(self) -> set[str]:
