@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from idcscope.cli import app
 from idcscope.errors import IdcscopeError
-from idcscope.inference.explain import GradCAM, explain_patches, overlay, saliency
+from idcscope.inference.explain import CSV_COLUMNS, GradCAM, explain_patches, overlay, saliency
 from idcscope.models import create_model, list_models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -170,6 +170,8 @@ def test_explain_patches_end_to_end(checkpoint, patches, tmp_path):
         assert row["label"] == label
         assert 0 <= row["prob_idc"] <= 1
         assert row["pred"] in (0, 1)
+        assert row["call"] in ("idc", "no_idc", "uncertain")
+        assert row["input_check"] == "ok"  # a model without a check passes every patch
         panel = tmp_path / "out" / row["output"]
         assert panel.name.endswith("_explain.png")
         assert panel.read_bytes().startswith(PNG_MAGIC)
@@ -180,7 +182,7 @@ def test_explain_patches_end_to_end(checkpoint, patches, tmp_path):
     assert rows[3]["label"] is None
     with (tmp_path / "out" / "explanations.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["path", "prob_idc", "pred", "label", "output", "error"]
+    assert list(table[0]) == list(CSV_COLUMNS)
     assert [bool(r["error"]) for r in table] == [False, False, True, True]
     assert table[1]["label"] == "1"
     assert table[3]["label"] == ""

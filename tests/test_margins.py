@@ -72,7 +72,7 @@ def test_evaluate_and_predict_write_the_predictors_margin(model, synthetic_root,
     evaluate(model, synthetic_root, tmp_path / "ev", n_boot=0, engine="torch")
     ev = pd.read_csv(tmp_path / "ev" / "predictions.csv")
     assert list(ev.columns) == [
-        "path", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "margin"
+        "path", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "call", "input_check", "margin"
     ]  # fmt: skip
     assert_same(by_name(ev["path"], ev["margin"]), want)
 

@@ -199,7 +199,7 @@ def test_patch_csv_downloads(client):
     table = list(csv.DictReader(io.StringIO(r.text)))
     assert [t["file"] for t in table] == ["a_class0.png", "b.png"]
     assert list(table[0]) == [
-        "file", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "error", "margin"
+        "file", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "call", "input_check", "error", "margin"
     ]  # fmt: skip
     assert table[0]["label"] == "0"
     assert table[1]["label"] == ""

@@ -59,7 +59,19 @@ def test_rows_are_written_as_they_are_scored(model, synthetic_root, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         predict(model, [synthetic_root], out, engine="torch")
     kept = pd.read_csv(out)
-    columns = ["path", "patient", "x", "y", "neighbours", "prob_idc", "pred", "error", "margin"]
+    columns = [
+        "path",
+        "patient",
+        "x",
+        "y",
+        "neighbours",
+        "prob_idc",
+        "pred",
+        "call",
+        "input_check",
+        "error",
+        "margin",
+    ]
     assert list(kept.columns) == columns
     assert len(kept) > 0 and kept["prob_idc"].between(0, 1).all()
     monkeypatch.undo()

@@ -19,7 +19,7 @@ F32 = {"rtol": float(np.finfo(np.float32).eps), "atol": 1e-12}  # float32 precis
 # Every column any table has for the same thing, in the one order (``file``: the web page's
 # ``path``, a file as the client named it).
 ORDER = [
-    "path", "file", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "error", "margin"
+    "path", "file", "patient", "x", "y", "label", "neighbours", "prob_idc", "pred", "call", "input_check", "error", "margin"
 ]  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from ..data.manifest import index_datasets, roots_text, summarize, write_skipped
 from ..errors import IdcscopeError, NothingScoredError
 from ..inference.predictor import Predictor
 from ..inference.stream import young_garbage_only
-from ..inference.tables import PATCH_IDS, prediction_table
+from ..inference.tables import PATCH_IDS, Verdicts, prediction_table
 from . import metrics, plots
 from .report import write_html_report
 
@@ -69,13 +69,15 @@ def evaluate(
             f"{roots_text(data_dir)}: none of the {len(table) + len(index.skipped)} files could be read; "
             f"the reasons are in {out / 'skipped.csv'}"
         )
-    table, prob, raw = table[ok].reset_index(drop=True), scored.prob[ok], scored.raw[ok]
-    margin, neighbours = scored.margin[ok], scored.neighbours[ok]
-    result = _metrics(table, prob, raw, predictor.threshold, n_boot)
-    # The calibration these patches were scored with (alone: the lone one).
-    calibrations = [m.calibrated(lone=not context) for m in predictor.models]
-    result["temperature"] = [t for t, _ in calibrations]
-    result["logit_bias"] = [b for _, b in calibrations]
+    table, raw, verdicts = (
+        table[ok].reset_index(drop=True),
+        scored.raw[ok],
+        scored.verdicts.take(ok),
+    )
+    result = _metrics(table, verdicts.prob, raw, predictor.threshold, n_boot)
+    result["calls"] = _call_metrics(table, verdicts.call, n_boot)
+    reasons, counts = np.unique(verdicts.check.astype(str), return_counts=True)
+    result["input_check"] = {str(r): int(n) for r, n in zip(reasons, counts, strict=True)}
     summary = summarize(table) | {
         "n_files": len(table) + len(skipped),
         "n_skipped": len(skipped),
@@ -96,7 +98,7 @@ def evaluate(
         data_summary=summary,
         warnings=warnings,
     )
-    _write_outputs(out, result, table, prob, (margin, neighbours), checkpoint)
+    _write_outputs(out, result, table, verdicts, checkpoint)
     for w in warnings:
         logger.warning(w)
     return result
@@ -151,6 +153,26 @@ def _metrics(table, prob, raw, threshold: float, n_boot: int) -> dict:
     return result
 
 
+def _call_metrics(table, call: np.ndarray, n_boot: int) -> dict:
+    """The three-way calls (``metrics.call_metrics``), pooled with patient-clustered 95%
+    CIs, and per patient."""
+    y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
+    result = metrics.call_metrics(y, call)
+    if n_boot > 0 and len(set(patients)) >= 3:
+        result["ci95"] = {
+            key: list(metrics.bootstrap_ci(
+                y, call, patients, lambda yy, cc, k=key: metrics.call_metrics(yy, cc)[k],
+                n_boot=n_boot,
+            ))
+            for key in ("coverage", "sensitivity_decided", "specificity_decided")
+        }  # fmt: skip
+    result["per_patient"] = [
+        {"patient": str(p), **metrics.call_metrics(y[patients == p], call[patients == p])}
+        for p in np.unique(patients)
+    ]
+    return result
+
+
 def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     """Patient-clustered bootstrap: resampling patients, not patches, is what new patients vary."""
     if n_boot <= 0 or len(set(patients)) < 3:
@@ -165,15 +187,14 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     }
 
 
-def _write_outputs(out: Path, result: dict, table, prob, scores, checkpoint) -> None:
-    """The metrics, report, figures and ``predictions.csv``: a row per patch with its label,
-    the context it was scored in, calibrated P(IDC), call and uncalibrated logit margin
-    (``scores``: ``(margin, neighbours)``, see ``inference.tables``)."""
-    y = table["label"].to_numpy()
+def _write_outputs(out: Path, result: dict, table, verdicts: Verdicts, checkpoint) -> None:
+    """The metrics, report, figures and ``predictions.csv``: a row per patch with its label
+    and what the model says of it (``inference.tables``)."""
+    y, prob = table["label"].to_numpy(), verdicts.prob
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     report_text = metrics.classification_report_text(y, prob >= result["threshold"])
     (out / "classification_report.txt").write_text(report_text)
-    predictions = prediction_table(table[PATCH_IDS], prob, *scores, result["threshold"], label=y)
+    predictions = prediction_table(table[PATCH_IDS], verdicts, result["threshold"], label=y)
     predictions.to_csv(out / "predictions.csv", index=False)
     figures = {
         "ROC curve": plots.plot_roc(y, prob, threshold=result["threshold"]),

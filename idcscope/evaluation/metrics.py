@@ -96,6 +96,28 @@ def binary_metrics(y_true: Any, prob: Any, threshold: float = 0.5) -> dict[str, 
     }
 
 
+def call_metrics(y_true: Any, call: Any) -> dict[str, Any]:
+    """How three-way calls (1 IDC, 0 no IDC, -1 uncertain) meet the labels: the share
+    decided (``coverage``, of all patches and of each class) and, among the decided,
+    sensitivity and specificity (each class's error is one minus it); None where a class
+    has no decided patch."""
+    y, c = _check(y_true, call)
+    decided, pos = c >= 0, y == 1
+
+    def share(hits: np.ndarray, of: np.ndarray) -> float | None:
+        return float(hits[of].mean()) if of.any() else None
+
+    return {
+        "coverage": float(decided.mean()),
+        "coverage_idc": share(decided, pos),
+        "coverage_no_idc": share(decided, ~pos),
+        "sensitivity_decided": share(c == 1, pos & decided),
+        "specificity_decided": share(c == 0, ~pos & decided),
+        "n_decided": int(decided.sum()),
+        "n_uncertain": int((~decided).sum()),
+    }
+
+
 def per_patient_metrics(
     y_true: Any, prob: Any, patients: Any, threshold: float = 0.5
 ) -> list[dict[str, Any]]:

@@ -36,12 +36,15 @@ from matplotlib.figure import Figure
 
 from ..errors import IdcscopeError
 from .attribution import _modes, _no_autocast, _restore_modes
+from .tables import Verdicts, prediction_table
 
 logger = logging.getLogger(__name__)
 
 CAM_METHODS = ("gradcam", "hirescam")
 _CAM_NAMES = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}
-CSV_COLUMNS = ["path", "prob_idc", "pred", "label", "output", "error"]
+CSV_COLUMNS = [
+    "path", "label", "neighbours", "prob_idc", "pred", "call", "input_check", "output", "error"
+]  # fmt: skip
 
 
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -254,9 +257,7 @@ def _output_name(stem: str, used: set[str]) -> str:
 class Explanations:
     """What the model says about patches, and where it looks: one entry per patch read."""
 
-    prob: np.ndarray  # calibrated P(IDC) from the Predictor, (N,)
-    margin: np.ndarray  # its uncalibrated logit margin (``inference.predictor.Scored``)
-    neighbours: np.ndarray  # the context it was scored in (``inference.predictor.Scored``)
+    verdicts: Verdicts  # what the Predictor says of each (``inference.predictor.Scored``)
     cam: np.ndarray  # CAM maps (N, H, W) in [0, 1]
     saliency: np.ndarray  # saliency maps (N, H, W) in [0, 1]
     method: str  # "gradcam" or "hirescam"
@@ -273,6 +274,11 @@ class Explanations:
     @property
     def cam_name(self) -> str:
         return _CAM_NAMES[self.method]
+
+    @property
+    def prob(self) -> np.ndarray:
+        """Calibrated P(IDC), (N,)."""
+        return self.verdicts.prob
 
 
 class Explainer:
@@ -306,10 +312,8 @@ class Explainer:
         )
         cams, sals, method = self.maps(inputs)
         ex = Explanations(
-            scored.prob[ok], scored.margin[ok], scored.neighbours[ok], cams, sals, method,
-            scored.patches, ok,
-            scored.reasons,
-        )  # fmt: skip
+            scored.verdicts.take(ok), cams, sals, method, scored.patches, ok, scored.reasons
+        )
         radius = self.predictor.members[0].prep.neighbourhood
         if radius:
             from .attribution import block_rows, neighbour_blocks
@@ -385,9 +389,11 @@ def explain_patches(
         engine: The Predictor's engine, when ``checkpoint`` is a path.
 
     Returns:
-        One dict per input file, as in ``explanations.csv``: path, prob_idc, pred (0/1),
-        label (from the file name; None when unknown), output (the panel's file name) and
-        error (why the file was skipped; "" when it was not).
+        One dict per input file, as in ``explanations.csv``: path, label (from the file
+        name; None when unknown), what the model says of it as ``predict`` writes it
+        (``inference.tables``: neighbours, prob_idc, pred, call, input_check; None where
+        the file was skipped), output (the panel's file name) and error (why the file
+        was skipped; "" when it was not).
     """
     from ..data.manifest import index_files
     from .predictor import Predictor
@@ -400,19 +406,15 @@ def explain_patches(
     ex = Explainer(predictor, cam_method, batch_size).explain(index.table)
     rows, used = [], set()
     for i, (path, label) in enumerate(zip(index.table["path"], index.table["label"], strict=True)):
-        rows.append(
-            {
-                "path": path,
-                "prob_idc": None,
-                "pred": None,
-                "label": None if label < 0 else int(label),
-                "output": "",
-                "error": ex.reasons[i],
-            }
-        )
+        label = None if label < 0 else int(label)
+        rows.append(_row(path, label, ex.reasons[i]))
+    said = prediction_table(index.table[[]].loc[ex.ok], ex.verdicts, threshold).drop(
+        columns="margin"
+    )
+    said = said.astype(object).where(said.notna(), None)  # what the CSV leaves empty: None
     for k, i in enumerate(np.flatnonzero(ex.ok)):
-        row, p = rows[i], float(ex.prob[k])
-        row.update(prob_idc=round(p, 6), pred=int(p >= threshold))
+        row = rows[i]
+        row.update(said.iloc[k].to_dict())
         row["output"] = _output_name(Path(row["path"]).stem, used)
         title = _title(row, threshold)
         if ex.blocks is None:
@@ -423,22 +425,30 @@ def explain_patches(
             fig = block_figure(ex.blocks[k], ex.attribution[k], title, upscale)
         fig.savefig(out / row["output"])
     for p, reason in index.skipped:
-        rows.append({"path": p, "prob_idc": None, "pred": None, "label": None, "output": ""})
-        rows[-1]["error"] = reason
+        rows.append(_row(p, None, reason))
     for row in rows:
         if row["error"]:
             logger.warning("skipped %s: %s", row["path"], row["error"])
-    pd.DataFrame(rows, columns=CSV_COLUMNS).astype({"pred": "Int64", "label": "Int64"}).to_csv(
+    types = {"pred": "Int64", "label": "Int64", "neighbours": "Int64"}
+    pd.DataFrame(rows, columns=CSV_COLUMNS).astype(types).to_csv(
         out / "explanations.csv", index=False
     )
     logger.info("explained %d of %d patches in %s", int(ex.ok.sum()), len(rows), out)
     return rows
 
 
+def _row(path, label: int | None, error: str) -> dict:
+    """A row of ``explanations.csv`` before the model says anything of the patch."""
+    return dict.fromkeys(CSV_COLUMNS) | {"path": path, "label": label, "output": "", "error": error}
+
+
 def _title(row: dict, threshold: float) -> str:
-    said = "IDC" if row["pred"] else "no IDC"
+    said = {"idc": "IDC", "no_idc": "no IDC", "uncertain": "uncertain"}[row["call"]]
     text = f"{Path(row['path']).name}\nP(IDC) = {row['prob_idc']:.3f}: {said}"
-    text += f" (threshold {threshold:.2f})"
+    text += f" (threshold {threshold:.2f}"
+    if row["neighbours"] is not None:
+        text += f", {row['neighbours']} of 8 neighbours"
+    text += ")" if row["input_check"] == "ok" else f"; input check: {row['input_check']})"
     if row["label"] is not None:
         text += f", label {'IDC' if row['label'] else 'no IDC'}"
     return text

@@ -109,10 +109,8 @@ def _predict_table(predictor: Predictor, table: pd.DataFrame, out_csv, ctx) -> p
 
     def write(scored: Scored) -> None:
         rows = prediction_table(
-            ids.iloc[scored.rows], scored.prob, scored.margin, scored.neighbours,
-            predictor.threshold,
-            error=scored.reasons,
-        )  # fmt: skip
+            ids.iloc[scored.rows], scored.verdicts, predictor.threshold, error=scored.reasons
+        )
         if writer is not None:
             writer.write(rows)
         parts.append(rows.assign(bucket=scored.bucket.index) if ctx.enabled else rows)

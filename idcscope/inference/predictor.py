@@ -23,13 +23,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data import PATCH_SIZE
-from ..data.grid import neighbour_counts, placed, smooth_rows
+from ..data.grid import neighbour_counts, smooth_rows
+from ..data.inputcheck import check_patches
 from ..data.preprocess import Preprocessing
-from ..models.schema import ModelMeta
+from ..models.schema import Decisions, ModelMeta, call_codes
 from ..progress import progress_bar
 from .backends import create_backend
 from .calibration import probabilities
 from .stream import ArraySource, Bucket, FileSource, Loaded, make_buckets, run_pipeline
+from .tables import Verdicts
 from .workers import FORWARD, workers
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ class Prediction(NamedTuple):
     prob_uncalibrated: np.ndarray
     margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
     neighbours: np.ndarray  # the context each was scored in (see `Scored`)
+    call: np.ndarray  # 1 IDC, 0 no IDC, -1 uncertain (see `Scored`)
+    check: np.ndarray  # the input check's reason (see `Scored`)
+
+    @property
+    def verdicts(self) -> Verdicts:
+        return Verdicts(self.prob, self.margin, self.neighbours, self.call, self.check)
 
 
 @dataclass
@@ -51,7 +59,11 @@ class Scored:
     ensemble. It is what calibration and thresholds are fitted on (``training.oof``).
     ``neighbours`` is the context a patch was scored in: how many of its 8 neighbours
     were there (0 to 8; ``data.grid.neighbour_counts``), NaN for a patch scored alone (no
-    place, or context off) or not read.
+    place, or context off) or not read. It chooses the calibration of each patch and the
+    band where it is called uncertain (``ModelMeta.decisions``): ``call`` is 1 (IDC), 0
+    (no IDC) or -1 (uncertain), NaN where not read. ``check`` is the input check's reason
+    (``data.inputcheck``): "ok", or why the patch is not what the model was made for,
+    which makes its call uncertain; "" where not read.
     """
 
     bucket: Bucket
@@ -59,12 +71,18 @@ class Scored:
     prob_uncalibrated: np.ndarray
     margin: np.ndarray
     neighbours: np.ndarray
+    call: np.ndarray
+    check: np.ndarray
     reasons: list[str]  # why each unreadable row failed, "" elsewhere
     patches: np.ndarray  # the decoded patches of the rows that were read, in row order
 
     @property
     def rows(self) -> np.ndarray:
         return self.bucket.rows
+
+    @property
+    def verdicts(self) -> Verdicts:
+        return Verdicts(self.prob, self.margin, self.neighbours, self.call, self.check)
 
 
 class TableScores(NamedTuple):
@@ -74,10 +92,16 @@ class TableScores(NamedTuple):
     raw: np.ndarray  # uncalibrated
     margin: np.ndarray  # uncalibrated logit margin (see `Scored`)
     neighbours: np.ndarray  # the context each row was scored in (see `Scored`)
+    call: np.ndarray  # 1 IDC, 0 no IDC, -1 uncertain, NaN where not read (see `Scored`)
+    check: np.ndarray  # the input check's reason, "" where not read (see `Scored`)
     ok: np.ndarray
     reasons: list[str]  # why each unreadable file failed, "" elsewhere
     n_padded: int  # patches smaller than 50x50, padded with glass
     patches: np.ndarray | None  # with ``keep_patches``: the decoded patches of the ok rows
+
+    @property
+    def verdicts(self) -> Verdicts:
+        return Verdicts(self.prob, self.margin, self.neighbours, self.call, self.check)
 
 
 @dataclass
@@ -89,14 +113,9 @@ class Member:
     prep: Preprocessing
     backend: object
 
-    def probabilities(self, logits: np.ndarray, has_place: np.ndarray) -> np.ndarray:
-        """Calibrated P(IDC): patches with a place on the grid (``has_place``) take the
-        checkpoint's calibration, patches scored alone its lone one (`ModelMeta.calibrated`)."""
-        prob = probabilities(logits, *self.meta.calibrated())
-        if not has_place.all():
-            lone = probabilities(logits, *self.meta.calibrated(lone=True))
-            prob = np.where(has_place, prob, lone)
-        return prob
+    def probabilities(self, margin: np.ndarray, decisions: Decisions) -> np.ndarray:
+        """Calibrated P(IDC) of logit margins, each by its context's calibration."""
+        return probabilities(margin, decisions.temperature, decisions.logit_bias)
 
 
 def load_member(path, engine, device, precision, batch_size, threads) -> Member:
@@ -151,6 +170,8 @@ class Predictor:
         self.paths = [m.path for m in self.members]
         self.tta, self.context, self.threads = tta, context, threads
         self.threshold = float(np.mean([m.meta.threshold for m in self.members]))
+        checks = [m.meta.input_check for m in self.members if m.meta.input_check]
+        self.input_check = checks[0] if checks else {}  # the first member's that has one
 
     @property
     def models(self) -> list[ModelMeta]:
@@ -206,35 +227,42 @@ class Predictor:
             rows = loaded.bucket.rows[loaded.ok]
             return groups[rows], None if coords is None else tuple(c[rows] for c in coords)
 
-        def prepare(loaded: Loaded) -> list[np.ndarray]:
+        def prepare(loaded: Loaded) -> tuple[list[np.ndarray], np.ndarray]:
             g, xy = where(loaded)
             # On a worker thread, beside the others: no threads of its own.
-            return [m.prep.model_input(loaded.patches, g, xy, workers=1) for m in self.members]
+            inputs = [m.prep.model_input(loaded.patches, g, xy, workers=1) for m in self.members]
+            return inputs, check_patches(self.input_check, loaded.patches, workers=1)
 
         def launch(loaded: Loaded) -> list:
             priority = (FORWARD, loaded.bucket.index)
             return [
                 m.backend.submit(x, self.tta, priority)
-                for m, x in zip(self.members, loaded.prepared, strict=True)
+                for m, x in zip(self.members, loaded.prepared[0], strict=True)
             ]
 
         def finish(loaded: Loaded, waits) -> Scored:
             g, xy = where(loaded)
-            has_place = np.zeros(len(g), bool) if xy is None else placed(*xy)
-            calibrated, raw, margins = [], [], []
+            neighbours = np.full(len(g), np.nan) if xy is None else neighbour_counts(g, *xy)
+            calibrated, raw, margins, below, above = [], [], [], [], []
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), g, xy, member.meta.context)
-                calibrated.append(member.probabilities(logits, has_place))
-                raw.append(probabilities(logits))
                 margins.append(logits[:, 1].astype(np.float64) - logits[:, 0])
+                decisions = member.meta.decisions(neighbours)
+                calibrated.append(member.probabilities(margins[-1], decisions))
+                raw.append(probabilities(logits))
+                below.append(decisions.no_idc_below)
+                above.append(decisions.idc_from)
+            prob = np.mean(calibrated, axis=0)
+            band = (np.mean(below, axis=0), np.mean(above, axis=0))  # an ensemble: the mean
+            check = loaded.prepared[1]
+            call = np.where(check == "ok", call_codes(prob, *band), -1.0)
+            unread = np.full(len(loaded.ok), "", dtype=object)
+            unread[loaded.ok] = check
             return Scored(
                 loaded.bucket,
-                _spread(np.mean(calibrated, axis=0), loaded.ok),
-                _spread(np.mean(raw, axis=0), loaded.ok),
-                _spread(np.mean(margins, axis=0), loaded.ok),
-                _spread(
-                    np.full(len(g), np.nan) if xy is None else neighbour_counts(g, *xy), loaded.ok
-                ),
+                *(_spread(v, loaded.ok) for v in (prob, np.mean(raw, axis=0))),
+                *(_spread(v, loaded.ok) for v in (np.mean(margins, axis=0), neighbours, call)),
+                unread,
                 loaded.reasons,
                 loaded.patches,
             )
@@ -267,7 +295,8 @@ class Predictor:
         groups = table["patient"].to_numpy()
         coords = (table["x"].to_numpy(), table["y"].to_numpy())  # -1 where the name has none
         buckets = make_buckets(groups) if buckets is None else buckets
-        prob, raw, margin, neighbours = (np.full(len(table), np.nan) for _ in range(4))
+        prob, raw, margin, neighbours, call = (np.full(len(table), np.nan) for _ in range(5))
+        check = np.full(len(table), "", dtype=object)
         reasons, kept = [""] * len(table), []
         # closing: an error in ``each`` must stop the worker threads before it goes on
         scoring = contextlib.closing(self.score(groups, coords, source, buckets))
@@ -275,7 +304,7 @@ class Predictor:
         with scoring as scores, progress_bar(desc, total=total) as advance:
             for s in scores:
                 prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
-                neighbours[s.rows] = s.neighbours
+                neighbours[s.rows], call[s.rows], check[s.rows] = s.neighbours, s.call, s.check
                 for r, why in zip(s.rows, s.reasons, strict=True):
                     reasons[r] = why
                 if keep_patches:
@@ -290,7 +319,9 @@ class Predictor:
             position = np.cumsum(ok) - 1
             for rows, part in kept:
                 patches[position[rows]] = part
-        return TableScores(prob, raw, margin, neighbours, ok, reasons, source.n_padded, patches)
+        return TableScores(
+            prob, raw, margin, neighbours, call, check, ok, reasons, source.n_padded, patches
+        )
 
     def predict(
         self,
@@ -310,11 +341,12 @@ class Predictor:
         rows = np.arange(len(images)) if rows is None else np.asarray(rows)
         groups = np.zeros(len(images), np.int64) if patients is None else np.asarray(patients)
         sub = None if coords is None else tuple(np.asarray(c)[rows] for c in coords)
-        prob, raw, margin, neighbours = (np.empty(len(rows)) for _ in range(4))
+        prob, raw, margin, neighbours, call = (np.empty(len(rows)) for _ in range(5))
+        check = np.empty(len(rows), dtype=object)
         for s in self.score(groups[rows], sub, _Rows(images, rows)):
             prob[s.rows], raw[s.rows], margin[s.rows] = s.prob, s.prob_uncalibrated, s.margin
-            neighbours[s.rows] = s.neighbours
-        return Prediction(prob, raw, margin, neighbours)
+            neighbours[s.rows], call[s.rows], check[s.rows] = s.neighbours, s.call, s.check
+        return Prediction(prob, raw, margin, neighbours, call, check)
 
     def predict_proba(self, images, rows=None, patients=None, coords=None) -> np.ndarray:
         """Calibrated P(IDC), averaged over the members."""

@@ -16,6 +16,9 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 from ..errors import CheckpointError
 
@@ -50,6 +53,10 @@ class ModelMeta:
     calibration: dict = field(default_factory=dict)  # ...and the fit's report (ECE before/after)
     # {"temperature", "logit_bias", "calibration"} of patches scored alone; None: the same
     lone_calibration: dict | None = None
+    # Per scoring context (``training.contexts``), in place of the three above where there:
+    # {"neighbours": [lo, hi], "temperature", "logit_bias", "band": [below, from], ...}
+    # for the patches scored with lo to hi of their 8 neighbours (alone counts as 0).
+    contexts: list = field(default_factory=list)
     context: dict = field(default_factory=dict)  # grid smoothing of logits: {"sigma", "step"}
     splits: dict = field(default_factory=dict)  # the patients it trained and validated on
     config: dict = field(default_factory=dict)  # the recipe: ``training.config.TrainConfig``
@@ -67,11 +74,38 @@ class ModelMeta:
 
     def calibrated(self, lone: bool = False) -> tuple[float, float]:
         """``(temperature, logit_bias)`` of patches scored with their neighbours, or with
-        ``lone`` of patches scored alone (their own where the model has one)."""
+        ``lone`` of patches scored alone (their own where the model has one), for a model
+        without ``contexts``."""
         if lone and self.lone_calibration:
             own = self.lone_calibration
             return float(own.get("temperature", 1.0)), float(own.get("logit_bias", 0.0))
         return float(self.temperature), float(self.logit_bias)
+
+    def decisions(self, neighbours) -> Decisions:
+        """How each patch is calibrated and called, by the context it was scored in
+        (``neighbours``: how many of its 8 neighbours were there, NaN when alone).
+
+        With ``contexts``, each patch takes its context's; without (an older model), the
+        model's calibration (the lone one for patches scored alone) and no uncertain band:
+        it decides every patch at its threshold.
+        """
+        n = np.nan_to_num(np.asarray(neighbours, dtype=np.float64), nan=0.0)
+        if not self.contexts:
+            lone = np.isnan(np.asarray(neighbours, dtype=np.float64))
+            (t, b), (lt, lb) = self.calibrated(), self.calibrated(lone=True)
+            band = np.full(len(n), float(self.threshold))
+            return Decisions(np.where(lone, lt, t), np.where(lone, lb, b), band, band.copy())
+        out = Decisions(*(np.full(len(n), np.nan) for _ in range(4)))
+        for c in self.contexts:
+            lo, hi = c["neighbours"]
+            rows = (n >= lo) & (n <= hi)
+            out.temperature[rows], out.logit_bias[rows] = c["temperature"], c["logit_bias"]
+            out.no_idc_below[rows], out.idc_from[rows] = c["band"]
+        if np.isnan(out.temperature).any():
+            raise ValueError(
+                f"contexts {[c['neighbours'] for c in self.contexts]} miss some of 0-8"
+            )
+        return out
 
     @property
     def seen_patients(self) -> set[str]:
@@ -97,6 +131,24 @@ class ModelMeta:
         if unknown:  # a newer idcscope's extra field: what this one knows still holds
             logger.debug("%s: fields this idcscope does not read: %s", where, unknown)
         return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+class Decisions(NamedTuple):
+    """Per patch: ``sigmoid(margin / temperature + logit_bias)`` is its calibrated P(IDC);
+    it is called no IDC below ``no_idc_below``, IDC from ``idc_from``, uncertain between."""
+
+    temperature: np.ndarray
+    logit_bias: np.ndarray
+    no_idc_below: np.ndarray
+    idc_from: np.ndarray
+
+
+def call_codes(prob, no_idc_below, idc_from) -> np.ndarray:
+    """1 (IDC) from ``idc_from``, 0 (no IDC) below ``no_idc_below``, -1 (uncertain) between,
+    per patch; NaN where ``prob`` is NaN."""
+    prob = np.asarray(prob, dtype=np.float64)
+    code = np.where(prob >= idc_from, 1.0, np.where(prob < no_idc_below, 0.0, -1.0))
+    return np.where(np.isnan(prob), np.nan, code)
 
 
 def migrate(fields: dict, where: object) -> dict:

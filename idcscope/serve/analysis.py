@@ -22,7 +22,7 @@ import pandas as pd
 from ..data.manifest import files_table
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
-from ..inference.tables import PATCH_IDS, prediction_table
+from ..inference.tables import PATCH_IDS, Verdicts, prediction_table
 from .jobs import Job
 from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
 
@@ -90,9 +90,9 @@ class Analyst:
             if reason:
                 errors[i] = f"not a readable image: {_named(reason, uploads[i])}"
         scored = np.asarray(sent, dtype=np.int64)[ex.ok]  # the uploads read, in ex's order
-        prob, margin, neighbours = (np.full(len(uploads), np.nan) for _ in range(3))
-        prob[scored], margin[scored], neighbours[scored] = ex.prob, ex.margin, ex.neighbours
-        predictions = _patch_table(uploads, (prob, margin, neighbours), threshold, errors)
+        verdicts = Verdicts.empty(len(uploads))
+        verdicts.put(scored, ex.verdicts)
+        predictions = _patch_table(uploads, verdicts, threshold, errors)
         csv = job.folder / "predictions.csv"
         predictions.to_csv(csv, index=False)
         rows = predictions.astype(object).where(predictions.notna(), None).to_dict("records")
@@ -170,15 +170,14 @@ class Analyst:
         }
 
 
-def _patch_table(uploads: list[Upload], scores, threshold: float, errors) -> pd.DataFrame:
-    """The uploads' prediction table (``inference.tables``; ``scores``: the P(IDC), margin
-    and neighbours of each upload): each file named as it was sent
+def _patch_table(uploads: list[Upload], verdicts, threshold: float, errors) -> pd.DataFrame:
+    """The uploads' prediction table (``inference.tables``): each file named as it was sent
     (``file``, what the page reads; never its server path), with the patient, place and
     label its name tells, read as ``predict`` reads them."""
     named = files_table([u.name for u in uploads])
     ids = named[PATCH_IDS].rename(columns={"path": "file"})
     label = named["label"].to_numpy()
-    return prediction_table(ids, *scores, threshold, label=label, error=errors)
+    return prediction_table(ids, verdicts, threshold, label=label, error=errors)
 
 
 def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:

@@ -23,6 +23,7 @@ from .figures import _save_png, plot_patient_heatmap, plot_probability_map
 
 if TYPE_CHECKING:
     from ..inference.predictor import Predictor
+    from ..inference.tables import Verdicts
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ def patient_heatmap(
     if len(rows) == 0:
         raise NothingScoredError(f"{patient_dir}: none of the {len(table)} patches could be read")
     placed = _Placed(
-        scored.prob[rows], scored.margin[rows], scored.neighbours[rows], table["x"].to_numpy()[rows],
-        table["y"].to_numpy()[rows], table["label"].to_numpy()[rows],
+        scored.verdicts.take(rows), table["x"].to_numpy()[rows], table["y"].to_numpy()[rows],
+        table["label"].to_numpy()[rows],
     )  # fmt: skip
     summary, maps = _compare(placed, threshold)
     summary = {
@@ -194,15 +195,17 @@ def patient_heatmap(
 
 
 class _Placed(NamedTuple):
-    """A patient's scored patches: P(IDC), logit margin and scoring context
-    (``inference.predictor.Scored``), top-left corners and labels (-1: unknown)."""
+    """A patient's scored patches: what the model says of them (``inference.tables``),
+    top-left corners and labels (-1: unknown)."""
 
-    prob: np.ndarray
-    margin: np.ndarray
-    neighbours: np.ndarray
+    verdicts: Verdicts
     xs: np.ndarray
     ys: np.ndarray
     labels: np.ndarray
+
+    @property
+    def prob(self) -> np.ndarray:
+        return self.verdicts.prob
 
 
 def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
@@ -261,9 +264,7 @@ def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skip
 
     predictions = prediction_table(
         table[PATCH_IDS],
-        placed.prob,
-        placed.margin,
-        placed.neighbours,
+        placed.verdicts,
         threshold,
         label=placed.labels,
     )

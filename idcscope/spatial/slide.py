@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..inference.tables import Verdicts, prediction_table
 from .wsi import THUMB_PX, Scan, TileGrid, check_mpp, read_slide
 
 logger = logging.getLogger(__name__)
@@ -120,17 +121,18 @@ def slide_inference(
     t_read = time.perf_counter() - t0
     grid, rows, cols = scan.grid, scan.rows, scan.cols
     prob = np.full((grid.rows, grid.cols), np.nan)
-    margin, neighbours = np.full(len(scan.tiles), np.nan), np.full(len(scan.tiles), np.nan)
+    verdicts = Verdicts.empty(len(scan.tiles))
     if len(scan.tiles):  # one slide is one patient for stain normalisation and spatial context
         where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
         group = np.full(len(scan.tiles), path.stem)
         scored = predictor.predict(scan.tiles, None, group, where)
-        prob[rows, cols], margin, neighbours = scored.prob, scored.margin, scored.neighbours
+        prob[rows, cols], verdicts = scored.prob, scored.verdicts
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
-    tiles = (margin, neighbours)
-    summary["files"] = _write_maps(out, path, scan, prob, tiles, threshold, mpp * patch / THUMB_PX)
+    summary["files"] = _write_maps(
+        out, path, scan, prob, verdicts, threshold, mpp * patch / THUMB_PX
+    )
     (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: %d tissue tiles, %s, %.1f tiles/s",
@@ -177,15 +179,13 @@ def _found(summary: dict) -> str:
     )
 
 
-def _write_maps(out: Path, path: Path, scan: Scan, prob, tiles, threshold, thumb_mpp) -> dict:
+def _write_maps(out: Path, path: Path, scan: Scan, prob, verdicts, threshold, thumb_mpp) -> dict:
     """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths.
 
-    The table has a row per tissue tile (``tiles``: the margin and the neighbours of each
-    tile, in their order): its
-    place on the tile grid and in level-0 pixels, its size and tissue fraction, then the
-    prediction columns every table has (``inference.tables``).
+    The table has a row per tissue tile (``verdicts``: what the model says of each, in
+    their order): its place on the tile grid and in level-0 pixels, its size and tissue
+    fraction, then the prediction columns every table has (``inference.tables``).
     """
-    from ..inference.tables import prediction_table
     from .heatmap import _save_png, plot_patient_heatmap
 
     name, grid, rows, cols = path.stem, scan.grid, scan.rows, scan.cols
@@ -204,7 +204,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, tiles, threshold, thumb
             "tissue": scan.fraction[rows, cols].round(3),
         }
     )
-    table = prediction_table(ids, prob[rows, cols], *tiles, threshold)
+    table = prediction_table(ids, verdicts, threshold)
     table.to_csv(files["tiles_csv"], index=False)
     files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")
     hot = int((prob[rows, cols] >= threshold).sum())
