@@ -202,8 +202,8 @@ def confident_folds(tmp_path):
             (tmp_path / f"fold{fold}" / where).mkdir(parents=True)
             pd.DataFrame({
                 "path": [f"{fold}/{i}.png" for i in range(n)], "patient": str(fold), "x": 0,
-                "y": 0, "label": y[mine], "prob_idc": prob.round(6), "pred": (prob >= 0.5) * 1,
-                "margin": margin[mode][mine],
+                "y": 0, "label": y[mine], "neighbours": 8 if mode == "context" else None,
+                "prob_idc": prob.round(6), "pred": (prob >= 0.5) * 1, "margin": margin[mode][mine],
             }).to_csv(tmp_path / f"fold{fold}" / where / "predictions.csv", index=False)  # fmt: skip
     return tmp_path, margin, y
 
@@ -235,6 +235,7 @@ def test_oof_calibration_is_fitted_on_the_margins_not_the_rounded_probabilities(
     import idcscope.training.train as train_module
     from idcscope.models.checkpoint import save_checkpoint
     from idcscope.training.config import TrainConfig
+    from idcscope.training.contexts import fit_decisions
     from idcscope.training.cv import cohort_results, pooled_metrics
     from idcscope.training.oof import cross_fitted, fit_decision, train_final
 
@@ -252,9 +253,17 @@ def test_oof_calibration_is_fitted_on_the_margins_not_the_rounded_probabilities(
 
     monkeypatch.setattr(train_module, "train", fake_train)
     folds = {f: {"sigma": 0.0, "epoch": 0} for f in range(3)}
-    final = train_final(cfg, pooled, folds)
-    for key in ("temperature", "logit_bias", "threshold"):
+    every = pd.concat([f.assign(scored=m) for m, f in pooled.items()], ignore_index=True)
+    final = train_final(cfg, every, folds)
+    for key in ("temperature", "logit_bias"):
         assert final[key] == exact[key]
+    # the threshold is chosen on every mode, each calibrated by its context's own fit
+    by_context = fit_decisions(every, (cfg.threshold, cfg.target_sensitivity))
+    assert final["threshold"] == by_context["threshold"]
+    fitted = [{k: v for k, v in c.items() if k != "measured"} for c in final["contexts"]]
+    assert fitted == by_context["contexts"]
+    alone = fit_decision(margin["lone"], y, cfg)  # lone patches are the "alone" context
+    assert final["contexts"][0]["temperature"] == pytest.approx(alone["temperature"], rel=1e-6)
     assert final["lone_calibration"]["temperature"] == exact_lone["temperature"]
     assert final["lone_calibration"]["logit_bias"] == exact_lone["logit_bias"]
 

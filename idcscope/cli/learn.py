@@ -146,7 +146,7 @@ def cv(
     final: Annotated[
         bool,
         typer.Option(
-            help="Then train on every patient into OUT/final, with temperature, bias and "
+            help="Then train on every patient into OUT/final, with calibration, calls and "
             "threshold fitted on the out-of-fold predictions."
         ),
     ] = False,
@@ -157,9 +157,19 @@ def cv(
             "folds can be ensembled fold by fold."
         ),
     ] = None,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            max=0.5,
+            help="Largest share of each class's decided patches called wrong: the rest "
+            "is called uncertain, per scoring context.",
+        ),
+    ] = 0.05,
 ) -> None:
     """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs,
-    with neighbours and each patch alone, per data folder."""
+    with neighbours, from a share of each patient's patches and each patch alone, per data
+    folder, and calibrated and called by scoring context."""
     from ..errors import IdcscopeError
     from ..training.config import make_config
     from ..training.cv import cross_validate
@@ -177,7 +187,9 @@ def cv(
             split=str(lock) if lock else None,
         )
         with log_to_file(out):
-            result = cross_validate(cfg, folds=folds, tta=tta, final=final, fold_seed=fold_seed)
+            result = cross_validate(
+                cfg, folds=folds, tta=tta, final=final, fold_seed=fold_seed, alpha=alpha
+            )
     except IdcscopeError as e:
         raise fail(e) from e
     print((out / "cv.md").read_text())

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..errors import IdcscopeError
 from ..models.bundle import CARD, CONFIG, MANIFEST, WEIGHTS, sha256_of
+from ..models.card import fill_card
 from ..models.checkpoint import load_model, read_checkpoint, read_meta, weights_sha256
 from ..models.schema import plain
 from .onnx import OnnxModel
@@ -139,7 +140,8 @@ def _check_agreement(torch_model: nn.Module, runner: OnnxModel, x: torch.Tensor,
 def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = None) -> Path:
     """Write the bundle of a checkpoint into ``out_dir``; returns the folder.
 
-    ``card`` is the model card's markdown (a stub naming the model when None).
+    ``card`` is the model card's markdown (a stub naming the model when None), its
+    markers filled with the model's measured numbers (``models.card``).
     """
     from safetensors.torch import save_file
 
@@ -151,7 +153,8 @@ def save_bundle(checkpoint: str | Path, out_dir: str | Path, card: str | None = 
     save_file(weights, str(out / WEIGHTS), metadata={"format": config["format"]})
     (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600: others must read an install
     name = ckpt["model"]["name"]
-    (out / CARD).write_text(card if card is not None else f"# idcscope model ({name})\n")
+    text = fill_card(card, read_meta(checkpoint)) if card is not None else None
+    (out / CARD).write_text(text if text is not None else f"# idcscope model ({name})\n")
     digests = {f: sha256_of(out / f) for f in (WEIGHTS, CARD)}
     config["weights_sha256"] = digests[WEIGHTS]  # as the card states it
     config[MANIFEST] = digests

@@ -21,7 +21,10 @@ from ..data import splits as splitting
 from ..data.dataset import load_patch_data
 from ..evaluation import metrics
 from ..evaluation.evaluate import evaluate
+from ..models.card import numbers_table
+from . import contexts
 from .config import TrainConfig
+from .contexts import ALPHA
 from .train import train
 
 logger = logging.getLogger(__name__)
@@ -56,14 +59,18 @@ def cross_validate(
     tta: bool = False,
     fold_seed: int | None = None,
     final: bool = False,
+    alpha: float = ALPHA,
 ) -> dict:
     """Train and test ``cfg`` on every fold; writes ``cv.json`` and ``cv.md`` under ``cfg.out``.
 
-    Every test patient is scored twice: with its neighbours (as a whole patient) and each
-    patch alone (as a lone upload). Results are given for all patients and for each data
-    folder, with the fold models' own calibration and with calibration fitted on the
-    other folds' out-of-fold predictions (``training.oof``). With ``final``, a last model
-    trains on every patient and takes its calibration and threshold from all of them.
+    Every test patient is scored three times: with its neighbours (as a whole patient),
+    from a random share of its patches (as a few uploads, ``contexts.score_thinned``) and
+    each patch alone (as a lone upload). Results are given for all patients and for each
+    data folder, with the fold models' own calibration, with calibration fitted on the
+    other folds' out-of-fold predictions (``training.oof``) and calibrated and called by
+    scoring context (``training.contexts``, at error ``alpha`` among the decided). With
+    ``final``, a last model trains on every patient and takes its calibration, calls and
+    threshold from all of them.
 
     A fold already finished (its ``fold.json`` written) is read back, not retrained, so a
     killed cross-validation resumes at the fold it was in. ``fold_seed`` (default
@@ -75,7 +82,8 @@ def cross_validate(
     out.mkdir(parents=True, exist_ok=True)
     data = load_patch_data(cfg.data, cfg.cache_dir)
     fold_seed = cfg.seed if fold_seed is None else fold_seed
-    per_fold, pooled, fold_dirs = [], {"context": [], "lone": []}, {}
+    per_fold, fold_dirs = [], {}
+    pooled: dict = {"context": [], "thinned": [], "lone": []}
     table = data.table[data.ok]
     locked = locked_patients(cfg)
     if locked:
@@ -98,12 +106,18 @@ def cross_validate(
     from .oof import fold_decisions, train_final
 
     result["cohorts"] = cohort_results(cfg, pooled, n_boot)
+    every = pd.concat([f.assign(scored=m) for m, f in pooled.items()], ignore_index=True)
+    every.to_csv(out / "oof_predictions.csv", index=False)  # what `calibrate` refits on
+    result["contexts"] = contexts.cohorts(every, _rule(cfg), alpha, n_boot, cfg.seed)[0]
     per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     if final:
-        result["final"] = train_final(cfg, pooled, fold_decisions(fold_dirs), locked)
+        decided = fold_decisions(fold_dirs)
+        result["final"] = train_final(cfg, every, decided, locked, result["contexts"], alpha)
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown_table([result], [cfg.recipe]) + "\n\n" + cohort_table(result["cohorts"])
+    text += "\n\nCalibrated and called by context, cross-fitted over the folds:\n\n"
+    text += numbers_table(result["contexts"])
     (out / "cv.md").write_text(text + "\n")
     return result
 
@@ -134,8 +148,12 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
     """The fold model's test predictions, with context or every patch alone (scored now
     if a fold finished before lone scoring existed, or before the predictions had the
     ``margin`` that ``training.oof`` fits on: their rounded probabilities lose it)."""
-    where = fold_dir / ("eval" if mode == "context" else "eval_lone")
+    where = fold_dir / {"context": "eval", "thinned": "eval_thinned", "lone": "eval_lone"}[mode]
     path = where / "predictions.csv"
+    if mode == "thinned":
+        if not path.exists():
+            contexts.score_thinned(fold_dir / "best.pt", cfg.data, where, cfg.seed, tta)
+        return pd.read_csv(path, dtype={"patient": str})
     stale = path.exists() and "margin" not in pd.read_csv(path, nrows=0).columns
     if stale:
         logger.warning("%s: written before margins were, scoring its patients again", path)
@@ -145,6 +163,11 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
             context=mode == "context",
         )  # fmt: skip
     return pd.read_csv(path, dtype={"patient": str})
+
+
+def _rule(cfg: TrainConfig) -> tuple:
+    """How the threshold is chosen (``calibration.choose_threshold``'s method, target)."""
+    return cfg.threshold, cfg.target_sensitivity
 
 
 def cohort_results(cfg: TrainConfig, pooled: dict, n_boot: int) -> dict:

@@ -26,8 +26,10 @@ from ..data.grid import STEP
 from ..evaluation import metrics
 from ..inference.calibration import probabilities
 from ..models.checkpoint import read_meta, update_checkpoint
+from . import contexts
 from .calibration import fit_posthoc
 from .config import TrainConfig
+from .contexts import ALPHA
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +83,21 @@ def cross_fitted(
 
 
 def train_final(
-    cfg: TrainConfig, pooled: dict[str, pd.DataFrame], folds: dict[int, dict], locked=()
+    cfg: TrainConfig,
+    pooled: pd.DataFrame,
+    folds: dict[int, dict],
+    locked=(),
+    reports: dict | None = None,
+    alpha: float = ALPHA,
 ) -> dict:
     """Train on every patient into ``cfg.out/final``; decisions come from the OOF fit.
 
-    ``pooled`` holds the OOF predictions (with their ``margin``) per scoring mode:
-    "context" ones give the temperature, bias and threshold, "lone" ones (when there) the
-    ``lone_calibration``.
+    ``pooled`` holds the OOF predictions (with their ``margin`` and ``neighbours``) of
+    every scoring mode (its ``scored`` column): all of them give the calibration and call
+    of each context and the threshold (``contexts.fit_decisions``), with what
+    ``reports`` (``contexts.cohorts``, cross-fitted) measured of each context; "context"
+    ones (with neighbours) the model-wide temperature and bias, "lone" ones the
+    ``lone_calibration``, for an idcscope that reads no contexts.
     The context width is the median of the fold models' (``folds``, `fold_decisions`; each
     chosen on its validation patients). ``locked`` patients (kept out of the folds) are its
     test patients. A finished final model is not trained again (its decisions are refitted,
@@ -97,7 +107,7 @@ def train_final(
 
     out = Path(cfg.out) / "final"
     out.mkdir(parents=True, exist_ok=True)
-    pred = pooled["context"]
+    pred = pooled[pooled["scored"] == "context"]
     patients = sorted(pred["patient"].astype(str).unique())
     test = sorted(map(str, locked))
     split = {"method": "patient", "seed": cfg.seed, "train": patients, "val": [], "test": test}
@@ -120,15 +130,17 @@ def train_final(
     prob = probabilities(margin, fit["temperature"], fit["logit_bias"])
     fields = fit | {
         "context": {"sigma": float(np.median(sigmas)), "step": STEP, "fold_sigmas": sigmas},
-        "oof_metrics": metrics.binary_metrics(y, prob, fit["threshold"]),
+        "oof_metrics": {"with_neighbours": metrics.binary_metrics(y, prob, fit["threshold"])},
     }
-    if "lone" in pooled:
-        lone = pooled["lone"]
+    lone = pooled[pooled["scored"] == "lone"]
+    if len(lone):
         lone_margin = lone["margin"].to_numpy(np.float64)
         lone_fit = fit_decision(lone_margin, lone["label"].to_numpy(), cfg)
         fields["lone_calibration"] = {
             k: lone_fit[k] for k in ("temperature", "logit_bias", "calibration")
         }
+    fields |= _context_fields(cfg, pooled, reports or {}, alpha)
+    fields["oof_metrics"] |= reports or {}
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **fields)
     done.write_text(json.dumps({"config": key, "fields": fields}, indent=2) + "\n")
@@ -137,3 +149,37 @@ def train_final(
         len(patients), fields["temperature"], fields["logit_bias"], fields["threshold"],
     )  # fmt: skip
     return fields
+
+
+def _context_fields(cfg: TrainConfig, pooled: pd.DataFrame, reports: dict, alpha: float) -> dict:
+    """``contexts`` (each with what the cross-fitted ``reports`` measured of it) and the
+    threshold chosen on every scoring mode calibrated."""
+    rule = (cfg.threshold, cfg.target_sensitivity)
+    fit = contexts.fit_decisions(pooled, rule, alpha)
+    measured = reports.get("by_context", {})
+    keep = ("auc", "ece", "coverage", "sensitivity_decided", "specificity_decided", "n_patients")
+    for c in fit["contexts"]:
+        c["measured"] = {k: measured[c["name"]][k] for k in keep} if c["name"] in measured else {}
+    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    return {
+        "contexts": fit["contexts"],
+        "threshold": fit["threshold"],
+        "threshold_method": f"{method} on out-of-fold predictions of every context, calibrated",
+    }
+
+
+def refit(oof_csv: str | Path, rule: tuple, alpha: float = ALPHA, n_boot: int = 1000) -> dict:
+    """The fields that calibrate and call by context (``contexts``, ``threshold``,
+    ``threshold_method``, ``oof_metrics``) fitted on a cross-validation's out-of-fold
+    predictions (its ``oof_predictions.csv``, every scoring mode), with the threshold
+    chosen by ``rule`` (``(method, target sensitivity)``), and measured cross-fitted."""
+    path = Path(oof_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no out-of-fold predictions (written by `idcscope cv`)")
+    pooled = pd.read_csv(path, dtype={"patient": str})
+    missing = {"label", "margin", "neighbours", "fold", "scored", "patient", "path"} - set(pooled)
+    if missing:
+        raise ValueError(f"{path}: not out-of-fold predictions of idcscope cv (no {sorted(missing)})")
+    reports = contexts.cohorts(pooled, rule, alpha, n_boot, 0)[0]
+    cfg = TrainConfig(threshold=rule[0], target_sensitivity=rule[1])
+    return _context_fields(cfg, pooled, reports, alpha) | {"oof_metrics": reports}

@@ -1,0 +1,101 @@
+"""Calibration and calls by scoring context (``training.contexts``) on scores the tests make."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from idcscope.evaluation.metrics import call_metrics, expected_calibration_error
+from idcscope.models.schema import ModelMeta
+from idcscope.training import contexts as cx
+
+
+def _scores(n: int, seed: int, scale: float = 2.0, shift: float = 0.0):
+    """Labels (30% IDC) and logit margins separating them at ``scale``, ``shift`` off."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    return y, scale * (2 * y - 1) + rng.normal(0, 1.5, n) + shift
+
+
+@pytest.mark.parametrize("n", [7, 40, 501])
+@pytest.mark.parametrize("level", [0.01, 0.05, 0.2, 0.5])
+def test_conformal_bound_gives_crepes_prediction_sets(n, level):
+    crepes = pytest.importorskip("crepes")
+    rng = np.random.default_rng(n)
+    cal, test = rng.random(n).round(2), rng.random(300).round(2)  # ties included
+    cc = crepes.ConformalClassifier().fit(cal)
+    theirs = cc.predict_set(test[:, None], confidence=1 - level, smoothing=False)[:, 0]
+    mine = test <= cx.conformal_bound(cal, level)
+    np.testing.assert_array_equal(mine, theirs.astype(bool))
+
+
+def test_band_keeps_each_class_error_among_the_decided_within_alpha():
+    y, margin = _scores(20_000, 0)
+    prob = 1 / (1 + np.exp(-margin))
+    fit = cx.conformal_band(prob, y, 0.05)
+    lo, hi = fit["band"]
+    assert 0 < lo <= hi < 1
+    for yy, pp in ((y, prob), _fresh(1)):  # the patients it was fitted on, and new ones
+        call = np.where(pp >= hi, 1, np.where(pp < lo, 0, -1))
+        m = call_metrics(yy, call)
+        assert m["sensitivity_decided"] >= 0.95 - 0.01 and m["specificity_decided"] >= 0.94
+        assert 0.3 < m["coverage"] < 0.95  # a real band: neither everything nor nothing
+    # a plain class-conditional band at 0.05 would not do it: among the decided, more errors
+    plain = np.where(prob >= 1 - cx.conformal_bound(1 - prob[y == 1], 0.05), 1, 0)
+    assert call_metrics(y, plain)["sensitivity_decided"] < 0.95 + 0.001
+
+
+def _fresh(seed):
+    y, margin = _scores(20_000, seed)
+    return y, 1 / (1 + np.exp(-margin))
+
+
+def test_each_context_is_calibrated_on_its_own():
+    # with neighbours: sharp scores; alone: half as sharp and shifted towards IDC
+    y1, m1 = _scores(6000, 2, scale=3.0)
+    y0, m0 = _scores(6000, 3, scale=1.0, shift=1.5)
+    frame = pd.DataFrame({
+        "label": np.r_[y1, y0], "margin": np.r_[m1, m0],
+        "neighbours": np.r_[np.full(6000, 8.0), np.full(6000, np.nan)],
+    })  # fmt: skip
+    fit = cx.fit_decisions(frame, ("youden", None))
+    assert [c["name"] for c in fit["contexts"]] == [c[0] for c in cx.CONTEXTS]
+    decided = cx.decide(fit["contexts"], frame, fit["threshold"])
+    lone = frame["neighbours"].isna().to_numpy()
+    for labels, rows in ((y0, lone), (y1, ~lone)):
+        assert expected_calibration_error(labels, decided["prob_idc"][rows]) < 0.02
+    one = 1 / (1 + np.exp(-frame["margin"].to_numpy()))  # one calibration for both
+    assert expected_calibration_error(y0, one[lone]) > 0.1
+    # the lone context decides fewer of its patches: its scores say less
+    assert (decided["call"][lone] >= 0).mean() < (decided["call"][~lone] >= 0).mean()
+    # the model applies them as fitted
+    meta = ModelMeta({}, [], {}, contexts=fit["contexts"], threshold=fit["threshold"])
+    d = meta.decisions(frame["neighbours"].to_numpy())
+    assert np.allclose(d.temperature[lone], fit["contexts"][0]["temperature"])
+    assert np.allclose(d.temperature[~lone], fit["contexts"][-1]["temperature"])
+
+
+def test_contexts_cover_every_neighbour_count():
+    assert cx.context_index([np.nan, 0, 1, 3, 4, 6, 7, 8]).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    meta = ModelMeta({}, [], {}, contexts=[{"neighbours": [0, 6], "temperature": 1,
+                                            "logit_bias": 0, "band": [0.2, 0.8]}])  # fmt: skip
+    with pytest.raises(ValueError, match="miss"):
+        meta.decisions(np.array([8.0]))
+
+
+def test_cross_fitting_fits_each_fold_on_the_others():
+    y, margin = _scores(3000, 4)
+    frame = pd.DataFrame({
+        "label": y, "margin": margin, "neighbours": 8.0, "fold": np.arange(3000) % 3,
+        "patient": (np.arange(3000) // 100).astype(str),
+    })  # fmt: skip
+    out = cx.cross_fitted(frame, ("youden", None))
+    assert out.index.equals(frame.index)
+    for fold in range(3):
+        mine = frame["fold"] == fold
+        fit = cx.fit_decisions(frame[~mine], ("youden", None))
+        expect = cx.decide(fit["contexts"], frame[mine], fit["threshold"])
+        np.testing.assert_array_equal(out.loc[mine, "call"], expect["call"])
+    r = cx.report(out.assign(pred=out["pred"]), n_boot=50)
+    assert set(r["ci95"]) == {"auc", "coverage", "sensitivity_decided", "specificity_decided"}
