@@ -150,3 +150,38 @@ def test_on_unseen_real_patients_the_check_flags_few_real_patches_and_most_made_
     assert flagged["2x"] >= 0.7
     assert flagged["grayscale"] >= 0.8
     assert flagged["glass"] >= 0.95
+
+
+# A model's own check: fitted on its training patients (``training.inputfit``).
+
+
+def test_the_fit_reads_an_equal_share_of_each_patient():
+    from idcscope.training.inputfit import _equal_shares
+
+    groups = np.repeat(["a", "b", "c"], [5, 50, 100])
+    picked = _equal_shares(groups, 60, np.random.default_rng(0))
+    # The largest share that fits: 27 (5 + 27 + 27 = 59), all of the small patient's.
+    assert dict(zip(*np.unique(groups[picked], return_counts=True), strict=True)) == {
+        "a": 5,
+        "b": 27,
+        "c": 27,
+    }
+    assert (np.diff(picked) > 0).all()
+    assert len(_equal_shares(groups, 1000, np.random.default_rng(0))) == len(groups)
+
+
+def test_a_model_check_is_fitted_on_its_rows_only_and_capped(synthetic_root):
+    from idcscope.training.inputfit import fit_model_check
+
+    data = load_patch_data(synthetic_root)
+    patients = sorted(set(data.patients))
+    rows = data.rows(np.isin(data.patients, patients[:4]))
+    params = fit_model_check(data, rows, seed=3, max_patches=160)
+    assert params["n_patients"] == 4 and params["n_fit"]["ok"] == 160  # 40 of each
+    # Zoomed out too: neighbour blocks of those patients, half as many as real patches.
+    assert params["n_fit"]["magnification"] == 160 + 80
+    assert json.loads(json.dumps(params)) == params  # plain JSON, for the model's meta
+    held = data.images[data.rows(np.isin(data.patients, patients[4:]))]
+    assert (ic.check_patches(params, ic.zoom(held, 4.0)) == "magnification").mean() > 0.7
+    again = fit_model_check(data, rows, seed=3, max_patches=160)
+    assert again["threshold"] == params["threshold"]  # seeded: the same fit
