@@ -185,3 +185,85 @@ def test_a_model_check_is_fitted_on_its_rows_only_and_capped(synthetic_root):
     assert (ic.check_patches(params, ic.zoom(held, 4.0)) == "magnification").mean() > 0.7
     again = fit_model_check(data, rows, seed=3, max_patches=160)
     assert again["threshold"] == params["threshold"]  # seeded: the same fit
+
+
+def _copy_of(trained_run, tmp_path):
+    """The run's model, copied: the tests write into it."""
+    import shutil
+
+    return shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+
+
+def test_cli_check_writes_a_check_that_the_predictor_applies(trained_run, synthetic_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.inference import Predictor
+    from idcscope.models.checkpoint import read_meta
+
+    model = _copy_of(trained_run, tmp_path)
+    res = CliRunner().invoke(app, ["check", str(model), str(synthetic_root), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    meta = read_meta(model)
+    check = meta.input_check
+    # Fitted on the train and validation patients, never on the test one, which it measures.
+    assert check["n_patients"] == len(meta.seen_patients) == 5 and check["format"] == ic.FORMAT
+    assert f"of {check['n_patients']} patients" in res.output and "1 test patients" in res.output
+    data = load_patch_data(synthetic_root)
+    test = data.rows(np.isin(data.patients, meta.splits["test"]))
+    images = np.concatenate([data.images[test], ic.zoom(data.images[test], 4.0)])
+    got = Predictor(model, engine="torch").predict(images)
+    real, zoomed = np.split(got.check, 2)
+    assert (zoomed == "magnification").mean() > 0.7 and (real == "ok").mean() > 0.8
+    assert (got.call[got.check != "ok"] == -1).all()  # a flagged patch is never called
+
+
+def test_cli_check_writes_into_a_model_folder_which_still_verifies(
+    trained_run, synthetic_root, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.inference.export import save_bundle
+    from idcscope.models.bundle import CONFIG
+    from idcscope.models.checkpoint import read_checkpoint, read_meta
+
+    folder = save_bundle(_copy_of(trained_run, tmp_path), tmp_path / "folder", "# card\n")
+    before = read_checkpoint(folder)
+    res = CliRunner().invoke(app, ["check", str(folder), str(synthetic_root)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((folder / CONFIG).read_text())
+    assert config["input_check"]["n_patients"] == 5
+    assert list(config)[-2:] == ["weights_sha256", "files"]  # where the export writes them
+    after = read_checkpoint(folder)  # every file it lists checked again
+    assert {k: v for k, v in after.items() if k not in ("input_check", "state_dict")} == {
+        k: v for k, v in before.items() if k not in ("input_check", "state_dict")
+    }
+    assert read_meta(folder).input_check == config["input_check"]
+
+
+def test_cli_check_refuses_to_fit_on_test_patients_alone(
+    trained_run, synthetic_root, tmp_path, caplog
+):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.models.checkpoint import read_meta, update_checkpoint
+
+    model = _copy_of(trained_run, tmp_path)
+    (test,) = read_meta(model).splits["test"]
+    only_test = tmp_path / "test_patient"
+    shutil.copytree(synthetic_root / test, only_test / test)
+    run = CliRunner().invoke
+    res = run(app, ["check", str(model), str(only_test)])
+    assert res.exit_code == 1 and "none of the model's 5 train and validation" in caplog.text
+    assert read_meta(model).input_check == {}  # nothing written
+    update_checkpoint(model, splits={})
+    res = run(app, ["check", str(model), str(synthetic_root)])
+    assert res.exit_code == 1 and "records no split" in caplog.text
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"")
+    res = run(app, ["check", str(graph), str(synthetic_root)])
+    assert res.exit_code == 1 and "export it again" in caplog.text

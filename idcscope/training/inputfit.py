@@ -13,11 +13,13 @@ its train and validation patients only, and measures it on its test patients.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from ..data import inputcheck as ic
-from ..data.dataset import PatchData
+from ..data import splits as splitting
+from ..data.dataset import PatchData, load_patch_data
 from ..errors import IdcscopeError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,70 @@ def fit_model_check(
         len(fit), params["n_patients"], len(wide), len(x) - len(fit), params["threshold"],
     )  # fmt: skip
     return params
+
+
+def check_model(
+    model: str | Path,
+    data_root: str | Path | list,
+    seed: int = 0,
+    flag_rate: float = ic.FLAG_RATE,
+    cache_dir: str | Path | None = None,
+) -> dict:
+    """Fit ``model``'s input check (a ``.pt`` or a model folder; one it has is replaced) on
+    its train and validation patients found in ``data_root``, and write it into the model.
+
+    Its test patients (``ModelMeta.splits``) are never fitted on: those in the data are
+    where the check is measured, as on patients it never saw. Returns what was done: the
+    patients and real patches fitted on, the test patients' and the share of their real
+    patches flagged (None without any), by reason.
+
+    Raises:
+        IdcscopeError: the model is an ONNX graph, records no split, or none of its train
+            and validation patients are in the data.
+    """
+    from ..models.bundle import is_bundle, update_config
+    from ..models.checkpoint import read_meta, update_checkpoint
+
+    path = Path(model)
+    if path.suffix == ".onnx":
+        raise IdcscopeError(
+            f"{path}: an ONNX graph's fields are written once, at export: add the check to "
+            "the checkpoint it was exported from, then export it again"
+        )
+    meta = read_meta(path)
+    if not meta.splits:
+        raise IdcscopeError(
+            f"{path}: the model records no split, so which patients it was tested on is "
+            "unknown and the check could be fitted on them"
+        )
+    if meta.splits.get("method") == "random":
+        logger.warning(
+            "%s: %s; test patches' patients are fitted on too", path, splitting.LEAK_WARNING
+        )
+    data = load_patch_data(data_root, cache_dir)
+    split = splitting.assign(data.table, meta.splits)
+    fit, test = data.rows(np.isin(split, ("train", "val"))), data.rows(split == "test")
+    if not len(fit):
+        raise IdcscopeError(
+            f"{data.root}: none of the model's {len(meta.seen_patients)} train and "
+            f"validation patients are here ({len(set(data.patients[test]))} of its test "
+            "patients are, which the check is never fitted on)"
+        )
+    params = fit_model_check(data, fit, seed, flag_rate)
+    reasons = ic.check_patches(params, data.images[test])
+    write = update_config if is_bundle(path) else update_checkpoint
+    write(path, input_check=params)
+    return {
+        "model": str(path),
+        "n_patients": params["n_patients"],
+        "n_patches": params["n_fit"]["ok"],
+        "threshold": params["threshold"],
+        "flag_rate": flag_rate,
+        "n_test_patients": len(set(data.patients[test])),
+        "n_test_patches": len(test),
+        "test_flag_rate": float((reasons != "ok").mean()) if len(test) else None,
+        "test_reasons": {str(r): int((reasons == r).sum()) for r in np.unique(reasons)},
+    }
 
 
 def _equal_shares(groups: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
