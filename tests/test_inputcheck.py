@@ -267,3 +267,49 @@ def test_cli_check_refuses_to_fit_on_test_patients_alone(
     graph.write_bytes(b"")
     res = run(app, ["check", str(graph), str(synthetic_root)])
     assert res.exit_code == 1 and "export it again" in caplog.text
+
+
+# A slide at the wrong scale, warned about as a whole (``spatial.slide``).
+
+
+@pytest.fixture(scope="module")
+def synthetic_slide(synthetic_root, tmp_path_factory):
+    """One synthetic patient as a slide at the model's 4 µm/px."""
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.wsi import write_tiff_slide
+
+    data = load_patch_data(synthetic_root)
+    mine = data.patients == data.patients[0]
+    t = data.table[mine]
+    mosaic, _ = patient_mosaic(data.images[mine], t["x"], t["y"])
+    return write_tiff_slide(mosaic, tmp_path_factory.mktemp("slide") / "synth.tif", mpp=4.0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 0.8])
+def test_a_slide_mostly_flagged_magnification_is_warned_about(
+    trained_run, synthetic_slide, tmp_path, monkeypatch, caplog, share
+):
+    """The check's reasons are made up here (a share of each bucket's tiles): what the slide
+    does with them is under test; the fitted check, above."""
+    from idcscope.inference import Predictor, predictor
+    from idcscope.spatial.slide import slide_inference
+
+    def check(params, images, workers=None):
+        wrong = np.arange(len(images)) < share * len(images)
+        return np.where(wrong, "magnification", "ok").astype(object)
+
+    monkeypatch.setattr(predictor, "check_patches", check)
+    model = Predictor(trained_run / "best.pt", engine="torch")
+    summary = slide_inference(model, synthetic_slide, tmp_path, slide_mpp=4.0)
+    written = json.loads((tmp_path / "synth_slide.json").read_text())
+    assert written["warnings"] == summary["warnings"]
+    if share < 0.5:
+        assert summary["warnings"] == [] and "magnification" not in caplog.text
+        return
+    (warning,) = summary["warnings"]
+    tiles = __import__("pandas").read_csv(summary["files"]["tiles_csv"])
+    flagged = (tiles["input_check"] == "magnification").mean()
+    assert flagged == pytest.approx(share, abs=0.05)
+    assert warning.startswith(f"synth.tif: {flagged:.0%} of its {len(tiles)} tissue tiles")
+    assert "stated 4 µm/px (given with --slide-mpp)" in warning and warning in caplog.text
+    assert (tiles.loc[tiles["input_check"] != "ok", "call"] == "uncertain").all()
