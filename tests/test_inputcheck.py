@@ -208,7 +208,7 @@ def test_cli_check_writes_a_check_that_the_predictor_applies(trained_run, synthe
     check = meta.input_check
     # Fitted on the train and validation patients, never on the test one, which it measures.
     assert check["n_patients"] == len(meta.seen_patients) == 5 and check["format"] == ic.FORMAT
-    assert f"of {check['n_patients']} patients" in res.output and "1 test patients" in res.output
+    assert f"of {check['n_patients']} patients" in res.output and "1 test patient(s)" in res.output
     data = load_patch_data(synthetic_root)
     test = data.rows(np.isin(data.patients, meta.splits["test"]))
     images = np.concatenate([data.images[test], ic.zoom(data.images[test], 4.0)])
@@ -313,3 +313,33 @@ def test_a_slide_mostly_flagged_magnification_is_warned_about(
     assert warning.startswith(f"synth.tif: {flagged:.0%} of its {len(tiles)} tissue tiles")
     assert "stated 4 µm/px (given with --slide-mpp)" in warning and warning in caplog.text
     assert (tiles.loc[tiles["input_check"] != "ok", "call"] == "uncertain").all()
+
+
+@pytest.mark.slow
+def test_a_real_slide_stated_at_twice_its_um_per_px_is_warned_about(
+    trained_run, real_sample, tmp_path
+):
+    """A check fitted on 13 real patients, the 14th as a slide: as it is, no warning; said
+    to be at 8 µm/px where it is at 4, its tiles are cut 2x magnified, and the slide is
+    warned about. (Said to be at 2 µm/px, its tiles come out 0.5x, box-filtered as a
+    pyramid's levels are: the check does not tell those from real ones.)"""
+    import shutil
+
+    from idcscope.inference import Predictor
+    from idcscope.models.checkpoint import update_checkpoint
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.slide import slide_inference
+    from idcscope.spatial.wsi import write_tiff_slide
+    from idcscope.training.inputfit import fit_model_check
+
+    data = load_patch_data(real_sample)
+    mine = data.patients == "8951"
+    model = shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+    update_checkpoint(model, input_check=fit_model_check(data, data.rows(~mine)))
+    t = data.table[mine]
+    mosaic, _ = patient_mosaic(data.images[mine], t["x"], t["y"])
+    predictor = Predictor(model, engine="torch")
+    for stated, warned in ((4.0, False), (8.0, True)):
+        slide = write_tiff_slide(mosaic, tmp_path / f"at{stated:g}.tif", mpp=stated)
+        summary = slide_inference(predictor, slide, tmp_path / f"out{stated:g}")
+        assert bool(summary["warnings"]) == warned, summary["warnings"]

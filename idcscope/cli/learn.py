@@ -271,7 +271,7 @@ def check(
         reasons = ", ".join(f"{r} {n}" for r, n in done["test_reasons"].items() if r != "ok")
         print(
             f"held out: {done['test_flag_rate']:.1%} of {done['n_test_patches']} real patches "
-            f"of {done['n_test_patients']} test patients flagged ({reasons or 'none'}); "
+            f"of {done['n_test_patients']} test patient(s) flagged ({reasons or 'none'}); "
             f"aimed at {done['flag_rate']:.1%}"
         )
     logger.info("wrote the input check into %s", model)
