@@ -81,15 +81,10 @@ def check_model(
         IdcscopeError: the model is an ONNX graph, records no split, or none of its train
             and validation patients are in the data.
     """
-    from ..models.bundle import is_bundle, update_config
-    from ..models.checkpoint import read_meta, update_checkpoint
+    from ..models.checkpoint import read_meta
 
     path = Path(model)
-    if path.suffix == ".onnx":
-        raise IdcscopeError(
-            f"{path}: an ONNX graph's fields are written once, at export: add the check to "
-            "the checkpoint it was exported from, then export it again"
-        )
+    _refuse_onnx(path)
     meta = read_meta(path)
     if not meta.splits:
         raise IdcscopeError(
@@ -111,8 +106,7 @@ def check_model(
         )
     params = fit_model_check(data, fit, seed, flag_rate)
     reasons = ic.check_patches(params, data.images[test])
-    write = update_config if is_bundle(path) else update_checkpoint
-    write(path, input_check=params)
+    write_input_check(path, params)
     return {
         "model": str(path),
         "n_patients": params["n_patients"],
@@ -124,6 +118,26 @@ def check_model(
         "test_flag_rate": float((reasons != "ok").mean()) if len(test) else None,
         "test_reasons": {str(r): int((reasons == r).sum()) for r in np.unique(reasons)},
     }
+
+
+def write_input_check(model: str | Path, params: dict) -> Path:
+    """Write ``params`` as the input check of ``model``: a ``.pt`` (``update_checkpoint``)
+    or a model folder (its ``config.json``, ``bundle.update_config``)."""
+    from ..models.bundle import is_bundle, update_config
+    from ..models.checkpoint import update_checkpoint
+
+    path = Path(model)
+    _refuse_onnx(path)
+    write = update_config if is_bundle(path) else update_checkpoint
+    return write(path, input_check=params)
+
+
+def _refuse_onnx(path: Path) -> None:
+    if path.suffix == ".onnx":
+        raise IdcscopeError(
+            f"{path}: an ONNX graph's fields are written once, at export: add the check to "
+            "the checkpoint it was exported from, then export it again"
+        )
 
 
 def _equal_shares(groups: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
