@@ -150,3 +150,196 @@ def test_on_unseen_real_patients_the_check_flags_few_real_patches_and_most_made_
     assert flagged["2x"] >= 0.7
     assert flagged["grayscale"] >= 0.8
     assert flagged["glass"] >= 0.95
+
+
+# A model's own check: fitted on its training patients (``training.inputfit``).
+
+
+def test_the_fit_reads_an_equal_share_of_each_patient():
+    from idcscope.training.inputfit import _equal_shares
+
+    groups = np.repeat(["a", "b", "c"], [5, 50, 100])
+    picked = _equal_shares(groups, 60, np.random.default_rng(0))
+    # The largest share that fits: 27 (5 + 27 + 27 = 59), all of the small patient's.
+    assert dict(zip(*np.unique(groups[picked], return_counts=True), strict=True)) == {
+        "a": 5,
+        "b": 27,
+        "c": 27,
+    }
+    assert (np.diff(picked) > 0).all()
+    assert len(_equal_shares(groups, 1000, np.random.default_rng(0))) == len(groups)
+
+
+def test_a_model_check_is_fitted_on_its_rows_only_and_capped(synthetic_root):
+    from idcscope.training.inputfit import fit_model_check
+
+    data = load_patch_data(synthetic_root)
+    patients = sorted(set(data.patients))
+    rows = data.rows(np.isin(data.patients, patients[:4]))
+    params = fit_model_check(data, rows, seed=3, max_patches=160)
+    assert params["n_patients"] == 4 and params["n_fit"]["ok"] == 160  # 40 of each
+    # Zoomed out too: neighbour blocks of those patients, half as many as real patches.
+    assert params["n_fit"]["magnification"] == 160 + 80
+    assert json.loads(json.dumps(params)) == params  # plain JSON, for the model's meta
+    held = data.images[data.rows(np.isin(data.patients, patients[4:]))]
+    assert (ic.check_patches(params, ic.zoom(held, 4.0)) == "magnification").mean() > 0.7
+    again = fit_model_check(data, rows, seed=3, max_patches=160)
+    assert again["threshold"] == params["threshold"]  # seeded: the same fit
+
+
+def _copy_of(trained_run, tmp_path):
+    """The run's model, copied: the tests write into it."""
+    import shutil
+
+    return shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+
+
+def test_cli_check_writes_a_check_that_the_predictor_applies(trained_run, synthetic_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.inference import Predictor
+    from idcscope.models.checkpoint import read_meta
+
+    model = _copy_of(trained_run, tmp_path)
+    res = CliRunner().invoke(app, ["check", str(model), str(synthetic_root), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    meta = read_meta(model)
+    check = meta.input_check
+    # Fitted on the train and validation patients, never on the test one, which it measures.
+    assert check["n_patients"] == len(meta.seen_patients) == 5 and check["format"] == ic.FORMAT
+    assert f"of {check['n_patients']} patients" in res.output and "1 test patient(s)" in res.output
+    data = load_patch_data(synthetic_root)
+    test = data.rows(np.isin(data.patients, meta.splits["test"]))
+    images = np.concatenate([data.images[test], ic.zoom(data.images[test], 4.0)])
+    got = Predictor(model, engine="torch").predict(images)
+    real, zoomed = np.split(got.check, 2)
+    assert (zoomed == "magnification").mean() > 0.7 and (real == "ok").mean() > 0.8
+    assert (got.call[got.check != "ok"] == -1).all()  # a flagged patch is never called
+
+
+def test_cli_check_writes_into_a_model_folder_which_still_verifies(
+    trained_run, synthetic_root, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.inference.export import save_bundle
+    from idcscope.models.bundle import CONFIG
+    from idcscope.models.checkpoint import read_checkpoint, read_meta
+
+    folder = save_bundle(_copy_of(trained_run, tmp_path), tmp_path / "folder", "# card\n")
+    before = read_checkpoint(folder)
+    res = CliRunner().invoke(app, ["check", str(folder), str(synthetic_root)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((folder / CONFIG).read_text())
+    assert config["input_check"]["n_patients"] == 5
+    assert list(config)[-2:] == ["weights_sha256", "files"]  # where the export writes them
+    after = read_checkpoint(folder)  # every file it lists checked again
+    assert {k: v for k, v in after.items() if k not in ("input_check", "state_dict")} == {
+        k: v for k, v in before.items() if k not in ("input_check", "state_dict")
+    }
+    assert read_meta(folder).input_check == config["input_check"]
+
+
+def test_cli_check_refuses_to_fit_on_test_patients_alone(
+    trained_run, synthetic_root, tmp_path, caplog
+):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app
+    from idcscope.models.checkpoint import read_meta, update_checkpoint
+
+    model = _copy_of(trained_run, tmp_path)
+    (test,) = read_meta(model).splits["test"]
+    only_test = tmp_path / "test_patient"
+    shutil.copytree(synthetic_root / test, only_test / test)
+    run = CliRunner().invoke
+    res = run(app, ["check", str(model), str(only_test)])
+    assert res.exit_code == 1 and "none of the model's 5 train and validation" in caplog.text
+    assert read_meta(model).input_check == {}  # nothing written
+    update_checkpoint(model, splits={})
+    res = run(app, ["check", str(model), str(synthetic_root)])
+    assert res.exit_code == 1 and "records no split" in caplog.text
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"")
+    res = run(app, ["check", str(graph), str(synthetic_root)])
+    assert res.exit_code == 1 and "export it again" in caplog.text
+
+
+# A slide at the wrong scale, warned about as a whole (``spatial.slide``).
+
+
+@pytest.fixture(scope="module")
+def synthetic_slide(synthetic_root, tmp_path_factory):
+    """One synthetic patient as a slide at the model's 4 µm/px."""
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.wsi import write_tiff_slide
+
+    data = load_patch_data(synthetic_root)
+    mine = data.patients == data.patients[0]
+    t = data.table[mine]
+    mosaic, _ = patient_mosaic(data.images[mine], t["x"], t["y"])
+    return write_tiff_slide(mosaic, tmp_path_factory.mktemp("slide") / "synth.tif", mpp=4.0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.4, 0.8])
+def test_a_slide_mostly_flagged_magnification_is_warned_about(
+    trained_run, synthetic_slide, tmp_path, monkeypatch, caplog, share
+):
+    """The check's reasons are made up here (a share of each bucket's tiles): what the slide
+    does with them is under test; the fitted check, above."""
+    from idcscope.inference import Predictor, predictor
+    from idcscope.spatial.slide import slide_inference
+
+    def check(params, images, workers=None):
+        wrong = np.arange(len(images)) < share * len(images)
+        return np.where(wrong, "magnification", "ok").astype(object)
+
+    monkeypatch.setattr(predictor, "check_patches", check)
+    model = Predictor(trained_run / "best.pt", engine="torch")
+    summary = slide_inference(model, synthetic_slide, tmp_path, slide_mpp=4.0)
+    written = json.loads((tmp_path / "synth_slide.json").read_text())
+    assert written["warnings"] == summary["warnings"]
+    if share < 0.5:
+        assert summary["warnings"] == [] and "magnification" not in caplog.text
+        return
+    (warning,) = summary["warnings"]
+    tiles = __import__("pandas").read_csv(summary["files"]["tiles_csv"])
+    flagged = (tiles["input_check"] == "magnification").mean()
+    assert flagged == pytest.approx(share, abs=0.05)
+    assert warning.startswith(f"synth.tif: {flagged:.0%} of its {len(tiles)} tissue tiles")
+    assert "stated 4 µm/px (given with --slide-mpp)" in warning and warning in caplog.text
+    assert (tiles.loc[tiles["input_check"] != "ok", "call"] == "uncertain").all()
+
+
+@pytest.mark.slow
+def test_a_real_slide_stated_at_twice_its_um_per_px_is_warned_about(
+    trained_run, real_sample, tmp_path
+):
+    """A check fitted on 13 real patients, the 14th as a slide: as it is, no warning; said
+    to be at 8 µm/px where it is at 4, its tiles are cut 2x magnified, and the slide is
+    warned about. (Said to be at 2 µm/px, its tiles come out 0.5x, box-filtered as a
+    pyramid's levels are: the check does not tell those from real ones.)"""
+    import shutil
+
+    from idcscope.inference import Predictor
+    from idcscope.models.checkpoint import update_checkpoint
+    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.slide import slide_inference
+    from idcscope.spatial.wsi import write_tiff_slide
+    from idcscope.training.inputfit import fit_model_check
+
+    data = load_patch_data(real_sample)
+    mine = data.patients == "8951"
+    model = shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+    update_checkpoint(model, input_check=fit_model_check(data, data.rows(~mine)))
+    t = data.table[mine]
+    mosaic, _ = patient_mosaic(data.images[mine], t["x"], t["y"])
+    predictor = Predictor(model, engine="torch")
+    for stated, warned in ((4.0, False), (8.0, True)):
+        slide = write_tiff_slide(mosaic, tmp_path / f"at{stated:g}.tif", mpp=stated)
+        summary = slide_inference(predictor, slide, tmp_path / f"out{stated:g}")
+        assert bool(summary["warnings"]) == warned, summary["warnings"]

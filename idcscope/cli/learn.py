@@ -1,4 +1,4 @@
-"""``idcscope train``, ``cv`` and ``demo``: models from data."""
+"""``idcscope train``, ``cv``, ``demo`` and ``check``: models, and their input checks, from data."""
 
 from __future__ import annotations
 
@@ -248,3 +248,42 @@ def real_patient(out: Path) -> None:
     print_headline(m)
     print(f"\nHeatmap: {Path(summary['files']['heatmap']).resolve()}")
     print(f"Report: {(out / 'eval' / 'report.html').resolve()}")
+
+
+@app.command()
+def check(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="A .pt checkpoint or a model folder; the check is written into it."
+        ),
+    ],
+    data_dir: DataDirs,
+    seed: Annotated[int, typer.Option(help="Which patches, and the fit's.")] = 0,
+    flag_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.5, help="Share of real patches of unseen patients to flag."),
+    ] = 0.01,
+) -> None:
+    """Fit a model's input check, which names patches that are not what it was made for
+    (wrong magnification, stain far off, glass, not H&E) and makes their calls uncertain,
+    on the model's train and validation patients in the data (never its test patients,
+    which measure it); replaces any check the model has."""
+    from ..errors import IdcscopeError
+    from ..training.inputfit import check_model
+
+    try:
+        done = check_model(model, data_arg(data_dir), seed=seed, flag_rate=flag_rate)
+    except IdcscopeError as e:
+        raise fail(e) from e
+    print(f"fitted on {done['n_patches']} real patches of {done['n_patients']} patients")
+    if done["test_flag_rate"] is None:
+        print("held out: none of the model's test patients are in the data")
+    else:
+        reasons = ", ".join(f"{r} {n}" for r, n in done["test_reasons"].items() if r != "ok")
+        print(
+            f"held out: {done['test_flag_rate']:.1%} of {done['n_test_patches']} real patches "
+            f"of {done['n_test_patients']} test patient(s) flagged ({reasons or 'none'}); "
+            f"aimed at {done['flag_rate']:.1%}"
+        )
+    logger.info("wrote the input check into %s", model)

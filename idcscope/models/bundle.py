@@ -92,6 +92,32 @@ def read_config(folder: str | Path) -> dict:
     return migrate(config, path)
 
 
+def update_config(folder: str | Path, **fields) -> Path:
+    """Add or replace fields of a model folder's ``config.json`` (``ModelMeta``'s only), as
+    ``update_checkpoint`` does a ``.pt``'s: the files it lists are untouched, so the folder
+    still verifies. Written atomically; returns the folder."""
+    import dataclasses
+
+    from ..data.cache import write_atomic
+    from .schema import ModelMeta, plain
+
+    folder = Path(folder)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ModelMeta)})
+    if unknown:
+        raise ValueError(f"{folder}: {unknown} are not fields of a model (models.schema.ModelMeta)")
+    if not is_bundle(folder):
+        raise CheckpointError(f"{folder}: not a model folder (no {CONFIG})")
+    config = read_config(folder)
+    own = ("weights_sha256", MANIFEST)  # last, where ``save_bundle`` writes them
+    config = {
+        **{k: v for k, v in config.items() if k not in own},
+        **plain(fields),
+        **{k: config[k] for k in own if k in config},
+    }
+    write_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    return folder
+
+
 def _manifest(folder: Path, config: dict) -> dict[str, str]:
     """The files a bundle is made of and their sha256: its ``files``, or only the weights
     for a bundle written before there was a list."""

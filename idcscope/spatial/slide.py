@@ -26,6 +26,10 @@ from .wsi import THUMB_PX, Scan, TileGrid, check_mpp, read_slide
 
 logger = logging.getLogger(__name__)
 
+# Share of tissue tiles the input check finds at the wrong magnification above which the
+# slide, not its tiles, is at fault: most likely its stated µm/px, which sets the tiles' scale.
+WRONG_SCALE_SHARE = 0.5
+
 
 def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:
     """IDC regions (tiles at or above ``threshold``, merged) as a GeoJSON FeatureCollection.
@@ -96,8 +100,10 @@ def slide_inference(
         engine: The Predictor's engine, when ``predictor`` is a path.
 
     Returns:
-        The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s) and
-        the files written.
+        The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s), the
+        files written and ``warnings`` (sentences, also logged): the slide's stated µm/px
+        doubted when the input check finds most of its tissue tiles at the wrong
+        magnification (``WRONG_SCALE_SHARE``).
 
     Raises:
         DataError: ``slide_mpp`` (or the one the slide records) is not a finite number in
@@ -130,6 +136,9 @@ def slide_inference(
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
+    summary["warnings"] = _warnings(path, scan.grid, verdicts.check, slide_mpp is not None)
+    for warning in summary["warnings"]:
+        logger.warning("%s", warning)
     summary["files"] = _write_maps(
         out, path, scan, prob, verdicts, threshold, mpp * patch / THUMB_PX
     )
@@ -168,6 +177,24 @@ def _summary(path, scan: Scan, prob, threshold, predictor, mpp, elapsed, t_read)
         "tiles_per_s": round(n / elapsed, 1) if n else None,
         "scoring_tiles_per_s": round(n / t_score, 1) if n and t_score > 0 else None,
     }
+
+
+def _warnings(path: Path, grid: TileGrid, check: np.ndarray, given: bool) -> list[str]:
+    """What to know before reading the slide's map: that most of its tissue tiles look to
+    the model's input check (``check``: each tile's reason) like the wrong magnification,
+    which one tile may be but a slide's tiles are when its µm/px is wrong (``given``: it
+    was given, else the file records it)."""
+    n = len(check)
+    share = float(np.mean(check == "magnification")) if n else 0.0
+    if share <= WRONG_SCALE_SHARE:
+        return []
+    stated = "given with --slide-mpp" if given else "as the file records it"
+    return [
+        f"{path.name}: {share:.0%} of its {n} tissue tiles look to the model's input check "
+        f"like the wrong magnification: the slide's stated {grid.slide_mpp:g} µm/px "
+        f"({stated}), which sets the scale its tiles are cut at ({grid.tile:g} level-0 px for "
+        f"{grid.mpp:g} µm/px), may be wrong; those tiles' calls are uncertain"
+    ]
 
 
 def _found(summary: dict) -> str:
