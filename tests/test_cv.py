@@ -234,6 +234,7 @@ def test_oof_calibration_is_fitted_on_the_margins_not_the_rounded_probabilities(
 
     import idcscope.training.train as train_module
     from idcscope.models.checkpoint import save_checkpoint
+    from idcscope.training import oof
     from idcscope.training.config import TrainConfig
     from idcscope.training.contexts import fit_decisions
     from idcscope.training.cv import cohort_results, pooled_metrics
@@ -252,6 +253,7 @@ def test_oof_calibration_is_fitted_on_the_margins_not_the_rounded_probabilities(
             save_checkpoint(Path(cfg.out) / name, torch.nn.Linear(1, 1), epoch=0)
 
     monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(oof, "_input_check", lambda cfg, patients: {"fitted": patients})
     folds = {f: {"sigma": 0.0, "epoch": 0} for f in range(3)}
     every = pd.concat([f.assign(scored=m) for m, f in pooled.items()], ignore_index=True)
     final = train_final(cfg, every, folds)

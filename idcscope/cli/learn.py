@@ -287,3 +287,42 @@ def check(
             f"aimed at {done['flag_rate']:.1%}"
         )
     logger.info("wrote the input check into %s", model)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[
+        Path, typer.Argument(exists=True, help="A .pt checkpoint or a model folder; written into.")
+    ],
+    oof: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="oof_predictions.csv of `idcscope cv` of the model's recipe."
+        ),
+    ],
+    alpha: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            max=0.5,
+            help="Largest share of each class's decided patches called wrong: the rest "
+            "is called uncertain, per scoring context.",
+        ),
+    ] = 0.05,
+    card: Annotated[
+        Path | None, typer.Option(exists=True, help="A model folder's card, its numbers filled.")
+    ] = None,
+) -> None:
+    """Fit a model's calibration, calls and threshold per scoring context (alone, 1-3, 4-6,
+    7-8 neighbours) on the out-of-fold predictions of a cross-validation of its recipe, as
+    `cv --final` does, and write them into it, with what they give patients the fold
+    models never saw (cross-fitted over the folds)."""
+    from ..models.card import numbers_table
+    from ..training.oof import calibrate_model
+
+    try:
+        fields = calibrate_model(model, oof, alpha, card.read_text() if card else None)
+    except (OSError, ValueError) as e:
+        raise fail(e) from e
+    print(numbers_table(fields["oof_metrics"]))
+    logger.info("wrote calibration, calls and threshold %.4f into %s", fields["threshold"], model)

@@ -118,6 +118,19 @@ def update_config(folder: str | Path, **fields) -> Path:
     return folder
 
 
+def write_card(folder: str | Path, text: str) -> Path:
+    """Write a model folder's card again, and its sha256 into ``config.json``'s list, so
+    the folder still verifies."""
+    from ..data.cache import write_atomic
+
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG).read_text())
+    write_atomic(folder / CARD, text)
+    config.setdefault(MANIFEST, {})[CARD] = sha256_of(folder / CARD)
+    write_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    return folder
+
+
 def _manifest(folder: Path, config: dict) -> dict[str, str]:
     """The files a bundle is made of and their sha256: its ``files``, or only the weights
     for a bundle written before there was a list."""

@@ -49,6 +49,21 @@ def update_checkpoint(path: str | Path, **fields) -> Path:
     return _atomic_save(_checked(path, {**read_checkpoint(path), **fields}), Path(path))
 
 
+def update_model(path: str | Path, **fields) -> Path:
+    """Add or replace fields of a made model: a ``.pt`` (`update_checkpoint`) or a model
+    folder (its ``config.json``, ``bundle.update_config``); an ONNX graph's are written
+    once, at export, and are refused."""
+    from .bundle import is_bundle, update_config
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        raise CheckpointError(
+            f"{path}: an ONNX graph's fields are written once, at export: write them into "
+            "the checkpoint it was exported from, then export it again"
+        )
+    return (update_config if is_bundle(path) else update_checkpoint)(path, **fields)
+
+
 def _checked(path, ckpt: dict) -> dict:
     """``ckpt`` in this schema's format, once each of its fields is one ``ModelMeta``
     names or training state (any other would be lost on export: a bug, refused here).

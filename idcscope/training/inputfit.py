@@ -81,10 +81,10 @@ def check_model(
         IdcscopeError: the model is an ONNX graph, records no split, or none of its train
             and validation patients are in the data.
     """
-    from ..models.checkpoint import read_meta
+    from ..models.checkpoint import read_meta, update_model
 
     path = Path(model)
-    _refuse_onnx(path)
+    _refuse_onnx(path)  # before the fit, not after
     meta = read_meta(path)
     if not meta.splits:
         raise IdcscopeError(
@@ -106,7 +106,7 @@ def check_model(
         )
     params = fit_model_check(data, fit, seed, flag_rate)
     reasons = ic.check_patches(params, data.images[test])
-    write_input_check(path, params)
+    update_model(path, input_check=params)
     return {
         "model": str(path),
         "n_patients": params["n_patients"],
@@ -118,18 +118,6 @@ def check_model(
         "test_flag_rate": float((reasons != "ok").mean()) if len(test) else None,
         "test_reasons": {str(r): int((reasons == r).sum()) for r in np.unique(reasons)},
     }
-
-
-def write_input_check(model: str | Path, params: dict) -> Path:
-    """Write ``params`` as the input check of ``model``: a ``.pt`` (``update_checkpoint``)
-    or a model folder (its ``config.json``, ``bundle.update_config``)."""
-    from ..models.bundle import is_bundle, update_config
-    from ..models.checkpoint import update_checkpoint
-
-    path = Path(model)
-    _refuse_onnx(path)
-    write = update_config if is_bundle(path) else update_checkpoint
-    return write(path, input_check=params)
 
 
 def _refuse_onnx(path: Path) -> None:

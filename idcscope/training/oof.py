@@ -120,10 +120,12 @@ def train_final(
     )
     done = out / "final.json"
     key = json.loads(json.dumps([dataclasses.asdict(final_cfg), split], default=str))
-    if done.exists() and json.loads(done.read_text())["config"] == key:
+    before = json.loads(done.read_text()) if done.exists() else {}
+    if before.get("config") == key:
         logger.info("final model: already trained (%s)", done)
     else:  # a killed final run resumes; one finished under another config starts again
         train(final_cfg, resume=(out / "last.pt").exists() and not done.exists())
+        before = {}
     margin, y = pred["margin"].to_numpy(np.float64), pred["label"].to_numpy()
     sigmas = [f["sigma"] for f in folds.values()]
     fit = fit_decision(margin, y, cfg)
@@ -141,6 +143,9 @@ def train_final(
         }
     fields |= _context_fields(cfg, pooled, reports or {}, alpha)
     fields["oof_metrics"] |= reports or {}
+    fields["input_check"] = before.get("fields", {}).get("input_check") or _input_check(
+        cfg, patients
+    )  # fitted once per trained model: refitting the decisions must stay quick
     for name in ("best.pt", "last.pt"):
         update_checkpoint(out / name, **fields)
     done.write_text(json.dumps({"config": key, "fields": fields}, indent=2) + "\n")
@@ -179,7 +184,41 @@ def refit(oof_csv: str | Path, rule: tuple, alpha: float = ALPHA, n_boot: int = 
     pooled = pd.read_csv(path, dtype={"patient": str})
     missing = {"label", "margin", "neighbours", "fold", "scored", "patient", "path"} - set(pooled)
     if missing:
-        raise ValueError(f"{path}: not out-of-fold predictions of idcscope cv (no {sorted(missing)})")
+        raise ValueError(
+            f"{path}: not out-of-fold predictions of idcscope cv (no {sorted(missing)})"
+        )
     reports = contexts.cohorts(pooled, rule, alpha, n_boot, 0)[0]
     cfg = TrainConfig(threshold=rule[0], target_sensitivity=rule[1])
     return _context_fields(cfg, pooled, reports, alpha) | {"oof_metrics": reports}
+
+
+def _input_check(cfg: TrainConfig, patients: list[str]) -> dict:
+    """The final model's input check, fitted on its training patients' patches."""
+    from ..data.dataset import load_patch_data
+    from .inputfit import fit_model_check
+
+    data = load_patch_data(cfg.data, cfg.cache_dir)
+    rows = data.rows(data.table["patient"].astype(str).isin(patients).to_numpy())
+    return fit_model_check(data, rows, seed=cfg.seed)
+
+
+def calibrate_model(
+    model: str | Path, oof_csv: str | Path, alpha: float = ALPHA, card: str | None = None
+) -> dict:
+    """Refit a made model's calibration, calls and threshold by context (`refit`) on the
+    out-of-fold predictions of a cross-validation of its recipe, and write them into it
+    (``models.checkpoint.update_model``); its own threshold rule chooses the threshold.
+    ``card`` (a model folder's) is written again with the numbers (``models.card``)."""
+    from ..models.bundle import is_bundle, write_card
+    from ..models.card import fill_card
+    from ..models.checkpoint import read_meta, update_model
+
+    recipe = read_meta(model).config
+    rule = (recipe.get("threshold", "youden"), recipe.get("target_sensitivity", 0.9))
+    fields = refit(oof_csv, rule, alpha)
+    update_model(model, **fields)
+    if card is not None:
+        if not is_bundle(model):
+            raise ValueError(f"{model}: only a model folder has a card")
+        write_card(model, fill_card(card, read_meta(model)))
+    return fields

@@ -1,0 +1,82 @@
+"""`idcscope calibrate`: a made model calibrated and called by context from a CV's OOF."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from idcscope.cli import app
+from idcscope.data.manifest import index_datasets
+from idcscope.inference import Predictor
+from idcscope.inference.export import save_bundle
+from idcscope.models.bundle import read_config, verified_files
+from idcscope.models.checkpoint import read_meta
+from idcscope.training.oof import calibrate_model
+
+
+def _oof(path, n: int = 3000, seed: int = 0):
+    """OOF predictions as `cv` writes them: three modes, patients in three folds; with
+    fewer neighbours the margins say less."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.3).astype(int)
+    neighbours = rng.choice([np.nan, 0, 2, 5, 8], n)
+    sharp = np.where(np.isnan(neighbours), 1.0, 1 + np.nan_to_num(neighbours) / 4)
+    margin = sharp * (2 * y - 1) + rng.normal(0, 1.5, n)
+    patient = rng.integers(0, 30, n)
+    pd.DataFrame({
+        "path": [f"data/{p}/x.png" for p in patient], "patient": patient.astype(str),
+        "label": y, "neighbours": neighbours, "margin": margin, "fold": patient % 3,
+        "scored": np.where(np.isnan(neighbours), "lone", "context"),
+    }).to_csv(path, index=False)  # fmt: skip
+    return path
+
+
+def test_calibrate_writes_contexts_the_predictor_calls_with(trained_run, synthetic_root, tmp_path):
+    model = shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+    oof = _oof(tmp_path / "oof_predictions.csv")
+    result = CliRunner().invoke(app, ["calibrate", str(model), str(oof), "--alpha", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "7-8 neighbours" in result.output  # the measured table
+    meta = read_meta(model)
+    assert [c["name"] for c in meta.contexts] == ["alone", "1-3 neighbours", "4-6 neighbours",
+                                                  "7-8 neighbours"]  # fmt: skip
+    assert all(c["alpha"] == 0.1 for c in meta.contexts)
+    assert meta.contexts[-1]["measured"]["n_patients"] == 30
+    assert "every context" in meta.threshold_method
+    # the sharper context decides more of its patches
+    assert meta.contexts[-1]["measured"]["coverage"] > meta.contexts[0]["measured"]["coverage"]
+    index = index_datasets(synthetic_root, read_sizes=False)
+    scored = Predictor(model).score_files(index.table, index.root)
+    d = meta.decisions(scored.neighbours)
+    expected = np.where(scored.prob >= d.idc_from, 1, np.where(scored.prob < d.no_idc_below, 0, -1))
+    np.testing.assert_array_equal(scored.call, expected)
+
+
+def test_calibrate_rewrites_a_folders_card_which_still_verifies(trained_run, tmp_path):
+    folder = save_bundle(trained_run / "best.pt", tmp_path / "model", "# m\n")
+    oof = _oof(tmp_path / "oof.csv")
+    card = tmp_path / "card.md"
+    card.write_text("# m\n\n<!-- headline -->\n\n## Numbers\n\n<!-- numbers -->\n")
+    result = CliRunner().invoke(app, ["calibrate", str(folder), str(oof), "--card", str(card)])
+    assert result.exit_code == 0, result.output
+    text = (folder / "README.md").read_text()
+    assert "<!--" not in text and "Out of fold, calibrated and called by scoring context" in text
+    assert "| each patch alone: all |" in text
+    verified_files(folder)  # the card's new sha256 is listed
+    assert read_config(folder)["contexts"][0]["name"] == "alone"
+
+
+def test_calibrate_names_what_is_wrong(trained_run, tmp_path):
+    bad = tmp_path / "oof.csv"
+    bad.write_text("path,label\nx,1\n")
+    model = shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+    result = CliRunner().invoke(app, ["calibrate", str(model), str(bad)])
+    assert result.exit_code == 1
+    assert "not out-of-fold predictions" in result.output
+    oof = _oof(tmp_path / "o.csv")
+    with pytest.raises(ValueError, match="only a model folder"):
+        calibrate_model(model, oof, card="# m")
