@@ -165,15 +165,9 @@ def test_patient_heatmap_end_to_end(checkpoint, patient, tmp_path):
 
 
 def test_patient_heatmap_counts_uncertain_patches(checkpoint, patient, tmp_path):
-    import shutil
+    from tests.test_serve import with_contexts
 
-    from idcscope.models.checkpoint import read_meta, update_checkpoint
-    from tests.test_serve import hand_set_contexts
-
-    model = shutil.copy(checkpoint, tmp_path / "contexts.pt")
-    meta = read_meta(model)
-    update_checkpoint(model, contexts=hand_set_contexts(meta.threshold, *meta.calibrated()))
-    s = patient_heatmap(model, patient, tmp_path)
+    s = patient_heatmap(with_contexts(checkpoint, tmp_path), patient, tmp_path)
     predictions = pd.read_csv(tmp_path / f"{patient.name}_predictions.csv")
     called = predictions["call"].value_counts().to_dict()
     assert s["calls"] == {k: called.get(k, 0) for k in ("idc", "no_idc", "uncertain")}

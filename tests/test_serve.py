@@ -142,7 +142,9 @@ def test_patches_are_predicted_and_explained(client, app, patients):
             assert png.content.startswith(PNG_MAGIC)
             block = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
             assert block.shape == (300, 300, 3)
-            assert (block[100, 100:200] == 0).all()  # the patch outlined
+            # the patch outlined, two pixels wide: seen at half size too
+            assert (block[[100, 101, 198, 199], 100:200] == 0).all()
+            assert (block[100:200, [100, 101, 198, 199]] == 0).all()
         assert set(row["evidence"]) == {"patch", "neighbourhood"}
 
 
@@ -482,18 +484,21 @@ def hand_set_contexts(threshold: float, temperature: float, bias: float) -> list
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def contexts_checkpoint(checkpoint, tmp_path_factory) -> Path:
-    """The fixture model with hand-set scoring contexts (``hand_set_contexts``)."""
+def with_contexts(checkpoint: Path, folder: Path) -> Path:
+    """A copy of ``checkpoint`` in ``folder`` with hand-set scoring contexts
+    (``hand_set_contexts``)."""
     import shutil
 
     from idcscope.models.checkpoint import read_meta, update_checkpoint
 
-    path = tmp_path_factory.mktemp("contexts") / "contexts.pt"
-    shutil.copy(checkpoint, path)
+    path = Path(shutil.copy(checkpoint, folder / "contexts.pt"))
     meta = read_meta(path)
-    contexts = hand_set_contexts(meta.threshold, *meta.calibrated())
-    return update_checkpoint(path, contexts=contexts)
+    return update_checkpoint(path, contexts=hand_set_contexts(meta.threshold, *meta.calibrated()))
+
+
+@pytest.fixture(scope="module")
+def contexts_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    return with_contexts(checkpoint, tmp_path_factory.mktemp("contexts"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,10 @@ BLOCK_PANELS = ("block", "neighbourhood", "patch_planes")  # ``block_panels``' o
 
 def _save(job: Job, img: np.ndarray, name: str, scale: int, outline=None) -> str:
     """``img`` enlarged ``scale``x (pixels kept sharp), ``outline`` (a box of slices)
-    drawn in black, as a PNG published under ``name``; returns its URL."""
+    drawn in black, as a PNG published under ``name``; returns its URL.
+
+    The outline is ``scale`` pixels wide: the page shows the image at 1/``scale`` with
+    pixels kept sharp, which keeps one row in ``scale``."""
     from PIL import Image, ImageDraw
 
     path = job.folder / name
@@ -32,7 +35,7 @@ def _save(job: Job, img: np.ndarray, name: str, scale: int, outline=None) -> str
     if outline is not None:
         rows, cols = outline
         box = (cols.start * scale, rows.start * scale, cols.stop * scale - 1, rows.stop * scale - 1)
-        ImageDraw.Draw(image).rectangle(box, outline=(0, 0, 0))
+        ImageDraw.Draw(image).rectangle(box, outline=(0, 0, 0), width=scale)
     image.save(path)
     return job.publish(path)
 
