@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -89,6 +90,41 @@ def test_dice_iou_empty_masks_and_tissue():
         dice_iou(pred, np.zeros((3, 3), bool))
 
 
+def _brightest(fig, ax, cells, patch: int = 50, half: int = 12) -> list[int]:
+    """The brightest pixel near the centre of each (row, col) cell of ``ax``, as drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = []
+    for r, c in cells:
+        x, y = ax.transData.transform(((c + 0.5) * patch, (r + 0.5) * patch))
+        row, col = round(rgb.shape[0] - y), round(x)
+        out.append(int(rgb[row - half : row + half, col - half : col + half].min(2).max()))
+    return out
+
+
+def test_uncertain_cells_are_hatched_and_named_in_the_legend():
+    from idcscope.spatial.figures import plot_patient_heatmap, plot_probability_map
+
+    prob = np.zeros((4, 6))  # no IDC anywhere: black under the colour map
+    uncertain = np.zeros(prob.shape, bool)
+    uncertain[1:3, 2:4] = True
+    mosaic = np.full((200, 300, 3), 255, np.uint8)
+    heatmap = plot_patient_heatmap(mosaic, prob, (0, 0), 0.5, uncertain=uncertain)
+    probability = plot_probability_map(prob, (0, 0), uncertain=uncertain)
+    for fig, ax in ((heatmap, heatmap.axes[1]), (probability, probability.axes[0])):
+        assert "uncertain (4)" in [t.get_text() for t in ax.get_legend().get_texts()]
+        hatched = _brightest(fig, ax, [(1, 2), (1, 3), (2, 2), (2, 3)])
+        plain = _brightest(fig, ax, [(0, 0), (0, 5), (1, 1), (2, 4)])  # not under the legend
+        assert min(hatched) > 200  # white hatch lines over the grey
+        assert max(plain) < 120
+    # nothing uncertain: nothing drawn, no legend entry
+    fig = plot_probability_map(prob, (0, 0), uncertain=np.zeros(prob.shape, bool))
+    assert fig.axes[0].get_legend() is None
+
+
 @pytest.fixture(scope="module")
 def checkpoint(trained_run):
     return trained_run / "best.pt"
@@ -126,6 +162,17 @@ def test_patient_heatmap_end_to_end(checkpoint, patient, tmp_path):
     assert again["n_patches"] == s["n_patches"]
     assert again["idc_fraction_pred"] == 1.0
     assert again["threshold"] == 0
+
+
+def test_patient_heatmap_counts_uncertain_patches(checkpoint, patient, tmp_path):
+    from tests.test_serve import with_contexts
+
+    s = patient_heatmap(with_contexts(checkpoint, tmp_path), patient, tmp_path)
+    predictions = pd.read_csv(tmp_path / f"{patient.name}_predictions.csv")
+    called = predictions["call"].value_counts().to_dict()
+    assert s["calls"] == {k: called.get(k, 0) for k in ("idc", "no_idc", "uncertain")}
+    assert s["calls"]["uncertain"] == int((predictions["neighbours"] <= 4).sum()) > 0
+    assert s["input_check"] == {"ok": s["n_patches"]}
 
 
 def test_patient_heatmap_refuses_several_patients(checkpoint, synthetic_root, tmp_path):

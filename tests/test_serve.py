@@ -83,6 +83,8 @@ def test_health_describes_model_and_limits(client, app):
     assert r["status"] == "ok"
     assert r["busy"] is False
     assert r["model"]["threshold"] == pytest.approx(app.state.analyst.predictor.threshold, abs=1e-4)
+    assert r["model"]["contexts"] == []  # a model without measured contexts
+    assert "temperature" not in r["model"]
     assert r["limits"]["max_upload_mb"] == 1
     assert ".png" in r["limits"]["patch_suffixes"]
     app.state.analyst.lock.acquire()
@@ -113,7 +115,8 @@ def test_patches_are_predicted_and_explained(client, app, patients):
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["n_files"] == res["n_predicted"] == 3
-    assert res["cam"] in ("Grad-CAM", "HiResCAM")
+    assert res["explanation"] == "block"  # the fixture is a neighbourhood model
+    assert sum(res["calls"].values()) == 3
     rows = {row["file"]: row for row in res["rows"]}
     assert [rows[p.name]["label"] for p in real] == [0, 1]
     assert rows["plain.jpg"]["label"] is None
@@ -126,10 +129,23 @@ def test_patches_are_predicted_and_explained(client, app, patients):
         # the same P(IDC) as the model's own inference (bf16 there, fp32 here)
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
         assert row["prob_idc"] == pytest.approx(predictor.predict_proba(image)[0], abs=0.02)
-        for kind in ("patch", "cam", "saliency"):
-            png = get_ok(client, row["images"][kind])
+        # a model without contexts decides every patch at its threshold, and has no AUC
+        assert row["call"] == ("idc" if row["pred"] else "no_idc")
+        assert row["input_check"] == "ok"
+        assert row["context"] is None and row["context_auc"] is None
+        # scored with those of its 8 neighbours uploaded with it; alone without a place
+        assert row["neighbours"] is None if name == "plain.jpg" else 0 <= row["neighbours"] <= 8
+        # the block the model saw and the evidence over it, the patch in its centre
+        assert set(row["images"]) == {"block", "neighbourhood", "patch_planes"}
+        for url in row["images"].values():
+            png = get_ok(client, url)
             assert png.content.startswith(PNG_MAGIC)
-            assert Image.open(io.BytesIO(png.content)).size == (200, 200)
+            block = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+            assert block.shape == (300, 300, 3)
+            # the patch outlined, two pixels wide: seen at half size too
+            assert (block[[100, 101, 198, 199], 100:200] == 0).all()
+            assert (block[100:200, [100, 101, 198, 199]] == 0).all()
+        assert set(row["evidence"]) == {"patch", "neighbourhood"}
 
 
 def test_corrupt_file_is_reported_and_the_others_predicted(client):
@@ -425,22 +441,235 @@ def test_slide_endpoint_wiring(client, monkeypatch):
     assert "resolution" in r.json()["error"]
 
 
-def test_real_slide(client, patients, tmp_path):
+def patient_slide(patient: Path, folder: Path) -> Path:
+    """A patient's patches put back together as a pyramidal TIFF at 4 µm/px."""
     from idcscope.data.decode import decode_files
     from idcscope.spatial import wsi
     from idcscope.spatial.heatmap import patient_mosaic
 
-    pngs = sorted(patients[0].rglob("*.png"))
+    pngs = sorted(patient.rglob("*.png"))
     names = [p.name.split("_") for p in pngs]
     decoded = decode_files([str(p) for p in pngs], workers=1)
     xs, ys = [int(n[2][1:]) for n in names], [int(n[3][1:]) for n in names]
     mosaic, _ = patient_mosaic(decoded.images, xs, ys)
-    path = wsi.write_tiff_slide(mosaic, tmp_path / "synthetic.tif", mpp=4.0)
-    r = client.post("/api/slide", files=files(("synthetic.tif", Path(path).read_bytes())))
+    return Path(wsi.write_tiff_slide(mosaic, folder / "synthetic.tif", mpp=4.0))
+
+
+def test_real_slide(client, patients, tmp_path):
+    path = patient_slide(patients[0], tmp_path)
+    r = client.post("/api/slide", files=files(("synthetic.tif", path.read_bytes())))
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["summary"]["n_tiles"] > 0
     assert get_ok(client, res["files"]["overlay"]).content.startswith(PNG_MAGIC)
+
+
+# ----------------------------------------------------------------------------- calls, contexts
+
+
+def hand_set_contexts(threshold: float, temperature: float, bias: float) -> list[dict]:
+    """Scoring contexts of a model, as training measures them: a patch with 0-4 of its
+    neighbours is never decided (a band from 0 to 1), one with 5-8 always is."""
+    never = {"temperature": 1.0, "logit_bias": 0.0, "band": [0.0, 1.0]}
+    return [
+        {"name": "alone", "neighbours": [0, 0], **never, "auc": 0.61, "ece": 0.08,
+         "coverage": 0.0, "sensitivity_decided": None, "specificity_decided": None,
+         "n": 120, "n_patients": 4},
+        # numbers not measured: the page says n/a
+        {"name": "1-4 neighbours", "neighbours": [1, 4], **never, "auc": None},
+        {"name": "5-8 neighbours", "neighbours": [5, 8], "temperature": temperature,
+         "logit_bias": bias, "band": [threshold, threshold], "auc": 0.93, "ece": 0.02,
+         "coverage": 1.0, "sensitivity_decided": 0.9, "specificity_decided": 0.88,
+         "n": 900, "n_patients": 4},
+    ]  # fmt: skip
+
+
+def with_contexts(checkpoint: Path, folder: Path) -> Path:
+    """A copy of ``checkpoint`` in ``folder`` with hand-set scoring contexts
+    (``hand_set_contexts``)."""
+    import shutil
+
+    from idcscope.models.checkpoint import read_meta, update_checkpoint
+
+    path = Path(shutil.copy(checkpoint, folder / "contexts.pt"))
+    meta = read_meta(path)
+    return update_checkpoint(path, contexts=hand_set_contexts(meta.threshold, *meta.calibrated()))
+
+
+@pytest.fixture(scope="module")
+def contexts_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    return with_contexts(checkpoint, tmp_path_factory.mktemp("contexts"))
+
+
+@pytest.fixture(scope="module")
+def contexts_client(contexts_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_contexts")
+    settings = {**SETTINGS.__dict__, "temp_dir": str(root), "max_patch_files": 20}
+    with TestClient(create_app(contexts_checkpoint, Settings(**settings))) as c:
+        yield c
+
+
+def full_block(patient: Path) -> list[Path]:
+    """The 9 patches of a 3x3 block of ``patient`` that has all of them, centre first."""
+    import re
+
+    places = {}
+    for p in patient.rglob("*.png"):
+        x, y = map(int, re.search(r"_x(\d+)_y(\d+)_", p.name).groups())
+        places[x, y] = p
+    around = [(dx, dy) for dy in (0, -50, 50) for dx in (0, -50, 50)]
+    for x, y in sorted(places):
+        if all((x + dx, y + dy) in places for dx, dy in around):
+            return [places[x + dx, y + dy] for dx, dy in around]
+    raise AssertionError(f"{patient.name} has no full 3x3 block")
+
+
+def test_health_describes_the_contexts(contexts_client, contexts_checkpoint):
+    model = get_ok(contexts_client, "/api/health").json()["model"]
+    alone, few, many = model["contexts"]
+    assert alone == {
+        "name": "alone", "neighbours": [0, 0], "band": [0.0, 1.0], "auc": 0.61, "coverage": 0.0
+    }  # fmt: skip
+    assert few["auc"] is None and few["coverage"] is None  # not measured: n/a on the page
+    assert many["band"][0] == many["band"][1] == pytest.approx(model["threshold"], abs=1e-4)
+    assert (many["auc"], many["coverage"]) == (0.93, 1.0)
+
+
+def test_uncertain_patches_are_called_counted_and_put_in_context(contexts_client, patients):
+    block = full_block(patients[0])
+    sent = [(p.name, p.read_bytes()) for p in block] + [("plain.png", image_bytes())]
+    r = contexts_client.post("/api/patches", files=files(*sent))
+    assert r.status_code == 200, r.text
+    res = r.json()
+    rows = {row["file"]: row for row in res["rows"]}
+    centre, corners = rows[block[0].name], [rows[p.name] for p in (block[4], block[5])]
+    assert centre["neighbours"] == 8
+    assert centre["call"] == ("idc" if centre["pred"] else "no_idc")
+    assert (centre["context"], centre["context_auc"]) == ("5-8 neighbours", 0.93)
+    for corner in corners:  # 3 of its 8 neighbours uploaded: never decided
+        assert corner["neighbours"] == 3
+        assert corner["call"] == "uncertain"
+        assert (corner["context"], corner["context_auc"]) == ("1-4 neighbours", None)
+    plain = rows["plain.png"]
+    assert plain["neighbours"] is None
+    assert plain["call"] == "uncertain"
+    assert (plain["context"], plain["context_auc"]) == ("alone", 0.61)
+    # the four corners and the lone patch; the edges have 5 neighbours, the centre 8
+    assert res["calls"]["uncertain"] == 5
+    assert res["calls"]["idc"] + res["calls"]["no_idc"] == 5
+    table = list(csv.DictReader(io.StringIO(get_ok(contexts_client, res["files"]["csv"]).text)))
+    assert {t["file"]: t["call"] for t in table} == {f: row["call"] for f, row in rows.items()}
+
+
+def test_the_input_check_reason_is_shown(contexts_client, patients, monkeypatch):
+    from idcscope.inference import predictor
+
+    def flat_is_glass(params, images, workers=None):  # a stand-in for a fitted check
+        flat = images.std(axis=(1, 2)).max(axis=1) < 1
+        return np.where(flat, "glass", "ok").astype(object)
+
+    monkeypatch.setattr(predictor, "check_patches", flat_is_glass)
+    block = full_block(patients[0])
+    sent = [(p.name, p.read_bytes()) for p in block] + [("plain.png", image_bytes())]
+    res = contexts_client.post("/api/patches", files=files(*sent)).json()
+    rows = {row["file"]: row for row in res["rows"]}
+    assert rows["plain.png"]["input_check"] == "glass"
+    assert rows[block[0].name]["input_check"] == "ok"
+    assert rows[block[0].name]["call"] != "uncertain"
+    # flagged, a patch is uncertain whatever its context
+    monkeypatch.setattr(predictor, "check_patches", lambda p, images, workers=None: np.full(
+        len(images), "stain", dtype=object
+    ))  # fmt: skip
+    res = contexts_client.post("/api/patches", files=files(*sent)).json()
+    assert res["calls"] == {"idc": 0, "no_idc": 0, "uncertain": 10}
+    centre = next(row for row in res["rows"] if row["file"] == block[0].name)
+    assert (centre["call"], centre["input_check"]) == ("uncertain", "stain")
+
+
+def test_patient_zip_counts_its_uncertain_patches(contexts_client, patients):
+    patient = patients[0]
+    zipped = zip_bytes(patient_members(patient))
+    res = contexts_client.post("/api/patient", files=files(("p.zip", zipped))).json()
+    s = res["summary"]
+    assert s["calls"]["uncertain"] > 0
+    assert s["calls"]["idc"] + s["calls"]["no_idc"] > 0
+    assert sum(s["calls"].values()) == s["n_patches"]
+    assert s["input_check"] == {"ok": s["n_patches"]}
+    table = list(csv.DictReader(io.StringIO(get_ok(contexts_client, res["files"]["csv"]).text)))
+    uncertain = [t for t in table if t["call"] == "uncertain"]
+    assert len(uncertain) == s["calls"]["uncertain"]
+    assert all(int(t["neighbours"]) <= 4 for t in uncertain)  # the contexts never decided
+    # the heatmaps hatch them (tests/test_heatmap.py checks the drawing)
+    assert get_ok(contexts_client, res["files"]["heatmap"]).content.startswith(PNG_MAGIC)
+
+
+def test_slide_marks_its_uncertain_tiles(contexts_client, patients, tmp_path, monkeypatch):
+    from idcscope.spatial import slide
+
+    drawn = {}
+    real = slide.slide_inference
+
+    def keep_first_overlay(*args, **kwargs):  # the overlay as spatial.slide draws it
+        summary = real(*args, **kwargs)
+        drawn["overlay"] = Path(summary["files"]["overlay"]).read_bytes()
+        return summary
+
+    monkeypatch.setattr(slide, "slide_inference", keep_first_overlay)
+    sent = files(("synthetic.tif", patient_slide(patients[0], tmp_path).read_bytes()))
+    res = contexts_client.post("/api/slide", files=sent).json()
+    s = res["summary"]
+    tiles = list(
+        csv.DictReader(io.StringIO(get_ok(contexts_client, res["files"]["tiles_csv"]).text))
+    )
+    assert s["calls"]["uncertain"] == sum(t["call"] == "uncertain" for t in tiles) > 0
+    assert sum(s["calls"].values()) == s["n_tiles"] == len(tiles)
+    assert s["input_check"] == {"ok": len(tiles)}
+    overlay = get_ok(contexts_client, res["files"]["overlay"]).content
+    assert overlay.startswith(PNG_MAGIC)
+    assert overlay != drawn["overlay"]  # redrawn with the uncertain tiles hatched
+    assert res["warnings"] == []
+
+
+# ----------------------------------------------------------------------------- seen patients
+
+
+def seen_and_unseen(app, patients) -> tuple[Path, Path]:
+    """A patient the fixture model trained on, and one it was tested on (never seen)."""
+    splits = app.state.analyst.meta.splits
+    by_id = {p.name: p for p in patients}
+    return by_id[splits["train"][0]], by_id[splits["test"][0]]
+
+
+def test_a_patient_the_model_saw_is_warned_of(client, app, patients):
+    seen, unseen = seen_and_unseen(app, patients)
+    warning = (
+        f"patient {seen.name} was used to train or validate the model; its numbers are optimistic"
+    )
+    for patient, warnings in ((seen, [warning]), (unseen, [])):
+        zipped = zip_bytes(patient_members(patient))
+        res = client.post("/api/patient", files=files(("p.zip", zipped))).json()
+        assert res["warnings"] == warnings, patient.name
+    one = [next(p.rglob("*.png")) for p in (seen, unseen)]
+    res = client.post("/api/patches", files=files(*[(p.name, p.read_bytes()) for p in one]))
+    assert res.json()["warnings"] == [warning]
+    res = client.post("/api/patches", files=files((one[1].name, one[1].read_bytes())))
+    assert res.json()["warnings"] == []
+
+
+def test_a_slide_named_for_a_patient_the_model_saw_is_warned_of(client, app, patients, monkeypatch):
+    from idcscope.spatial import slide
+
+    def fake(predictor, slide_path, out_dir, **kw):
+        return {"n_tiles": 0, "files": {}}
+
+    monkeypatch.setattr(slide, "slide_inference", fake)
+    seen, unseen = seen_and_unseen(app, patients)
+    res = client.post("/api/slide?mpp=0.25", files=files((f"{seen.name}.svs", b"II*\0"))).json()
+    assert res["warnings"] == [
+        f"patient {seen.name} was used to train or validate the model; its numbers are optimistic"
+    ]
+    res = client.post("/api/slide?mpp=0.25", files=files((f"{unseen.name}.svs", b"II*\0")))
+    assert res.json()["warnings"] == []
 
 
 # ----------------------------------------------------------------------------- helpers, CLI

@@ -214,17 +214,13 @@ def block_figure(block: np.ndarray, groups: np.ndarray, title: str, upscale: int
     from matplotlib.patches import Rectangle
 
     h, w = groups.shape[1:]
-    k = block.shape[0] // h
-    hood = np.repeat(np.repeat(groups[1], k, 0), k, 1)
-    centre = (slice((k // 2) * h, (k // 2 + 1) * h), slice((k // 2) * w, (k // 2 + 1) * w))
-    dim = (block.astype(np.float32) * 0.5 + 127.5).astype(np.uint8)  # outside the patch
-    patch_panel = dim.copy()
-    patch_panel[centre] = _positive_overlay(block[centre], groups[0])
-    panels = {
-        "what the model saw (patch outlined)": block,
-        f"neighbourhood planes: {groups[1].sum():+.2f}": _positive_overlay(block, hood),
-        f"patch planes: {groups[0].sum():+.2f}": patch_panel,
-    }
+    centre = block_centre(block, groups)
+    names = (
+        "what the model saw (patch outlined)",
+        f"neighbourhood planes: {groups[1].sum():+.2f}",
+        f"patch planes: {groups[0].sum():+.2f}",
+    )
+    panels = dict(zip(names, block_panels(block, groups), strict=True))
     s = max(1, int(upscale))
     side = block.shape[1] * s / 100
     fig = Figure(figsize=(3 * side + 0.4, side + 0.9), dpi=100, layout="constrained")
@@ -236,6 +232,26 @@ def block_figure(block: np.ndarray, groups: np.ndarray, title: str, upscale: int
         ax.set_axis_off()
     fig.suptitle(f"{title}\nevidence for IDC vs glass (logit), positive part drawn", fontsize=9)
     return fig
+
+
+def block_panels(block: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The three images of :func:`block_figure` (the web page shows them too): the
+    block, the neighbourhood planes' attribution over it (one map cell per 3x3 block
+    pixels), and the patch planes' over the patch, the block dimmed around it."""
+    h = groups.shape[1]
+    k = block.shape[0] // h
+    hood = np.repeat(np.repeat(groups[1], k, 0), k, 1)
+    centre = block_centre(block, groups)
+    patch_panel = (block.astype(np.float32) * 0.5 + 127.5).astype(np.uint8)  # dimmed
+    patch_panel[centre] = _positive_overlay(block[centre], groups[0])
+    return block, _positive_overlay(block, hood), patch_panel
+
+
+def block_centre(block: np.ndarray, groups: np.ndarray) -> tuple[slice, slice]:
+    """Where the patch lies in its block: the centre cell."""
+    h, w = groups.shape[1:]
+    k = block.shape[0] // h
+    return slice((k // 2) * h, (k // 2 + 1) * h), slice((k // 2) * w, (k // 2 + 1) * w)
 
 
 def _positive_overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:

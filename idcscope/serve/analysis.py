@@ -2,6 +2,9 @@
 
 Each takes a job (the request's folder) and returns the JSON the page shows, with download
 URLs for the files it published. Bad files are reported in their own row, never raised.
+Each says what the model calls every patch (IDC, no IDC, or uncertain where the model's
+measured error in the patch's context is too high, or its input check flags the patch),
+and warns when the patients uploaded are ones the model trained or validated on.
 
 All the heavy work of a request (unpacking a zip, reading image headers for the pixel
 budget, decoding, the model) runs under ``Analyst.lock``, so requests queue rather than
@@ -23,12 +26,14 @@ from ..data.manifest import files_table
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
 from ..inference.tables import PATCH_IDS, Verdicts, prediction_table
+from .drawing import mark_uncertain, write_blocks, write_maps
 from .jobs import Job
 from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
 
 logger = logging.getLogger(__name__)
 
-UPSCALE = 4  # 50 px patches shown at 200 px, pixels kept sharp
+CALLS = ("idc", "no_idc", "uncertain")  # as ``inference.tables`` writes them
+SEEN = "used to train or validate the model"  # as ``evaluate`` warns
 
 
 def slides_supported() -> bool:
@@ -53,28 +58,48 @@ class Analyst:
         self.lock = threading.Lock()
 
     def describe(self) -> dict:
-        """What the page shows about the model."""
-        (t, b), (lone_t, lone_b) = self.meta.calibrated(), self.meta.calibrated(lone=True)
+        """What the page shows about the model: how it decides each patch, by the context
+        the patch is scored in (``contexts``: none for a model without measured contexts,
+        which decides every patch at its threshold)."""
         return {
             "checkpoint": self.predictor.paths[0].name,
             "model": self.meta.model["name"],
             "threshold": round(self.predictor.threshold, 4),
-            "temperature": round(t, 4),
-            "logit_bias": round(b, 4),
-            "lone_temperature": round(lone_t, 4),
-            "lone_logit_bias": round(lone_b, 4),
+            "contexts": [_context(c) for c in self.meta.contexts],
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
             "mpp": self.meta.preprocessing.get("mpp"),
         }
 
+    def context_of(self, neighbours: int | None) -> dict:
+        """The context a patch was scored in (``neighbours``: how many of its 8 were
+        there, None when alone) and the model's measured AUC there; None without one."""
+        n = 0 if neighbours is None else neighbours  # alone counts as 0, as in the model
+        for c in self.meta.contexts:
+            lo, hi = c["neighbours"]
+            if lo <= n <= hi:
+                return {"context": _context(c)["name"], "context_auc": _number(c.get("auc"))}
+        return {"context": None, "context_auc": None}
+
+    def seen(self, patients) -> list[str]:
+        """The warning that some of ``patients`` trained or validated the model: their
+        numbers are optimistic (``evaluation.evaluate`` warns alike)."""
+        seen = sorted(self.predictor.seen_patients & {str(p) for p in patients})
+        if not seen:
+            return []
+        if len(seen) == 1:
+            return [f"patient {seen[0]} was {SEEN}; its numbers are optimistic"]
+        return [f"patients {', '.join(seen)} were {SEEN}; their numbers are optimistic"]
+
     # ------------------------------------------------------------------------- patches
 
     def patches(self, job: Job, uploads: list[Upload], max_pixels: int) -> dict:
-        """P(IDC), prediction, label, Grad-CAM and saliency for each uploaded patch.
+        """P(IDC), call, label and explanation of each uploaded patch.
 
         Scored as ``predict`` scores files of these names: patches whose names carry one
-        patient and their places are seen together, a lone patch alone.
+        patient and their places are seen together, a lone patch alone. A patch model's
+        explanation is its CAM and saliency; a neighbourhood model's, the block it saw
+        and the attribution over it (``drawing``).
 
         Raises:
             UploadError: 413 when the images hold more than ``max_pixels`` in all.
@@ -99,14 +124,16 @@ class Analyst:
         for row in rows:
             row["images"] = {}
         for k, i in enumerate(scored):
-            rows[i]["images"] = _write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
-            rows[i]["cam_empty"] = not ex.cam[k].max() > 0  # no positive evidence: bare patch
+            rows[i] |= self.context_of(rows[i]["neighbours"]) | _explanation(job, k, ex)
         return {
             "kind": "patches",
             "threshold": threshold,
+            "explanation": "cam" if ex.blocks is None else "block",
             "cam": ex.cam_name,
             "n_files": len(rows),
             "n_predicted": int(ex.ok.sum()),
+            "calls": _counts(predictions["call"], CALLS),
+            "warnings": self.seen(table["patient"]),
             "rows": rows,
             "files": {"csv": job.publish(csv)},
         }
@@ -139,6 +166,7 @@ class Analyst:
         return {
             "kind": "patient",
             "summary": summary,
+            "warnings": self.seen([unpacked.patient]),
             "skipped": unpacked.skipped + unreadable,
             "files": {
                 "heatmap": job.publish(files["heatmap"]),
@@ -159,15 +187,75 @@ class Analyst:
         with self.lock:
             try:
                 summary = slide_inference(self.predictor, path, job.folder / "out", slide_mpp=mpp)
+                files = summary.pop("files", {})
+                self._slide_calls(path, summary, files, name)
             except IdcscopeError as e:
                 raise _renamed(e, path, name) from e
-        files = summary.pop("files", {})
         summary["slide"] = name
         return {
             "kind": "slide",
             "summary": summary,
+            "warnings": self.seen([Path(name).stem]),  # a slide is named for its patient
             "files": {k: job.publish(p) for k, p in files.items() if p and Path(p).is_file()},
         }
+
+    def _slide_calls(self, path: Path, summary: dict, files: dict, name: str) -> None:
+        """Add the tiles' calls and input checks (from the tile table) to a slide's
+        summary, and redraw its overlay with the uncertain tiles marked, where any are."""
+        if not files.get("tiles_csv"):
+            return
+        tiles = pd.read_csv(files["tiles_csv"], keep_default_na=False, na_values=[""])
+        if "call" not in tiles:
+            return
+        summary["calls"] = _counts(tiles["call"], CALLS)
+        summary["input_check"] = _counts(tiles["input_check"])
+        if summary["calls"]["uncertain"] and files.get("overlay"):
+            patch = int(self.meta.preprocessing["patch_size"])
+            mark_uncertain(path, summary, tiles, patch, Path(files["overlay"]), name)
+
+
+def _context(c: dict) -> dict:
+    """What the page shows of one scoring context of a model (``ModelMeta.contexts``): its
+    name, neighbour range, uncertain band and measured AUC and coverage (None: not
+    measured)."""
+    lo, hi = c["neighbours"]
+    name = c.get("name") or f"{lo}-{hi} neighbours"
+    band = [_number(b) for b in c.get("band", [None, None])]
+    return {
+        "name": name,
+        "neighbours": [int(lo), int(hi)],
+        "band": band,
+        "auc": _number(c.get("auc")),
+        "coverage": _number(c.get("coverage")),
+    }
+
+
+def _number(x, digits: int = 4) -> float | None:
+    """``x`` rounded for the page; None where it is absent or not a finite number."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return round(x, digits) if np.isfinite(x) else None
+
+
+def _counts(column: pd.Series, keys=()) -> dict[str, int]:
+    """How many rows hold each value (``keys`` always, empty values left out)."""
+    values = column.dropna().astype(str)
+    counts = values[values != ""].value_counts()
+    return {k: int(counts.get(k, 0)) for k in keys} | {str(k): int(n) for k, n in counts.items()}
+
+
+def _explanation(job: Job, k: int, ex) -> dict:
+    """The images that explain patch ``k`` of ``ex`` (an ``Explanations``): its CAM and
+    saliency, or, for a neighbourhood model, its block and the evidence of each plane
+    group in logits."""
+    if ex.blocks is None:
+        images = write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
+        return {"images": images, "cam_empty": not ex.cam[k].max() > 0}  # none positive
+    groups = ex.attribution[k]
+    evidence = {"patch": float(groups[0].sum()), "neighbourhood": float(groups[1].sum())}
+    return {"images": write_blocks(job, k, ex.blocks[k], groups), "evidence": evidence}
 
 
 def _patch_table(uploads: list[Upload], verdicts, threshold: float, errors) -> pd.DataFrame:
@@ -188,22 +276,3 @@ def _renamed(e: IdcscopeError, path: Path, name: str) -> IdcscopeError:
 def _named(reason: str, upload: Upload) -> str:
     # The stored path means nothing to the person who sent the file: name it as they did.
     return reason.replace(str(upload.path), upload.name)
-
-
-def _write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.ndarray) -> dict:
-    """The patch and its CAM and saliency overlays as enlarged PNGs; returns their URLs."""
-    from PIL import Image
-
-    from ..inference.explain import overlay
-
-    urls = {}
-    for kind, img in (
-        ("patch", patch),
-        ("cam", overlay(patch, cam) if cam.max() > 0 else patch),
-        ("saliency", overlay(patch, sal) if sal.max() > 0 else patch),
-    ):
-        path = job.folder / f"{k:04d}_{kind}.png"
-        size = (img.shape[1] * UPSCALE, img.shape[0] * UPSCALE)
-        Image.fromarray(img).resize(size, Image.Resampling.NEAREST).save(path)
-        urls[kind] = job.publish(path)
-    return urls

@@ -151,7 +151,7 @@ async def health(request: Request) -> dict:
 
 @routes.post("/api/patches")
 async def patches(request: Request) -> dict:
-    """Patch images (PNG/JPEG, field ``files``): P(IDC), Grad-CAM and saliency for each."""
+    """Patch images (PNG/JPEG, field ``files``): P(IDC), call and explanation of each."""
     state = request.app.state
 
     async def work(job: Job) -> dict:

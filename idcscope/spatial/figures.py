@@ -1,5 +1,5 @@
-"""Figures of a patient or slide: P(IDC) over the tissue, the annotated IDC outlined, and
-the bare probability map."""
+"""Figures of a patient or slide: P(IDC) over the tissue, the annotated IDC outlined, the
+patches called uncertain hatched, and the bare probability map."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 from ..data import PATCH_MPP, PATCH_SIZE
 
 CMAP = "inferno"
-
+# Patches called uncertain: greyed and hatched, readable over every colour of CMAP.
+UNCERTAIN = {"fill": (0.5, 0.5, 0.5, 0.5), "hatch": "////", "edge": "white"}
 
 DPI = 150
 
@@ -34,6 +35,34 @@ def _contour(ax: Axes, grid: np.ndarray, origin, patch: int, level: float, **kw)
     cy = origin[1] + (np.arange(z.shape[0]) - 0.5) * patch
     if z.min() < level <= z.max():
         ax.contour(cx, cy, z, levels=[level], **kw)
+
+
+def _hatch(ax: Axes, mask: np.ndarray | None, origin, patch: int) -> list:
+    """Grey and hatch the cells of ``mask`` (patches called uncertain), outlined; returns
+    the legend handle, none when no cell is marked.
+
+    One filled contour, not a square per cell (a slide has 10^5 cells): each cell is
+    sampled k x k, so the contour runs along the cell edges, its corners cut by a 2k-th of
+    a cell (k from 6 for a patient's grid down to 2 for a large slide's, for speed).
+    """
+    from matplotlib.patches import Patch
+
+    if mask is None or not np.any(mask):
+        return []
+    k = int(np.clip(2400 // max(np.shape(mask)), 2, 6))
+    z = np.pad(np.asarray(mask, float).repeat(k, 0).repeat(k, 1), 1)
+    cx = origin[0] + (np.arange(z.shape[1]) - 0.5) * patch / k
+    cy = origin[1] + (np.arange(z.shape[0]) - 0.5) * patch / k
+    style = UNCERTAIN
+    filled = ax.contourf(
+        cx, cy, z, levels=[0.5, 2], colors=[style["fill"]], hatches=[style["hatch"]]
+    )
+    filled.set_edgecolor(style["edge"])  # the hatch's colour
+    filled.set_linewidth(0)
+    ax.contour(cx, cy, z, levels=[0.5], colors=style["edge"], linewidths=0.8)
+    label = f"uncertain ({np.count_nonzero(mask)})"
+    # On the legend's white the hatch is drawn dark.
+    return [Patch(facecolor=style["fill"], edgecolor="0.3", hatch=style["hatch"], label=label)]
 
 
 def _tissue_axes(ax: Axes, mosaic: np.ndarray, extent, title: str, faded: bool = False) -> None:
@@ -80,6 +109,7 @@ def plot_patient_heatmap(
     patch: int = PATCH_SIZE,
     mpp: float = PATCH_MPP,
     title: str = "",
+    uncertain: np.ndarray | None = None,
 ) -> Figure:
     """Tissue, predicted P(IDC) over it, and (when ``truth`` is given) the annotated IDC.
 
@@ -92,6 +122,8 @@ def plot_patient_heatmap(
         patch: Grid step in slide pixels.
         mpp: Microns per slide pixel, for the scale bar.
         title: Figure title.
+        uncertain: Boolean grid of the cells called uncertain, hatched over the
+            prediction (the model does not decide them); None: none.
     """
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
@@ -120,6 +152,8 @@ def plot_patient_heatmap(
     edge = {"colors": "#00e5ff", "linewidths": 1.4}
     _contour(axes[1], prob, origin, patch, threshold, **edge)
     handles = [Line2D([], [], color=edge["colors"], lw=1.4, label=f"P = {threshold:.2f}")]
+    handles += _hatch(axes[1], uncertain, origin, patch)
+    axes[1].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
     if truth is not None:
         mask = np.where(np.isnan(prob), np.nan, truth.astype(float))
         rgba = np.zeros((*mask.shape, 4))
@@ -132,8 +166,6 @@ def plot_patient_heatmap(
             Line2D([], [], color="black", lw=1.4, label=f"predicted, P ≥ {threshold:.2f}"),
         ]
         axes[2].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
-    else:
-        axes[1].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
     bar = fig.colorbar(im, ax=axes[1], shrink=0.8, pad=0.02, label="P(IDC)")
     bar.ax.axhline(threshold, color=edge["colors"], lw=2)
     if title:
@@ -147,8 +179,10 @@ def plot_probability_map(
     patch: int = PATCH_SIZE,
     title: str = "",
     ax: Axes | None = None,
+    uncertain: np.ndarray | None = None,
 ) -> Figure:
-    """The probability grid alone: one square per patch, glass left white, with a colour bar."""
+    """The probability grid alone: one square per patch, glass left white, with a colour
+    bar; the cells of ``uncertain`` (called uncertain) hatched."""
     from matplotlib import colormaps
 
     extent = _grid_extent(prob, origin, patch)
@@ -166,6 +200,9 @@ def plot_probability_map(
         extent=extent,
         interpolation="nearest",
     )
+    handles = _hatch(ax, uncertain, origin, patch)
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or "Predicted P(IDC)", fontsize=10)

@@ -152,8 +152,10 @@ def patient_heatmap(
 
     Returns:
         The JSON summary: patient, n_patches, threshold, predicted and annotated IDC area
-        fractions of the tissue, Dice and IoU of the IDC regions (grid cells), patch-level
-        AUC, sensitivity and specificity (None where undefined), and the files written.
+        fractions of the tissue, the patches called IDC, no IDC and uncertain (``calls``;
+        uncertain ones are hatched in the figures) and the input check's counts by
+        reason, Dice and IoU of the IDC regions (grid cells), patch-level AUC,
+        sensitivity and specificity (None where undefined), and the files written.
     """
     from ..inference.predictor import Predictor
 
@@ -220,8 +222,14 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
     tissue = ~np.isnan(grid)
     pred_mask = tissue & (np.nan_to_num(grid, nan=-1.0) >= threshold)
     truth = probability_grid(xs, ys, labels)[0] >= 0.5 if known else None
+    # A cell is uncertain when most of its patches are (one patch a cell, in Kaggle's grid).
+    uncertain = probability_grid(xs, ys, placed.verdicts.call == -1)[0] >= 0.5
     n_cells = int(tissue.sum())
-    summary = {"n_tissue_cells": n_cells, "idc_fraction_pred": int(pred_mask.sum()) / n_cells}
+    summary = {
+        "n_tissue_cells": n_cells,
+        "idc_fraction_pred": int(pred_mask.sum()) / n_cells,
+        **_calls(placed.verdicts),
+    }
     if known:
         m = metrics.binary_metrics(labels, prob, threshold)
         summary |= {
@@ -231,7 +239,18 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
             "sensitivity": m["recall"] if m["n_positive"] else None,
             "specificity": m["specificity"] if m["n_positive"] < m["n"] else None,
         }
-    return summary, {"grid": grid, "origin": origin, "truth": truth}
+    return summary, {"grid": grid, "origin": origin, "truth": truth, "uncertain": uncertain}
+
+
+def _calls(verdicts: Verdicts) -> dict:
+    """How many patches the model calls IDC, no IDC and uncertain, and how many the input
+    check passes or flags, by reason (``inference.tables``)."""
+    calls = verdicts.calls()
+    reasons, counts = np.unique(verdicts.check.astype(str), return_counts=True)
+    return {
+        "calls": {c: int((calls == c).sum()) for c in ("idc", "no_idc", "uncertain")},
+        "input_check": {str(r): int(n) for r, n in zip(reasons, counts, strict=True)},
+    }
 
 
 def _draw(out: Path, pid, placed: _Placed, patches, maps: dict, summary: dict, mpp) -> dict:
@@ -242,17 +261,22 @@ def _draw(out: Path, pid, placed: _Placed, patches, maps: dict, summary: dict, m
     mosaic, _ = patient_mosaic(patches, placed.xs, placed.ys, scale=scale)
     title = f"Patient {pid}: {summary['n_patches']} patches, "
     title += f"predicted IDC {summary['idc_fraction_pred']:.0%}"
+    if summary["calls"]["uncertain"]:
+        title += f" ({summary['calls']['uncertain']} uncertain)"
     if "idc_fraction_true" in summary:
         title += f", annotated {summary['idc_fraction_true']:.0%}"
         if summary["dice"] is not None:
             title += f"; Dice {summary['dice']:.2f}, IoU {summary['iou']:.2f}"
-    threshold = summary["threshold"]
+    threshold, uncertain = summary["threshold"], maps["uncertain"]
     figures = {
         "heatmap": plot_patient_heatmap(
-            mosaic, grid, origin, threshold, maps["truth"], mpp=mpp, title=title
+            mosaic, grid, origin, threshold, maps["truth"], mpp=mpp, title=title,
+            uncertain=uncertain,
         ),
-        "probability": plot_probability_map(grid, origin, title=f"Patient {pid}: P(IDC)"),
-    }
+        "probability": plot_probability_map(
+            grid, origin, title=f"Patient {pid}: P(IDC)", uncertain=uncertain
+        ),
+    }  # fmt: skip
     return {k: str(_save_png(fig, out / f"{pid}_{k}.png")) for k, fig in figures.items()}
 
 

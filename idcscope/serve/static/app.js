@@ -21,6 +21,16 @@ function el(tag, props = {}, ...children) {
 const percent = (x) => (x === null || x === undefined ? "n/a" : `${(100 * x).toFixed(1)}%`);
 const fixed = (x, digits = 3) => (x === null || x === undefined ? "n/a" : x.toFixed(digits));
 const said = (pred) => (pred ? "IDC" : "no IDC");
+const CALLS = { idc: "IDC", no_idc: "no IDC", uncertain: "uncertain" };
+
+// "3 IDC · 5 no IDC · 2 uncertain"
+const callCounts = (calls) => Object.entries(CALLS).map(([k, word]) => `${calls[k] || 0} ${word}`).join(" · ");
+
+// The input check's counts other than "ok": "2 stain, 1 glass", or "all ok".
+function flagged(checks = {}) {
+  const bad = Object.entries(checks).filter(([reason]) => reason !== "ok");
+  return bad.length ? bad.map(([reason, n]) => `${n} ${reason}`).join(", ") : "all ok";
+}
 
 // ---------------------------------------------------------------------------- model and tabs
 
@@ -33,9 +43,11 @@ async function loadHealth() {
     const m = health.model;
     box.replaceChildren(
       el("span", { className: "pill" + (health.busy ? " busy" : "") }, health.busy ? "busy" : "ready"),
-      ` ${m.model} · ${m.checkpoint} · threshold ${fixed(m.threshold)} · T ${fixed(m.temperature, 2)}` +
+      ` ${m.model} · ${m.checkpoint} · threshold ${fixed(m.threshold)}` +
+        (m.contexts.length ? ` · ${m.contexts.length} scoring contexts` : "") +
         (m.context_sigma ? ` · context σ ${fixed(m.context_sigma, 2)}` : ""),
     );
+    renderContexts(m.contexts);
     const noSlides = !health.slides;
     $(".slide-unavailable").hidden = !noSlides;
     $("#slide-input").disabled = noSlides;
@@ -43,6 +55,22 @@ async function loadHealth() {
   } catch (error) {
     box.textContent = "the server does not answer";
   }
+}
+
+// The model's scoring contexts: where it decides a patch, and how well it did there.
+function renderContexts(contexts) {
+  const box = $("#model-contexts");
+  $(".none", box).hidden = contexts.length > 0;
+  $("table", box).hidden = contexts.length === 0;
+  const band = ([below, from]) => (below === null || from === null ? "n/a"
+    : below === from ? `none: IDC from ${fixed(from)}` : `${fixed(below)} to ${fixed(from)}`);
+  $("tbody", box).replaceChildren(...contexts.map((c) => el("tr", { dataset: { context: c.name } },
+    el("td", {}, c.name),
+    el("td", {}, c.neighbours[0] === c.neighbours[1] ? `${c.neighbours[0]}` : `${c.neighbours[0]}–${c.neighbours[1]}`),
+    el("td", {}, band(c.band)),
+    el("td", { className: "auc" }, fixed(c.auc)),
+    el("td", { className: "coverage" }, percent(c.coverage)),
+  )));
 }
 
 function selectTab(tab) {
@@ -54,6 +82,12 @@ function selectTab(tab) {
 }
 
 // ---------------------------------------------------------------------------- uploads
+
+function showWarnings(box, warnings = []) {
+  const list = $(".warnings", box);
+  list.replaceChildren(...warnings.map((w) => el("p", {}, w)));
+  list.hidden = !warnings.length;
+}
 
 function showError(panel, message, files = []) {
   const box = $(".error", panel);
@@ -143,30 +177,72 @@ function bindUpload(inputId, url, render) {
 
 // ---------------------------------------------------------------------------- results
 
-function thumb(src, alt, title = "") {
-  return el("td", { className: "img" }, el("img", { src, alt, title, width: 100, height: 100 }));
+function thumb(src, alt, title = "", side = 100, caption = null) {
+  const img = el("img", { src, alt, title, width: side, height: side });
+  return el("td", { className: "img" }, img, caption === null ? null : el("small", {}, caption));
 }
 
-function patchRow(row) {
+// Patch, CAM and saliency; or, for a model that sees the neighbourhood, the 3x3 block it
+// saw and the evidence (logits) of its neighbourhood planes and of its patch planes.
+const MAPS = {
+  cam: (result) => ["Patch", result.cam, "Saliency"],
+  block: () => ["What the model saw", "Neighbourhood evidence", "Patch evidence"],
+};
+
+function mapCells(row, kind) {
+  const f = row.file;
+  if (kind === "cam") {
+    return [
+      thumb(row.images.patch, `patch ${f}`),
+      thumb(row.images.cam, `CAM of ${f}`, row.cam_empty ? "no positive evidence: bare patch" : ""),
+      thumb(row.images.saliency, `saliency of ${f}`),
+    ];
+  }
+  const logit = (x) => `${x >= 0 ? "+" : ""}${x.toFixed(2)} logit`;
+  return [
+    thumb(row.images.block, `the 3x3 block the model saw around ${f}`, "the patch is outlined", 150),
+    thumb(row.images.neighbourhood, `neighbourhood evidence for IDC in ${f}`,
+      "positive part of the neighbourhood planes' attribution", 150, logit(row.evidence.neighbourhood)),
+    thumb(row.images.patch_planes, `patch evidence for IDC in ${f}`,
+      "positive part of the patch planes' attribution", 150, logit(row.evidence.patch)),
+  ];
+}
+
+function callCell(row) {
+  const td = el("td", { className: `call ${row.call}` }, el("span", { className: "word" }, CALLS[row.call]));
+  if (row.call === "uncertain") td.title = `leans ${said(row.pred)} (P(IDC) against the threshold)`;
+  if (row.input_check !== "ok") td.append(el("small", { className: "check" }, `input check: ${row.input_check}`));
+  return td;
+}
+
+function contextCell(row) {
+  const where = row.neighbours === null ? "alone" : `${row.neighbours} of 8 neighbours`;
+  const measured = row.context === null ? "AUC n/a" : `${row.context}: AUC ${fixed(row.context_auc)}`;
+  return el("td", { className: "context" }, el("span", {}, where), el("small", { className: "auc" }, measured));
+}
+
+function patchRow(row, kind) {
   const tr = el("tr", { dataset: { file: row.file } });
   if (row.error) {
     tr.className = "failed";
     tr.append(el("td", { colSpan: 3 }, "not predicted"), el("td", { className: "file" }, row.file),
-      el("td", { colSpan: 3, className: "reason" }, row.error));
+      el("td", { colSpan: 4, className: "reason" }, row.error));
     return tr;
   }
   const bar = el("span", { className: "bar" });
   bar.style.width = `${100 * row.prob_idc}%`;
   const known = row.label !== null;
-  if (known) tr.className = row.label === row.pred ? "agrees" : "disagrees";
+  if (known) {
+    const agrees = row.label === (row.call === "idc" ? 1 : 0);
+    tr.className = row.call === "uncertain" ? "undecided" : agrees ? "agrees" : "disagrees";
+  }
   tr.append(
-    thumb(row.images.patch, `patch ${row.file}`),
-    thumb(row.images.cam, `CAM of ${row.file}`, row.cam_empty ? "no positive evidence: bare patch" : ""),
-    thumb(row.images.saliency, `saliency of ${row.file}`),
+    ...mapCells(row, kind),
     el("td", { className: "file" }, row.file),
     el("td", { className: "prob", dataset: { prob: row.prob_idc } },
       el("span", { className: "value" }, fixed(row.prob_idc)), el("span", { className: "meter" }, bar)),
-    el("td", { className: row.pred ? "pred idc" : "pred" }, said(row.pred)),
+    callCell(row),
+    contextCell(row),
     el("td", { className: "label" }, known ? said(row.label) : "unknown"),
   );
   return tr;
@@ -174,14 +250,19 @@ function patchRow(row) {
 
 function renderPatches(result) {
   const box = $("#patch-results");
-  const positive = result.rows.filter((r) => r.pred === 1).length;
   const failed = result.n_files - result.n_predicted;
-  $(".counts", box).textContent =
-    `${result.n_predicted} of ${result.n_files} files predicted, ${positive} called IDC ` +
-    `(P(IDC) ≥ ${fixed(result.threshold)})` + (failed ? `; ${failed} could not be used` : "");
-  $(".cam-name", box).textContent = result.cam;
+  $(".counts", box).replaceChildren(
+    `${result.n_predicted} of ${result.n_files} files predicted: `,
+    ...Object.entries(CALLS).flatMap(([k, word], i) => [
+      i ? " · " : "", el("span", { className: `count ${k}` }, `${result.calls[k]} ${word}`),
+    ]),
+    ` (threshold ${fixed(result.threshold)})` + (failed ? `; ${failed} could not be used` : ""),
+  );
+  const names = MAPS[result.explanation](result);
+  box.querySelectorAll("th.map").forEach((th, i) => { th.textContent = names[i]; });
+  showWarnings(box, result.warnings);
   $(".csv", box).href = result.files.csv;
-  $("tbody", box).replaceChildren(...result.rows.map(patchRow));
+  $("tbody", box).replaceChildren(...result.rows.map((row) => patchRow(row, result.explanation)));
   box.hidden = false;
 }
 
@@ -200,6 +281,8 @@ function renderPatient(result) {
     ["Patches", s.n_patches + (s.n_unreadable ? ` (${s.n_unreadable} unreadable)` : "")],
     ["Threshold", fixed(s.threshold)],
     ["Spatial context", s.context_sigma ? `σ ${fixed(s.context_sigma, 2)} patches` : "off"],
+    ["Calls", callCounts(s.calls)],
+    ["Input check", flagged(s.input_check)],
     ["Predicted IDC area", percent(s.idc_fraction_pred)],
     ["Annotated IDC area", known ? percent(s.idc_fraction_true) : undefined],
     ["Dice", known ? fixed(s.dice) : undefined],
@@ -208,6 +291,7 @@ function renderPatient(result) {
     ["Sensitivity", known ? fixed(s.sensitivity) : undefined],
     ["Specificity", known ? fixed(s.specificity) : undefined],
   ]);
+  showWarnings(box, result.warnings);
   $("#patient-heatmap").src = result.files.heatmap;
   $("#patient-probability").src = result.files.probability;
   $(".csv", box).href = result.files.csv;
@@ -228,12 +312,15 @@ function renderSlide(result) {
     ["Slide", s.slide],
     ["Tissue tiles", s.n_tiles],
     ["IDC tiles", s.n_idc_tiles],
+    ["Calls", s.calls ? callCounts(s.calls) : undefined],
+    ["Input check", s.input_check ? flagged(s.input_check) : undefined],
     ["IDC fraction", percent(s.idc_fraction)],
     ["Tissue", s.tissue_mm2 === undefined ? undefined : `${s.tissue_mm2} mm²`],
     ["IDC", s.idc_mm2 === undefined ? undefined : `${s.idc_mm2} mm²`],
     ["Slide µm/px", s.slide_mpp],
     ["Speed", s.tiles_per_s ? `${s.tiles_per_s} tiles/s` : undefined],
   ]);
+  showWarnings(box, result.warnings);
   $("#slide-overlay").src = result.files.overlay || "";
   const links = [[".geojson", result.files.geojson], [".tiles", result.files.tiles_csv]];
   for (const [selector, href] of links) {
