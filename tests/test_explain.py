@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from idcscope.cli import app
 from idcscope.errors import IdcscopeError
-from idcscope.inference.explain import CSV_COLUMNS, GradCAM, explain_patches, overlay, saliency
+from idcscope.inference.explain import CSV_COLUMNS, GradCAM, explain_patches, saliency
+from idcscope.inference.panels import overlay
 from idcscope.models import create_model, list_models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

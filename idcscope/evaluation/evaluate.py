@@ -76,8 +76,7 @@ def evaluate(
     )
     result = _metrics(table, verdicts.prob, raw, predictor.threshold, n_boot)
     result["calls"] = _call_metrics(table, verdicts.call, n_boot)
-    reasons, counts = np.unique(verdicts.check.astype(str), return_counts=True)
-    result["input_check"] = {str(r): int(n) for r, n in zip(reasons, counts, strict=True)}
+    result["input_check"] = verdicts.counts()["input_check"]
     summary = summarize(table) | {
         "n_files": len(table) + len(skipped),
         "n_skipped": len(skipped),

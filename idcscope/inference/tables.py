@@ -50,6 +50,17 @@ class Verdicts(NamedTuple):
         """The call of each row as a word (``CALLS``), "" where not scored."""
         return np.array([CALLS.get(int(c), "") if c == c else "" for c in self.call], object)
 
+    def counts(self) -> dict:
+        """How many scored rows the model calls IDC, no IDC and uncertain (``calls``), and
+        how many the input check passes or flags, by reason (``input_check``)."""
+        calls = self.calls()
+        checked = self.check[self.check != ""].astype(str)
+        reasons, counts = np.unique(checked, return_counts=True)
+        return {
+            "calls": {c: int((calls == c).sum()) for c in CALLS.values()},
+            "input_check": {str(r): int(n) for r, n in zip(reasons, counts, strict=True)},
+        }
+
 
 def prediction_columns(ids: list[str], label: bool = False, error: bool = False) -> list[str]:
     """The columns of a table built by :func:`prediction_table`, in its order."""

@@ -26,13 +26,12 @@ from ..data.manifest import files_table
 from ..errors import IdcscopeError
 from ..inference.predictor import Predictor
 from ..inference.tables import PATCH_IDS, Verdicts, prediction_table
-from .drawing import mark_uncertain, write_blocks, write_maps
+from .drawing import write_blocks, write_maps
 from .jobs import Job
 from .uploads import Upload, UploadError, check_pixels, extract_patient_zip
 
 logger = logging.getLogger(__name__)
 
-CALLS = ("idc", "no_idc", "uncertain")  # as ``inference.tables`` writes them
 SEEN = "used to train or validate the model"  # as ``evaluate`` warns
 
 
@@ -132,7 +131,7 @@ class Analyst:
             "cam": ex.cam_name,
             "n_files": len(rows),
             "n_predicted": int(ex.ok.sum()),
-            "calls": _counts(predictions["call"], CALLS),
+            "calls": ex.verdicts.counts()["calls"],
             "warnings": self.seen(table["patient"]),
             "rows": rows,
             "files": {"csv": job.publish(csv)},
@@ -188,7 +187,6 @@ class Analyst:
             try:
                 summary = slide_inference(self.predictor, path, job.folder / "out", slide_mpp=mpp)
                 files = summary.pop("files", {})
-                self._slide_calls(path, summary, files, name)
             except IdcscopeError as e:
                 raise _renamed(e, path, name) from e
         summary["slide"] = name
@@ -198,20 +196,6 @@ class Analyst:
             "warnings": self.seen([Path(name).stem]),  # a slide is named for its patient
             "files": {k: job.publish(p) for k, p in files.items() if p and Path(p).is_file()},
         }
-
-    def _slide_calls(self, path: Path, summary: dict, files: dict, name: str) -> None:
-        """Add the tiles' calls and input checks (from the tile table) to a slide's
-        summary, and redraw its overlay with the uncertain tiles marked, where any are."""
-        if not files.get("tiles_csv"):
-            return
-        tiles = pd.read_csv(files["tiles_csv"], keep_default_na=False, na_values=[""])
-        if "call" not in tiles:
-            return
-        summary["calls"] = _counts(tiles["call"], CALLS)
-        summary["input_check"] = _counts(tiles["input_check"])
-        if summary["calls"]["uncertain"] and files.get("overlay"):
-            patch = int(self.meta.preprocessing["patch_size"])
-            mark_uncertain(path, summary, tiles, patch, Path(files["overlay"]), name)
 
 
 def _context(c: dict) -> dict:
@@ -237,13 +221,6 @@ def _number(x, digits: int = 4) -> float | None:
     except (TypeError, ValueError):
         return None
     return round(x, digits) if np.isfinite(x) else None
-
-
-def _counts(column: pd.Series, keys=()) -> dict[str, int]:
-    """How many rows hold each value (``keys`` always, empty values left out)."""
-    values = column.dropna().astype(str)
-    counts = values[values != ""].value_counts()
-    return {k: int(counts.get(k, 0)) for k in keys} | {str(k): int(n) for k, n in counts.items()}
 
 
 def _explanation(job: Job, k: int, ex) -> dict:

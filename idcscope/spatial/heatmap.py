@@ -228,7 +228,7 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
     summary = {
         "n_tissue_cells": n_cells,
         "idc_fraction_pred": int(pred_mask.sum()) / n_cells,
-        **_calls(placed.verdicts),
+        **placed.verdicts.counts(),
     }
     if known:
         m = metrics.binary_metrics(labels, prob, threshold)
@@ -240,17 +240,6 @@ def _compare(placed: _Placed, threshold: float) -> tuple[dict, dict]:
             "specificity": m["specificity"] if m["n_positive"] < m["n"] else None,
         }
     return summary, {"grid": grid, "origin": origin, "truth": truth, "uncertain": uncertain}
-
-
-def _calls(verdicts: Verdicts) -> dict:
-    """How many patches the model calls IDC, no IDC and uncertain, and how many the input
-    check passes or flags, by reason (``inference.tables``)."""
-    calls = verdicts.calls()
-    reasons, counts = np.unique(verdicts.check.astype(str), return_counts=True)
-    return {
-        "calls": {c: int((calls == c).sum()) for c in ("idc", "no_idc", "uncertain")},
-        "input_check": {str(r): int(n) for r, n in zip(reasons, counts, strict=True)},
-    }
 
 
 def _draw(out: Path, pid, placed: _Placed, patches, maps: dict, summary: dict, mpp) -> dict:

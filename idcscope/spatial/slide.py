@@ -139,6 +139,7 @@ def slide_inference(
     summary["warnings"] = _warnings(path, scan.grid, verdicts.check, slide_mpp is not None)
     for warning in summary["warnings"]:
         logger.warning("%s", warning)
+    summary |= verdicts.counts()
     summary["files"] = _write_maps(
         out, path, scan, prob, verdicts, threshold, mpp * patch / THUMB_PX
     )
@@ -236,9 +237,13 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, verdicts, threshold, th
     files["geojson"].write_text(json.dumps(idc_regions(prob, threshold, grid)) + "\n")
     hot = int((prob[rows, cols] >= threshold).sum())
     found = _found({"n_tiles": len(scan.tiles), "n_idc_tiles": hot})
+    uncertain = np.zeros(prob.shape, bool)
+    uncertain[rows, cols] = verdicts.call == -1
+    if uncertain.any():
+        found += f", {int(uncertain.sum())} uncertain"
     fig = plot_patient_heatmap(
         scan.thumb, prob, (0, 0), threshold, patch=THUMB_PX, mpp=thumb_mpp,
-        title=f"{path.name}: {found}",
+        title=f"{path.name}: {found}", uncertain=uncertain,
     )  # fmt: skip
     _save_png(fig, files["overlay"])
     return {k: str(v) for k, v in files.items()}
