@@ -604,7 +604,7 @@ def test_patient_zip_counts_its_uncertain_patches(contexts_client, patients):
 
 
 def test_slide_marks_its_uncertain_tiles(contexts_client, patients, tmp_path, monkeypatch):
-    from idcscope.spatial import slide
+    from idcscope.spatial import heatmap, slide
 
     drawn = {}
     real = slide.slide_inference
@@ -615,6 +615,14 @@ def test_slide_marks_its_uncertain_tiles(contexts_client, patients, tmp_path, mo
         return summary
 
     monkeypatch.setattr(slide, "slide_inference", keep_first_overlay)
+    hatched = []
+    plot = heatmap.plot_patient_heatmap
+
+    def plot_and_keep(*args, **kwargs):
+        hatched.append(kwargs.get("uncertain"))
+        return plot(*args, **kwargs)
+
+    monkeypatch.setattr(heatmap, "plot_patient_heatmap", plot_and_keep)
     sent = files(("synthetic.tif", patient_slide(patients[0], tmp_path).read_bytes()))
     res = contexts_client.post("/api/slide", files=sent).json()
     s = res["summary"]
@@ -626,7 +634,8 @@ def test_slide_marks_its_uncertain_tiles(contexts_client, patients, tmp_path, mo
     assert s["input_check"] == {"ok": len(tiles)}
     overlay = get_ok(contexts_client, res["files"]["overlay"]).content
     assert overlay.startswith(PNG_MAGIC)
-    assert overlay != drawn["overlay"]  # redrawn with the uncertain tiles hatched
+    assert overlay == drawn["overlay"]  # drawn once, where the slide is read
+    assert hatched[0].sum() == s["calls"]["uncertain"]  # with its uncertain tiles hatched
     assert res["warnings"] == []
 
 
