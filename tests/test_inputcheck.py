@@ -343,3 +343,20 @@ def test_a_real_slide_stated_at_twice_its_um_per_px_is_warned_about(
         slide = write_tiff_slide(mosaic, tmp_path / f"at{stated:g}.tif", mpp=stated)
         summary = slide_inference(predictor, slide, tmp_path / f"out{stated:g}")
         assert bool(summary["warnings"]) == warned, summary["warnings"]
+
+
+def test_a_few_patches_get_the_compiled_sums_from_numpy():
+    """Scoring a few patches spares numba; its sums are the compiled pass's, up to float32
+    accumulation (the kernel sums 2,500 float32 values a patch: rtol 2,500 * 2**-24)."""
+    from idcscope.data._kernels import patch_statistics
+
+    rng = np.random.default_rng(0)
+    flat = np.full((2, 50, 50, 3), (230, 180, 210), np.uint8)  # pale tissue, and glass
+    flat[1] = 255
+    images = np.concatenate([rng.integers(0, 256, (6, 50, 50, 3), dtype=np.uint8), flat])
+    lags = np.array(ic.LAGS, np.int64)
+    compiled = np.empty((len(images), 24 + 2 * len(lags)))
+    patch_statistics(images, ic._OD, lags, ic.TISSUE_OD, compiled)
+    np.testing.assert_allclose(
+        ic._statistics(images, lags), compiled, rtol=2500 * 2**-24, atol=1e-9
+    )

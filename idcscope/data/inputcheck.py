@@ -67,12 +67,16 @@ def _check(images: np.ndarray) -> np.ndarray:
 
 def _features(images: np.ndarray) -> np.ndarray:
     """:data:`FEATURES` of a chunk of uint8 patches, (n, len(FEATURES)) float64, from the
-    sums one compiled pass makes (``_kernels.patch_statistics``)."""
-    from ._kernels import patch_statistics
-
+    sums one compiled pass makes (``_kernels.patch_statistics``; numpy's for a few
+    patches, which spares importing numba and loading its compiled code)."""
     lags = np.array(LAGS, np.int64)
-    s = np.empty((len(images), 24 + 2 * len(lags)), np.float64)
-    patch_statistics(np.ascontiguousarray(images), _OD, lags, TISSUE_OD, s)
+    if len(images) <= SMALL:
+        s = _statistics(images, lags)
+    else:
+        from ._kernels import patch_statistics
+
+        s = np.empty((len(images), 24 + 2 * len(lags)), np.float64)
+        patch_statistics(np.ascontiguousarray(images), _OD, lags, TISSUE_OD, s)
     side = images.shape[1]
     px, eps = side * side, 1e-3
     count = s[:, 0:1]
@@ -104,6 +108,38 @@ def _features(images: np.ndarray) -> np.ndarray:
         np.log(light[:, 2] / light[:, 1]),
     ]  # fmt: skip
     return np.nan_to_num(np.stack(cols, 1), posinf=50.0, neginf=-50.0)
+
+
+SMALL = 64  # up to this many patches numpy's sums are quick enough (as ``neighbourhood``)
+
+
+def _statistics(images: np.ndarray, lags: np.ndarray) -> np.ndarray:
+    """``_kernels.patch_statistics``' sums in numpy, for a few patches."""
+    od = _OD[images].transpose(0, 3, 1, 2).astype(np.float64)  # (n, 3, h, w)
+    n, _, h, w = od.shape
+    g, c = od.sum(1), od[:, 2] - od[:, 0]
+    m = (g > TISSUE_OD).astype(np.float64)
+    s = np.zeros((n, 24 + 2 * len(lags)))
+    s[:, 0], s[:, 1:4], s[:, 4:7] = m.sum((1, 2)), (od * m[:, None]).sum((2, 3)), od.sum((2, 3))
+    s[:, 7], s[:, 8] = (m * c).sum((1, 2)), (m * c * c).sum((1, 2))
+    s[:, 9], s[:, 10] = g.sum((1, 2)), (g * g).sum((1, 2))
+    s[:, 22], s[:, 23] = c.sum((1, 2)), (c * c).sum((1, 2))
+    mean = np.where(s[:, 0] == 0, s[:, 9] / (h * w), s[:, 1:4].sum(1) / np.maximum(s[:, 0], 1))
+    dark = g > mean[:, None, None]
+    for k, side in ((14, dark), (18, ~dark)):
+        s[:, k] = (m * side).sum((1, 2))
+        s[:, k + 1 : k + 4] = (od * (m * side)[:, None]).sum((2, 3))
+    across, down = np.diff(g, axis=2), np.diff(g, axis=1)
+    s[:, 11] = (across**2).sum((1, 2)) + (down**2).sum((1, 2))
+    s[:, 12] = (across**4).sum((1, 2)) + (down**4).sum((1, 2))
+    inner = g[:, 1:-1, 1:-1]
+    lap = 4 * inner - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    s[:, 13] = (lap**2).sum((1, 2))
+    for i, lag in enumerate(lags):
+        for v, col in ((g, 24 + i), (c, 24 + len(lags) + i)):
+            a, d = v[:, :, lag:] - v[:, :, :-lag], v[:, lag:] - v[:, :-lag]
+            s[:, col] = (a**2).sum((1, 2)) + (d**2).sum((1, 2))
+    return s
 
 
 def features(images: np.ndarray, workers: int | None = None) -> np.ndarray:
