@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -102,3 +103,46 @@ def test_the_built_wheel_carries_the_weights(shipped, tmp_path):
     for name in ("config.json", "model.safetensors", "README.md"):
         assert inside + name in names, name
     assert "idcscope/data/demo/9124.zip" in names  # the demo's real patient
+
+
+def _as_sent(table, how: str, seed: int = 0):
+    """A patient's patches as a user sends them: ``whole``, as ``uploads`` of 8 patches
+    (each upload its own group: the patches have places, few of their neighbours), or
+    each patch ``alone`` (no place)."""
+    if how == "whole":
+        return table
+    if how == "alone":
+        return table.assign(x=-1, y=-1)
+    upload = np.random.default_rng(seed).permutation(len(table)) // 8
+    return table.assign(patient=[f"upload{u}" for u in upload])
+
+
+@pytest.mark.parametrize("patient", ["8913", DEMO_PATIENT])
+def test_the_same_patch_is_called_as_its_context_allows(shipped, real_sample, patient):
+    """Each real patch of a patient (8913, 9% IDC; 9124, 62%, never seen) scored whole, in
+    uploads of 8 and alone is calibrated and called for that context. With one calibration
+    for every patch with a place, the uploads of 8 called 476 of 8913's 873 benign patches
+    IDC (and 52 of 9124's 175); now a few, the rest of what the patch alone cannot tell
+    is uncertain."""
+    from idcscope.data.manifest import index_datasets
+    from idcscope.inference import Predictor
+
+    index = index_datasets(real_sample, read_sizes=False)
+    table = index.table[index.table["patient"] == patient].reset_index(drop=True)
+    y = table["label"].to_numpy()
+    predictor = Predictor(shipped)
+    scored = {
+        how: predictor.score_files(_as_sent(table, how), index.root)
+        for how in ("whole", "uploads", "alone")
+    }
+    assert np.nanmedian(scored["whole"].neighbours) >= 7
+    assert np.nanmax(scored["uploads"].neighbours) <= 3
+    assert np.isnan(scored["alone"].neighbours).all()
+    decided = {how: (s.call >= 0).mean() for how, s in scored.items()}
+    assert decided["whole"] > 1.5 * max(decided["uploads"], decided["alone"])
+    for how in ("uploads", "alone"):  # the contexts the old calibration got most wrong
+        call = scored[how].call
+        wrong = ((call == 1) & (y == 0)) | ((call == 0) & (y == 1))
+        assert wrong.mean() <= 0.03, (how, wrong.sum())
+    # the same patch's P(IDC) differs with its context: each is calibrated for its own
+    assert not np.allclose(scored["whole"].prob, scored["alone"].prob, atol=0.05)

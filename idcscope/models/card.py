@@ -27,20 +27,21 @@ def fill_card(text: str, meta: ModelMeta) -> str:
 
 
 def headline(reports: dict, meta: ModelMeta) -> str:
-    """One paragraph: per scoring mode and folder, AUC, balanced accuracy, ECE, and the
-    share decided with sensitivity and specificity among the decided."""
+    """One paragraph: with neighbours per data folder (whole patients, scattered ones),
+    the other modes over every patient: AUC, balanced accuracy, ECE, and the share
+    decided with sensitivity and specificity among the decided."""
     alpha = meta.contexts[0].get("alpha") if meta.contexts else None
     parts = []
     for key, r in reports["by_mode"].items():
         mode, folder = key.split("/")
-        if folder == "all" and mode == "context":
-            continue  # its folders say more
+        if (folder == "all") == (mode == "context"):
+            continue  # with neighbours per folder (whole, scattered); the others pooled
         who = f"{r['n_patients']} patients" + ("" if folder == "all" else f" of {folder}")
         parts.append(
             f"{who}, {MODES.get(mode, mode)}: AUC {_f(r['auc'])}, balanced accuracy "
-            f"{_f(r['balanced_accuracy'])}, ECE {_f(r['ece'])}; {_pct(r['coverage'])} decided "
-            f"at sensitivity {_f(r['sensitivity_decided'])}, specificity "
-            f"{_f(r['specificity_decided'])}"
+            f"{_f(r['balanced_accuracy'])}, ECE {_f(r['ece'])}, {_pct(r['coverage'])} decided "
+            f"(sensitivity {_f(r['sensitivity_decided'])}, specificity "
+            f"{_f(r['specificity_decided'])})"
         )
     at = f" (alpha {alpha})" if alpha is not None else ""
     return (
