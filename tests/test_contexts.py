@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import crepes
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,7 +22,6 @@ def _scores(n: int, seed: int, scale: float = 2.0, shift: float = 0.0):
 @pytest.mark.parametrize("n", [7, 40, 501])
 @pytest.mark.parametrize("level", [0.01, 0.05, 0.2, 0.5])
 def test_conformal_bound_gives_crepes_prediction_sets(n, level):
-    crepes = pytest.importorskip("crepes")
     rng = np.random.default_rng(n)
     cal, test = rng.random(n).round(2), rng.random(300).round(2)  # ties included
     cc = crepes.ConformalClassifier().fit(cal)
