@@ -99,3 +99,33 @@ def test_cross_fitting_fits_each_fold_on_the_others():
         np.testing.assert_array_equal(out.loc[mine, "call"], expect["call"])
     r = cx.report(out.assign(pred=out["pred"]), n_boot=50)
     assert set(r["ci95"]) == {"auc", "coverage", "sensitivity_decided", "specificity_decided"}
+
+
+def test_the_band_is_held_to_alpha_on_patients_it_did_not_see():
+    """Patients differ (here each shifts its margins by its own offset): a band exact on
+    the patients it was fitted on errs more on new ones; the level held out over the
+    fit's folds keeps new patients' error among the decided nearer alpha."""
+
+    def patients(n_patients: int, seed: int):
+        rng = np.random.default_rng(seed)
+        pid = np.repeat(np.arange(n_patients), 200)
+        y = (rng.random(len(pid)) < 0.3).astype(int)
+        margin = (
+            2.5 * (2 * y - 1) + rng.normal(0, 1.2, len(pid)) + rng.normal(0, 1.0, n_patients)[pid]
+        )
+        return y, margin, pid % 3
+
+    y, margin, folds = patients(60, 5)
+    exact = cx.fit_contexts(margin, y, np.full(len(y), 8.0), 0.05)[-1]
+    held = cx.fit_contexts(margin, y, np.full(len(y), 8.0), 0.05, folds)[-1]
+    assert held["target"] < 0.05 == exact["target"]
+    new_y, new_margin, _ = patients(300, 6)
+    errors = {}
+    for name, c in (("exact", exact), ("held", held)):
+        prob = 1 / (1 + np.exp(-(new_margin / c["temperature"] + c["logit_bias"])))
+        m = call_metrics(
+            new_y, np.where(prob >= c["band"][1], 1, np.where(prob < c["band"][0], 0, -1))
+        )
+        errors[name] = 1 - min(m["sensitivity_decided"], m["specificity_decided"])
+    assert errors["held"] < errors["exact"]
+    assert errors["held"] <= 0.05 + 0.01

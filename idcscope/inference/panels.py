@@ -9,9 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def overlay(
-    patch: np.ndarray, heat, alpha: float = 0.45, cmap: str = "jet"
-) -> np.ndarray:
+def overlay(patch: np.ndarray, heat, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
     """Blend a colour-mapped heat map (H, W) in [0, 1] onto a uint8 (H, W, 3) patch."""
     from matplotlib import colormaps
 

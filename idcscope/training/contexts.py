@@ -17,8 +17,11 @@ level; a patch is decided when its set holds one class, and is uncertain otherwi
 level ``a_k`` at most ``a_k`` of class k's patches lose their class, so with ``a_k`` set to
 ``alpha`` times the share of class k that is decided (found by iterating), at most ``alpha``
 of the decided patches of each class are called wrong: sensitivity and specificity among
-the decided are at least 1 - alpha. Patients are the unit of exchange: every estimate of
-how the fit does is cross-fitted over the folds (patients), never over patches.
+the decided are at least 1 - alpha, on the patients it was fitted on. New patients differ
+from those (a tumour-rich one scores low throughout), so the level aimed at is the largest
+share of alpha that keeps the error within alpha on patients each fit did not see, over
+the folds (`held_out_level`). Patients are the unit of exchange: every estimate of how the
+fit does is cross-fitted over the folds (patients), never over patches.
 """
 
 from __future__ import annotations
@@ -81,20 +84,51 @@ def conformal_band(prob: np.ndarray, y: np.ndarray, alpha: float = ALPHA) -> dic
     return {"band": [float(band[0]), float(band[1])], "levels": [float(v) for v in levels]}
 
 
-def fit_contexts(margin, y, neighbours, alpha: float = ALPHA) -> list[dict]:
-    """Per context: temperature and bias fitted on its logit margins, and its band."""
+def fit_contexts(margin, y, neighbours, alpha: float = ALPHA, groups=None) -> list[dict]:
+    """Per context: temperature and bias fitted on its logit margins, and its band.
+
+    With ``groups`` (each row's patient fold), the band's own target is the largest
+    share of :data:`SHARES` of ``alpha`` that still keeps each class's error among the
+    decided within ``alpha`` on the groups it was not fitted on (`held_out_level`):
+    patients differ, and a band exact on the ones it saw errs more on new ones.
+    """
     margin, y = np.asarray(margin, dtype=np.float64), np.asarray(y)
     where = context_index(neighbours)
     out = []
     for i, (name, lo, hi) in enumerate(CONTEXTS):
         rows = where == i
         t, b = fit_platt(margin[rows], y[rows])
-        band = conformal_band(probabilities(margin[rows], t, b), y[rows], alpha)
+        level = alpha
+        if groups is not None and len(np.unique(np.asarray(groups)[rows])) > 1:
+            level = held_out_level(margin[rows], y[rows], np.asarray(groups)[rows], alpha)
+        band = conformal_band(probabilities(margin[rows], t, b), y[rows], level)
         out.append({
             "name": name, "neighbours": [lo, hi], "temperature": t, "logit_bias": b,
-            **band, "alpha": alpha, "n": int(rows.sum()), "n_idc": int(y[rows].sum()),
+            **band, "alpha": alpha, "target": level, "n": int(rows.sum()),
+            "n_idc": int(y[rows].sum()),
         })  # fmt: skip
     return out
+
+
+SHARES = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)  # of alpha: the band's targets `held_out_level` tries
+
+
+def held_out_level(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, alpha: float) -> float:
+    """The largest ``alpha * share`` (:data:`SHARES`) whose bands, each fitted on all
+    groups but one (calibration included) and applied to that one, call at most ``alpha``
+    of each class's decided patches wrong, pooled over the groups; the smallest else."""
+    for share in SHARES:
+        call = np.full(len(y), -1.0)
+        for g in np.unique(groups):
+            mine = groups == g
+            t, b = fit_platt(margin[~mine], y[~mine])
+            fit = conformal_band(probabilities(margin[~mine], t, b), y[~mine], alpha * share)
+            call[mine] = call_codes(probabilities(margin[mine], t, b), *fit["band"])
+        m = metrics.call_metrics(y, call)
+        if all(v is None or v >= 1 - alpha for v in
+               (m["sensitivity_decided"], m["specificity_decided"])):  # fmt: skip
+            return alpha * share
+    return alpha * SHARES[-1]
 
 
 def decide(contexts: list[dict], frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -111,9 +145,11 @@ def decide(contexts: list[dict], frame: pd.DataFrame, threshold: float) -> pd.Da
 
 def fit_decisions(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float = ALPHA) -> dict:
     """``contexts`` and the ``threshold`` (``threshold_rule``: ``choose_threshold``'s
-    method and target) fitted on OOF predictions of every scoring mode, ``pooled``."""
+    method and target) fitted on OOF predictions of every scoring mode, ``pooled`` (with
+    its ``fold`` column, each band's target is held out over the folds' patients)."""
     y = pooled["label"].to_numpy()
-    contexts = fit_contexts(pooled["margin"], y, pooled["neighbours"], alpha)
+    groups = pooled["fold"].to_numpy() if "fold" in pooled else None
+    contexts = fit_contexts(pooled["margin"], y, pooled["neighbours"], alpha, groups)
     calibrated = decide(contexts, pooled, 0.5)["prob_idc"].to_numpy()
     return {"contexts": contexts, "threshold": choose_threshold(y, calibrated, *threshold_rule)}
 
