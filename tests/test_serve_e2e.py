@@ -153,14 +153,18 @@ def test_patches_in_the_page_match_the_api(page, server, patient, tmp_path):
     assert page.console_errors == []
 
 
-def test_patient_zip_shows_its_heatmap(page, patient, tmp_path):
-    archive = tmp_path / "patient.zip"
+def upload_patient(page, folder, archive) -> None:
+    """Send a patient's folder as a zip from the page's patient tab, and wait for it."""
     with zipfile.ZipFile(archive, "w") as zf:
-        for p in sorted(patient.rglob("*.png")):
-            zf.write(p, p.relative_to(patient.parent).as_posix())
+        for p in sorted(folder.rglob("*.png")):
+            zf.write(p, p.relative_to(folder.parent).as_posix())
     page.click("#tab-patient")
     page.set_input_files("#patient-input", str(archive))
     page.wait_for_selector("#patient-results:not([hidden])")
+
+
+def test_patient_zip_shows_its_heatmap(page, patient, tmp_path):
+    upload_patient(page, patient, tmp_path / "patient.zip")
     images_loaded(page, "#patient-heatmap")
     images_loaded(page, "#patient-probability")
     facts = page.locator("#patient-results dl.facts").inner_text()
@@ -271,13 +275,7 @@ def test_the_page_warns_of_a_patient_the_model_saw(
     page, app = contexts_page, contexts_server[1]
     seen = app.state.analyst.meta.splits["train"][0]
     folder = synthetic_root / seen
-    archive = tmp_path / "seen.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in sorted(folder.rglob("*.png")):
-            zf.write(p, p.relative_to(folder.parent).as_posix())
-    page.click("#tab-patient")
-    page.set_input_files("#patient-input", str(archive))
-    page.wait_for_selector("#patient-results:not([hidden])")
+    upload_patient(page, folder, tmp_path / "seen.zip")
     images_loaded(page, "#patient-heatmap")
     warning = page.locator("#patient-results .warnings")
     assert warning.is_visible()

@@ -25,6 +25,17 @@ from .app import (
     print_headline,
 )
 
+# How uncertain calls are fitted (``training.contexts.ALPHA``; a literal keeps --help quick).
+Alpha = Annotated[
+    float,
+    typer.Option(
+        min=0.001,
+        max=0.5,
+        help="Largest share of each class's decided patches called wrong (on patients the "
+        "fit did not see): the rest is called uncertain, per scoring context.",
+    ),
+]
+
 # The options of ``train`` that set the config field of the same name.
 _CONFIG_OPTIONS = (
     "model", "epochs", "seed", "batch_size", "lr", "augment", "imbalance", "stain",
@@ -157,15 +168,7 @@ def cv(
             "folds can be ensembled fold by fold."
         ),
     ] = None,
-    alpha: Annotated[
-        float,
-        typer.Option(
-            min=0.001,
-            max=0.5,
-            help="Largest share of each class's decided patches called wrong: the rest "
-            "is called uncertain, per scoring context.",
-        ),
-    ] = 0.05,
+    alpha: Alpha = 0.05,
 ) -> None:
     """Patient-level cross-validation: per-fold and pooled metrics with bootstrap 95% CIs,
     with neighbours, from a share of each patient's patches and each patch alone, per data
@@ -300,15 +303,7 @@ def calibrate(
             exists=True, help="oof_predictions.csv of `idcscope cv` of the model's recipe."
         ),
     ],
-    alpha: Annotated[
-        float,
-        typer.Option(
-            min=0.001,
-            max=0.5,
-            help="Largest share of each class's decided patches called wrong: the rest "
-            "is called uncertain, per scoring context.",
-        ),
-    ] = 0.05,
+    alpha: Alpha = 0.05,
     card: Annotated[
         Path | None, typer.Option(exists=True, help="A model folder's card, its numbers filled.")
     ] = None,
