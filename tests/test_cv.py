@@ -58,14 +58,21 @@ def test_cv_scores_whole_patients_and_lone_patches_with_both_calibrations(cv_run
     out, result = cv_run
     assert result.exit_code == 0, result.output
     cv = json.loads((out / "cv.json").read_text())
-    assert set(cv["cohorts"]) == {"context/fold", "context/oof", "lone/fold", "lone/oof"}
+    modes = ("context", "thinned", "lone")
+    assert set(cv["cohorts"]) == {f"{m}/{c}" for m in modes for c in ("fold", "oof")}
     for rows in cv["cohorts"].values():
         assert rows["all"]["n_patients"] == 6 and 0 <= rows["all"]["ece"] <= 1
     # with neighbours and alone, the same patients and patches were scored
     assert cv["cohorts"]["lone/oof"]["all"]["n"] == cv["cohorts"]["context/oof"]["all"]["n"]
     per_patient = pd.read_csv(out / "per_patient.csv")
-    assert len(per_patient) == 12 and set(per_patient["scored"]) == {"context", "lone"}
+    assert set(per_patient["scored"]) == set(modes)
+    assert (per_patient["scored"] != "thinned").sum() == 12  # some thinned patients keep none
     assert "each patch alone" in (out / "cv.md").read_text()
+    # calibrated and called by context, cross-fitted: every mode, every context seen
+    assert {"context/all", "thinned/all", "lone/all"} <= set(cv["contexts"]["by_mode"])
+    assert "alone" in cv["contexts"]["by_context"]
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    assert set(oof["scored"]) == set(modes) and oof["neighbours"].isna().any()
 
 
 def test_final_model_trains_on_every_patient_with_oof_decisions(cv_run):
@@ -119,7 +126,8 @@ def test_ensemble_of_fold_models(cv_run, synthetic_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     m = json.loads((tmp_path / "ens" / "metrics.json").read_text())
-    assert m["n_models"] == 2 and len(m["temperature"]) == 2
+    assert m["n_models"] == 2
+    assert m["calls"]["n_decided"] + m["calls"]["n_uncertain"] == m["n"]
     # every patient was in some member's training or validation set: the report says so
     assert any("used to train or validate" in w for w in m["warnings"])
 

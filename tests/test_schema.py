@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,13 +71,22 @@ def test_older_formats_migrate(old, trained_run):
     assert migrate(fields, "old.pt")["format"] == FORMAT
 
 
-def test_the_shipped_folder_of_the_first_format_loads():
+def test_a_folder_of_the_first_format_loads_and_decides_every_patch(tmp_path):
+    """The shipped folder as idcscope wrote it before there were contexts and input checks
+    (format idcscope-model/1): it loads, and calls every patch at its threshold."""
     from idcscope.models.bundle import DEFAULT_MODEL, read_config, resolve_model
 
-    folder = resolve_model(DEFAULT_MODEL)
-    assert json.loads((folder / "config.json").read_text())["format"] in (FORMAT, *OLD_FORMATS)
+    folder = shutil.copytree(resolve_model(DEFAULT_MODEL), tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    for field in ("contexts", "input_check"):
+        config.pop(field)
+    (folder / "config.json").write_text(json.dumps({**config, "format": OLD_FORMATS[1]}))
     assert read_config(folder)["format"] == FORMAT
-    assert read_meta(folder).threshold == pytest.approx(0.2117, abs=1e-4)
+    meta = read_meta(folder)
+    assert meta.contexts == [] and meta.input_check == {}
+    d = meta.decisions(np.array([8.0, np.nan]))
+    assert (d.no_idc_below == d.idc_from).all() and (d.idc_from == meta.threshold).all()
+    assert d.temperature[1] == meta.lone_calibration["temperature"]  # alone: its own
 
 
 def test_an_unknown_format_is_refused_clearly(exports, tmp_path):

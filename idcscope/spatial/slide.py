@@ -136,13 +136,12 @@ def slide_inference(
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)
+    summary |= verdicts.counts()
     summary["warnings"] = _warnings(path, scan.grid, verdicts.check, slide_mpp is not None)
     for warning in summary["warnings"]:
         logger.warning("%s", warning)
-    summary |= verdicts.counts()
-    summary["files"] = _write_maps(
-        out, path, scan, prob, verdicts, threshold, mpp * patch / THUMB_PX
-    )
+    thumb_mpp = mpp * patch / THUMB_PX
+    summary["files"] = _write_maps(out, path, scan, prob, verdicts, threshold, thumb_mpp)
     (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: %d tissue tiles, %s, %.1f tiles/s",
