@@ -264,6 +264,11 @@ def print_headline(m: dict) -> None:
     for k in keys:
         v = m.get(k)
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    calls = m.get("calls", {})
+    for k in ("coverage", "sensitivity_decided", "specificity_decided"):
+        if k in calls:  # the three-way calls: how many decided, how right
+            v = calls[k]
+            print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
 
 
 @contextlib.contextmanager

@@ -133,7 +133,21 @@ def _describe(result: dict) -> str:
         f"threshold: {result['threshold']:.4f} ({result['threshold_source']})\n"
         f"test-time augmentation: {result['tta']}\n"
         f"spatial context (Gaussian sigma, grid cells): {result['context_sigma']}\n"
+        f"calls: {_calls_line(result['calls'])}\n"
         f"patient-clustered bootstrap 95% CI:{ci or ' needs 3+ patients'}"
+    )
+
+
+def _calls_line(calls: dict) -> str:
+    """The three-way calls in one line: the share decided and how right they are."""
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (
+        f"{calls['coverage']:.1%} decided ({calls['n_uncertain']} uncertain); among the "
+        f"decided sensitivity {f(calls['sensitivity_decided'])}, specificity "
+        f"{f(calls['specificity_decided'])}"
     )
 
 

@@ -26,7 +26,7 @@ from ..data import PATCH_SIZE
 from ..data.grid import neighbour_counts, smooth_rows
 from ..data.inputcheck import check_patches
 from ..data.preprocess import Preprocessing
-from ..models.schema import Decisions, ModelMeta, call_codes
+from ..models.schema import ModelMeta, call_codes
 from ..progress import progress_bar
 from .backends import create_backend
 from .calibration import probabilities
@@ -112,10 +112,6 @@ class Member:
     meta: ModelMeta
     prep: Preprocessing
     backend: object
-
-    def probabilities(self, margin: np.ndarray, decisions: Decisions) -> np.ndarray:
-        """Calibrated P(IDC) of logit margins, each by its context's calibration."""
-        return probabilities(margin, decisions.temperature, decisions.logit_bias)
 
 
 def load_member(path, engine, device, precision, batch_size, threads) -> Member:
@@ -247,11 +243,11 @@ class Predictor:
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), g, xy, member.meta.context)
                 margins.append(logits[:, 1].astype(np.float64) - logits[:, 0])
-                decisions = member.meta.decisions(neighbours)
-                calibrated.append(member.probabilities(margins[-1], decisions))
+                d = member.meta.decisions(neighbours)  # each patch by its context
+                calibrated.append(probabilities(margins[-1], d.temperature, d.logit_bias))
                 raw.append(probabilities(logits))
-                below.append(decisions.no_idc_below)
-                above.append(decisions.idc_from)
+                below.append(d.no_idc_below)
+                above.append(d.idc_from)
             prob = np.mean(calibrated, axis=0)
             band = (np.mean(below, axis=0), np.mean(above, axis=0))  # an ensemble: the mean
             check = loaded.prepared[1]
