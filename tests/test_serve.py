@@ -472,15 +472,15 @@ def hand_set_contexts(threshold: float, temperature: float, bias: float) -> list
     neighbours is never decided (a band from 0 to 1), one with 5-8 always is."""
     never = {"temperature": 1.0, "logit_bias": 0.0, "band": [0.0, 1.0]}
     return [
-        {"name": "alone", "neighbours": [0, 0], **never, "auc": 0.61, "ece": 0.08,
-         "coverage": 0.0, "sensitivity_decided": None, "specificity_decided": None,
-         "n": 120, "n_patients": 4},
+        {"name": "alone", "neighbours": [0, 0], **never, "n": 120, "measured": {
+            "auc": 0.61, "ece": 0.08, "coverage": 0.0, "sensitivity_decided": None,
+            "specificity_decided": None, "n_patients": 4}},
         # numbers not measured: the page says n/a
-        {"name": "1-4 neighbours", "neighbours": [1, 4], **never, "auc": None},
+        {"name": "1-4 neighbours", "neighbours": [1, 4], **never, "measured": {}},
         {"name": "5-8 neighbours", "neighbours": [5, 8], "temperature": temperature,
-         "logit_bias": bias, "band": [threshold, threshold], "auc": 0.93, "ece": 0.02,
-         "coverage": 1.0, "sensitivity_decided": 0.9, "specificity_decided": 0.88,
-         "n": 900, "n_patients": 4},
+         "logit_bias": bias, "band": [threshold, threshold], "n": 900, "measured": {
+            "auc": 0.93, "ece": 0.02, "coverage": 1.0, "sensitivity_decided": 0.9,
+            "specificity_decided": 0.88, "n_patients": 4}},
     ]  # fmt: skip
 
 

@@ -172,13 +172,7 @@ def _call_metrics(table, call: np.ndarray, n_boot: int) -> dict:
     y, patients = table["label"].to_numpy(), table["patient"].to_numpy()
     result = metrics.call_metrics(y, call)
     if n_boot > 0 and len(set(patients)) >= 3:
-        result["ci95"] = {
-            key: list(metrics.bootstrap_ci(
-                y, call, patients, lambda yy, cc, k=key: metrics.call_metrics(yy, cc)[k],
-                n_boot=n_boot,
-            ))
-            for key in ("coverage", "sensitivity_decided", "specificity_decided")
-        }  # fmt: skip
+        result["ci95"] = metrics.call_cis(y, call, patients, n_boot)
     result["per_patient"] = [
         {"patient": str(p), **metrics.call_metrics(y[patients == p], call[patients == p])}
         for p in np.unique(patients)

@@ -118,6 +118,17 @@ def call_metrics(y_true: Any, call: Any) -> dict[str, Any]:
     }
 
 
+def call_cis(y_true, call, patients, n_boot: int, seed: int = 0) -> dict[str, list]:
+    """Patient-clustered bootstrap 95% CIs (`bootstrap_ci`) of the share decided and of
+    sensitivity and specificity among the decided (`call_metrics`)."""
+    return {
+        key: list(bootstrap_ci(
+            y_true, call, patients, lambda y, c, k=key: call_metrics(y, c)[k], n_boot, seed
+        ))
+        for key in ("coverage", "sensitivity_decided", "specificity_decided")
+    }  # fmt: skip
+
+
 def per_patient_metrics(
     y_true: Any, prob: Any, patients: Any, threshold: float = 0.5
 ) -> list[dict[str, Any]]:

@@ -89,22 +89,29 @@ class ModelMeta:
         model's calibration (the lone one for patches scored alone) and no uncertain band:
         it decides every patch at its threshold.
         """
-        n = np.nan_to_num(np.asarray(neighbours, dtype=np.float64), nan=0.0)
         if not self.contexts:
             lone = np.isnan(np.asarray(neighbours, dtype=np.float64))
             (t, b), (lt, lb) = self.calibrated(), self.calibrated(lone=True)
-            band = np.full(len(n), float(self.threshold))
+            band = np.full(len(lone), float(self.threshold))
             return Decisions(np.where(lone, lt, t), np.where(lone, lb, b), band, band.copy())
-        out = Decisions(*(np.full(len(n), np.nan) for _ in range(4)))
-        for c in self.contexts:
-            lo, hi = c["neighbours"]
-            rows = (n >= lo) & (n <= hi)
-            out.temperature[rows], out.logit_bias[rows] = c["temperature"], c["logit_bias"]
-            out.no_idc_below[rows], out.idc_from[rows] = c["band"]
-        if np.isnan(out.temperature).any():
+        where = self.context_index(neighbours)
+        if (where < 0).any():
             raise ValueError(
                 f"contexts {[c['neighbours'] for c in self.contexts]} miss some of 0-8"
             )
+        table = np.array(
+            [[c["temperature"], c["logit_bias"], *c["band"]] for c in self.contexts], np.float64
+        )
+        return Decisions(*table[where].T)
+
+    def context_index(self, neighbours) -> np.ndarray:
+        """The entry of ``contexts`` each patch was scored in (``neighbours``: 0-8, NaN
+        when alone, which counts as 0); -1 where none covers it."""
+        n = np.nan_to_num(np.asarray(neighbours, dtype=np.float64), nan=0.0)
+        out = np.full(len(n), -1)
+        for i, c in enumerate(self.contexts):
+            lo, hi = c["neighbours"]
+            out[(n >= lo) & (n <= hi)] = i
         return out
 
     @property

@@ -73,12 +73,11 @@ class Analyst:
     def context_of(self, neighbours: int | None) -> dict:
         """The context a patch was scored in (``neighbours``: how many of its 8 were
         there, None when alone) and the model's measured AUC there; None without one."""
-        n = 0 if neighbours is None else neighbours  # alone counts as 0, as in the model
-        for c in self.meta.contexts:
-            lo, hi = c["neighbours"]
-            if lo <= n <= hi:
-                return {"context": _context(c)["name"], "context_auc": _number(c.get("auc"))}
-        return {"context": None, "context_auc": None}
+        i = self.meta.context_index([np.nan if neighbours is None else neighbours])[0]
+        if i < 0:
+            return {"context": None, "context_auc": None}
+        c = _context(self.meta.contexts[i])
+        return {"context": c["name"], "context_auc": c["auc"]}
 
     def seen(self, patients) -> list[str]:
         """The warning that some of ``patients`` trained or validated the model: their
@@ -209,8 +208,8 @@ def _context(c: dict) -> dict:
         "name": name,
         "neighbours": [int(lo), int(hi)],
         "band": band,
-        "auc": _number(c.get("auc")),
-        "coverage": _number(c.get("coverage")),
+        "auc": _number(c.get("measured", {}).get("auc")),  # out of fold (training.oof)
+        "coverage": _number(c.get("measured", {}).get("coverage")),
     }
 
 

@@ -118,6 +118,11 @@ class TrainConfig:
     device: str = "auto"
     cache_dir: str | None = None
 
+    @property
+    def threshold_rule(self) -> tuple[str, float]:
+        """How the threshold is chosen: ``calibration.choose_threshold``'s method, target."""
+        return self.threshold, self.target_sensitivity
+
 
 RECIPES: dict[str, dict] = {
     # Ours, the dataclass defaults: class-balanced sampling, dihedral + stain/colour

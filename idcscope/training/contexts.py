@@ -180,12 +180,8 @@ def report(frame: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
         **metrics.call_metrics(y, call),
     }  # fmt: skip
     if n_boot and len(set(patients)) >= 3:
-        ci = {"auc": metrics.bootstrap_ci(y, prob, patients, metrics.rank_auc, n_boot, seed)}
-        for key in ("coverage", "sensitivity_decided", "specificity_decided"):
-            ci[key] = metrics.bootstrap_ci(
-                y, call, patients, lambda a, b, k=key: metrics.call_metrics(a, b)[k], n_boot, seed
-            )
-        out["ci95"] = {k: list(v) for k, v in ci.items()}
+        auc = metrics.bootstrap_ci(y, prob, patients, metrics.rank_auc, n_boot, seed)
+        out["ci95"] = {"auc": list(auc), **metrics.call_cis(y, call, patients, n_boot, seed)}
     return out
 
 

@@ -108,7 +108,7 @@ def cross_validate(
     result["cohorts"] = cohort_results(cfg, pooled, n_boot)
     every = pd.concat([f.assign(scored=m) for m, f in pooled.items()], ignore_index=True)
     every.to_csv(out / "oof_predictions.csv", index=False)  # what `calibrate` refits on
-    result["contexts"] = contexts.cohorts(every, _rule(cfg), alpha, n_boot, cfg.seed)[0]
+    result["contexts"] = contexts.cohorts(every, cfg.threshold_rule, alpha, n_boot, cfg.seed)[0]
     per_patient_table(pooled).to_csv(out / "per_patient.csv", index=False, float_format="%.4f")
     result.update(config=dataclasses.asdict(cfg), folds=folds, fold_seed=fold_seed, tta=tta)
     if final:
@@ -163,11 +163,6 @@ def _fold_predictions(cfg: TrainConfig, fold_dir: Path, tta: bool, mode: str) ->
             context=mode == "context",
         )  # fmt: skip
     return pd.read_csv(path, dtype={"patient": str})
-
-
-def _rule(cfg: TrainConfig) -> tuple:
-    """How the threshold is chosen (``calibration.choose_threshold``'s method, target)."""
-    return cfg.threshold, cfg.target_sensitivity
 
 
 def cohort_results(cfg: TrainConfig, pooled: dict, n_boot: int) -> dict:

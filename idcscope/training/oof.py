@@ -141,7 +141,7 @@ def train_final(
         fields["lone_calibration"] = {
             k: lone_fit[k] for k in ("temperature", "logit_bias", "calibration")
         }
-    fields |= _context_fields(cfg, pooled, reports or {}, alpha)
+    fields |= _context_fields(cfg.threshold_rule, pooled, reports or {}, alpha)
     fields["oof_metrics"] |= reports or {}
     fields["input_check"] = before.get("fields", {}).get("input_check") or _input_check(
         cfg, patients
@@ -156,16 +156,16 @@ def train_final(
     return fields
 
 
-def _context_fields(cfg: TrainConfig, pooled: pd.DataFrame, reports: dict, alpha: float) -> dict:
+def _context_fields(rule: tuple, pooled: pd.DataFrame, reports: dict, alpha: float) -> dict:
     """``contexts`` (each with what the cross-fitted ``reports`` measured of it) and the
-    threshold chosen on every scoring mode calibrated."""
-    rule = (cfg.threshold, cfg.target_sensitivity)
+    threshold chosen by ``rule`` (``TrainConfig.threshold_rule``) on every scoring mode
+    calibrated."""
     fit = contexts.fit_decisions(pooled, rule, alpha)
     measured = reports.get("by_context", {})
     keep = ("auc", "ece", "coverage", "sensitivity_decided", "specificity_decided", "n_patients")
     for c in fit["contexts"]:
         c["measured"] = {k: measured[c["name"]][k] for k in keep} if c["name"] in measured else {}
-    method = "youden" if cfg.threshold == "youden" else f"sensitivity {cfg.target_sensitivity}"
+    method = "youden" if rule[0] == "youden" else f"sensitivity {rule[1]}"
     return {
         "contexts": fit["contexts"],
         "threshold": fit["threshold"],
@@ -188,8 +188,7 @@ def refit(oof_csv: str | Path, rule: tuple, alpha: float = ALPHA, n_boot: int = 
             f"{path}: not out-of-fold predictions of idcscope cv (no {sorted(missing)})"
         )
     reports = contexts.cohorts(pooled, rule, alpha, n_boot, 0)[0]
-    cfg = TrainConfig(threshold=rule[0], target_sensitivity=rule[1])
-    return _context_fields(cfg, pooled, reports, alpha) | {"oof_metrics": reports}
+    return _context_fields(rule, pooled, reports, alpha) | {"oof_metrics": reports}
 
 
 def _input_check(cfg: TrainConfig, patients: list[str]) -> dict:
