@@ -1,0 +1,95 @@
+"""Recipes compared paired by patient over repeated runs (``training.selection``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from idcscope.errors import IdcscopeError
+from idcscope.training import selection
+from tests.test_calibrate import _oof
+
+
+def _run(n_patients: int, sharpness: float, seed: int, per_patient: int = 60) -> pd.DataFrame:
+    """Decided predictions of one run: patients with 30% IDC, P(IDC) separating the
+    classes at ``sharpness`` plus noise drawn by ``seed`` (the training's luck)."""
+    rng = np.random.default_rng(seed)
+    patient = np.repeat([f"p{i}" for i in range(n_patients)], per_patient)
+    y = (np.random.default_rng(1).random(len(patient)) < 0.3).astype(int)  # one truth
+    margin = sharpness * (2 * y - 1) + rng.normal(0, 1.5, len(y))
+    prob = 1 / (1 + np.exp(-margin))
+    call = np.where(prob > 0.9, 1, np.where(prob < 0.1, 0, -1))
+    return pd.DataFrame({
+        "patient": patient, "label": y, "prob_idc": prob, "pred": (prob >= 0.5).astype(int),
+        "call": call, "cohort": "context/data",
+    })  # fmt: skip
+
+
+def _row(table: pd.DataFrame, metric: str) -> pd.Series:
+    return table[table["metric"] == metric].iloc[0]
+
+
+def test_a_run_against_itself_differs_by_nothing():
+    run = _run(20, 1.5, 0)
+    table = selection.compare([run], [run.copy()], n_boot=50)
+    assert set(table["metric"]) == set(selection.METRICS)
+    assert np.allclose(table["delta"], 0) and np.allclose(table["se_patients"], 0)
+    assert set(table["verdict"]) == {"within noise"}
+
+
+def test_a_clearly_sharper_recipe_is_better_and_a_duller_one_worse():
+    base = [_run(40, 1.0, s) for s in (0, 1)]
+    sharper = [_run(40, 2.5, s) for s in (2, 3)]
+    table = selection.compare(base, sharper, n_boot=100)
+    auc = _row(table, "auc")
+    assert auc["verdict"] == "better" and auc["ci_low"] > 0 and auc["delta"] > 0.05
+    assert auc["runs"] == "2 vs 2" and auc["seed_df"] == 2 and auc["patients"] == 40
+    assert _row(selection.compare(sharper, base, n_boot=100), "auc")["verdict"] == "worse"
+
+
+def test_the_spread_between_runs_widens_the_interval():
+    # the same gap in means, once from one run each, once from runs that disagree a lot
+    base, cand = _run(40, 1.5, 0), _run(40, 1.7, 1)
+    alone = _row(selection.compare([base], [cand], n_boot=100), "auc")
+    lucky = [_run(40, s, 10 + i) for i, s in enumerate((0.8, 2.2))]  # one recipe, two runs
+    noisy = _row(selection.compare([base], [cand], noise=[lucky], n_boot=100), "auc")
+    assert noisy["delta"] == pytest.approx(alone["delta"])
+    assert alone["sd_seed"] == 0 and noisy["sd_seed"] > 0.02 and noisy["seed_df"] == 1
+    assert noisy["ci_high"] - noisy["ci_low"] > 2 * (alone["ci_high"] - alone["ci_low"])
+
+
+def test_a_patient_bootstrap_draw_takes_each_drawn_patient_whole():
+    run = _run(5, 1.5, 0, per_patient=7).iloc[::-1]  # rows not in patient order
+    patients = np.array(sorted(set(run["patient"])))
+    draw = np.array([3, 3, 0, 4])
+    naive = pd.concat([run[run["patient"] == patients[i]] for i in draw])
+    assert selection._Draws(run, patients).values(draw) == pytest.approx(
+        selection.cohort_values(naive), nan_ok=True
+    )
+
+
+def test_runs_of_other_patients_are_not_compared():
+    with pytest.raises(IdcscopeError, match="other patients"):
+        selection.compare([_run(20, 1.5, 0)], [_run(21, 1.5, 0)], n_boot=10)
+
+
+def _cv_folder(path, seed: int):
+    path.mkdir()
+    _oof(path / "oof_predictions.csv", seed=seed)
+    (path / "cv.json").write_text(json.dumps({"config": {"threshold": "youden"}}))
+    return path
+
+
+def test_cv_folders_load_decided_and_ensemble_on_their_common_rows(tmp_path):
+    a, b = _cv_folder(tmp_path / "a", 0), _cv_folder(tmp_path / "b", 0)
+    run = selection.load_run(a)
+    assert {"prob_idc", "pred", "call", "cohort"} <= set(run.columns)
+    assert set(run["cohort"]) == {"context/data", "lone/data"}
+    both = selection.load_ensemble([a, b])  # the same margins twice: the same decisions
+    np.testing.assert_allclose(both.sort_values(["path", "scored", "margin"])["prob_idc"],
+                               run.sort_values(["path", "scored", "margin"])["prob_idc"])  # fmt: skip
+    with pytest.raises(IdcscopeError, match="not a finished"):
+        selection.load_run(tmp_path)
