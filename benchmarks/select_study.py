@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--ensemble", action="store_true", help="also the baseline's runs averaged")
     ap.add_argument("--n-boot", type=int, default=300)
     ap.add_argument("--all-cohorts", action="store_true", help="not only the five above")
+    ap.add_argument("--per-patient", metavar="COHORT", default="context/idc-sample",
+                    help="AUC within each patient of this cohort, per recipe")  # fmt: skip
     args = ap.parse_args()
     baseline = [selection.load_run(run) for run in args.baseline]
     candidates = {name: [selection.load_run(run) for run in runs] for name, *runs in args.candidate}
@@ -58,6 +60,17 @@ def main() -> None:
         print(
             f"## {name} against the baseline\n\n{selection.markdown(table, ('baseline', name))}\n"
         )
+        within = selection.per_patient(baseline, runs, args.per_patient)
+        print(f"AUC within each patient of {args.per_patient}:\n")
+        print(
+            f"| patient | patches | IDC share | baseline | {name} | difference |\n"
+            + "|---" * 6
+            + "|"
+        )
+        for patient, r in within.iterrows():
+            print(f"| {patient} | {r.patches:.0f} | {r.idc_share:.2f} | {r.baseline:.3f} "
+                  f"| {r.candidate:.3f} | {r.delta:+.3f} |")  # fmt: skip
+        print()
 
 
 if __name__ == "__main__":

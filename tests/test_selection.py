@@ -93,3 +93,16 @@ def test_cv_folders_load_decided_and_ensemble_on_their_common_rows(tmp_path):
                                run.sort_values(["path", "scored", "margin"])["prob_idc"])  # fmt: skip
     with pytest.raises(IdcscopeError, match="not a finished"):
         selection.load_run(tmp_path)
+
+
+def test_per_patient_auc_is_each_recipes_mean_over_its_runs():
+    base = [_run(6, 1.0, s) for s in (0, 1)]
+    cand = [_run(6, 2.5, 2)]
+    table = selection.per_patient(base, cand, "context/data")
+    assert len(table) == 6 and (table["patches"] == 60).all()
+    one = base[0][base[0]["patient"] == "p3"]
+    two = base[1][base[1]["patient"] == "p3"]
+    mean = np.mean([selection.cohort_values(f)["auc"] for f in (one, two)])
+    assert table.loc["p3", "baseline"] == pytest.approx(mean)
+    assert (table["delta"] > 0).mean() > 0.5  # the sharper recipe wins in most patients
+    assert table["delta"].is_monotonic_increasing

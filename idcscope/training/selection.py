@@ -203,6 +203,29 @@ def _check_same_patients(runs: list[pd.DataFrame]) -> None:
             )
 
 
+def per_patient(
+    baseline: list[pd.DataFrame], candidate: list[pd.DataFrame], cohort: str
+) -> pd.DataFrame:
+    """AUC within each patient of ``cohort`` (patients with both classes), each recipe's
+    mean over its runs, and the difference: where a recipe's gain comes from."""
+
+    def auc(runs: list[pd.DataFrame]) -> pd.Series:
+        per_run = [
+            run[run["cohort"] == cohort]
+            .groupby("patient")[["label", "prob_idc"]]
+            .apply(lambda p: metrics.rank_auc(p["label"], p["prob_idc"]))
+            for run in runs
+        ]
+        return pd.concat(per_run, axis=1).astype(float).mean(axis=1)
+
+    first = baseline[0][baseline[0]["cohort"] == cohort].groupby("patient")["label"]
+    table = pd.DataFrame({
+        "patches": first.size(), "idc_share": first.mean(),
+        "baseline": auc(baseline), "candidate": auc(candidate),
+    }).dropna()  # fmt: skip
+    return table.assign(delta=table["candidate"] - table["baseline"]).sort_values("delta")
+
+
 def markdown(table: pd.DataFrame, names: tuple[str, str] = ("baseline", "candidate")) -> str:
     """The comparison as a markdown table, one row per cohort and metric."""
     head = (
