@@ -80,6 +80,7 @@ def slide_inference(
     min_tissue: float = 0.25,
     context: bool = True,
     engine: str = "auto",
+    scan: Scan | None = None,
 ) -> dict:
     """Score every tissue tile of a slide and write the heatmap, tile table and IDC GeoJSON.
 
@@ -98,6 +99,9 @@ def slide_inference(
         context: Score each tile with its neighbouring tiles (neighbourhood input and
             spatial context, as far as the model has them); False scores each alone.
         engine: The Predictor's engine, when ``predictor`` is a path.
+        scan: The slide already read (``wsi.read_slide`` at the model's resolution, as
+            this reads it): the web page's viewer reads it first, to show the tissue and
+            keep the tiles it explains, and the tiles are scored here all the same.
 
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s), the
@@ -123,7 +127,8 @@ def slide_inference(
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
+    if scan is None:
+        scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
     t_read = time.perf_counter() - t0
     grid, rows, cols = scan.grid, scan.rows, scan.cols
     prob = np.full((grid.rows, grid.cols), np.nan)
