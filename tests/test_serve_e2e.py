@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import zipfile
@@ -35,19 +34,6 @@ def contexts_server(trained_run, tmp_path_factory):
     app = create_app(model, Settings(temp_dir=str(tmp_path_factory.mktemp("e2e_c"))))
     with serving(app) as url:
         yield url, app
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright import sync_api  # the test extra
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("no `chromium` on PATH (CI installs Debian's chromium package)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def open_page(browser, url: str):

@@ -5,54 +5,26 @@ pyramidal TIFFs and scored with the model that ships."""
 from __future__ import annotations
 
 import io
-import os
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from idcscope.models.bundle import DEFAULT_MODEL, resolve_model
 from idcscope.serve import Settings, create_app
 from idcscope.serve.viewer import TILE_SIZE
+from tests.conftest import VIEWER_PATIENT, slide_tiles
 
-LIBRARY_PATIENT = "8951"  # the smallest sample patient the shipped model trained on
 ZIP = Path(__file__).resolve().parents[1] / "idcscope" / "data" / "demo" / "9124.zip"
 
 
 @pytest.fixture(scope="module")
-def shipped() -> Path:
-    return resolve_model(DEFAULT_MODEL)
-
-
-@pytest.fixture(scope="module")
-def library(real_sample, tmp_path_factory) -> Path:
-    """A slide folder: a real patient as a pyramidal TIFF, the same in a subfolder, a
-    text file, and links that lead out of the folder (to a slide and to a folder)."""
-    from idcscope.spatial.heatmap import patient_slide
-
-    root = tmp_path_factory.mktemp("viewer")
-    folder = root / "slides"
-    (folder / "sub").mkdir(parents=True)
-    slide = patient_slide(real_sample / LIBRARY_PATIENT, folder / f"{LIBRARY_PATIENT}.tif")
-    os.link(slide, folder / "sub" / "copy.tif")
-    (folder / "notes.txt").write_text("not a slide")
-    outside = root / "outside"
-    outside.mkdir()
-    os.link(slide, outside / "secret.tif")
-    (folder / "escape.tif").symlink_to(outside / "secret.tif")
-    (folder / "escaped").symlink_to(outside, target_is_directory=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def app(shipped, library, tmp_path_factory):
+def app(shipped, slide_library, tmp_path_factory):
     web = create_app(
-        shipped, Settings(slides=str(library), temp_dir=str(tmp_path_factory.mktemp("t")))
+        shipped, Settings(slides=str(slide_library), temp_dir=str(tmp_path_factory.mktemp("t")))
     )
     yield web
     web.state.views.close()
@@ -86,27 +58,11 @@ def scored(client, view: dict, timeout: float = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def library_view(client) -> dict:
-    r = client.post("/api/views", params={"slide": f"{LIBRARY_PATIENT}.tif"})
+    r = client.post("/api/views", params={"slide": f"{VIEWER_PATIENT}.tif"})
     assert r.status_code == 200, r.text
     view = scored(client, r.json())
     assert view["status"] == "done", view["error"]
     return view
-
-
-def slide_tiles(shipped, slide: Path, out: Path) -> pd.DataFrame:
-    """The tile table ``idcscope slide`` writes for ``slide``, run in-process."""
-    from typer.testing import CliRunner
-
-    from idcscope.cli import app as cli
-
-    res = CliRunner().invoke(cli, ["slide", str(slide), "--out", str(out), "--model", str(shipped)])
-    assert res.exit_code == 0, res.output
-    return pd.read_csv(out / f"{slide.stem}_tiles.csv")
-
-
-@pytest.fixture(scope="module")
-def expected(shipped, library, tmp_path_factory) -> pd.DataFrame:
-    return slide_tiles(shipped, library / f"{LIBRARY_PATIENT}.tif", tmp_path_factory.mktemp("s"))
 
 
 # ----------------------------------------------------------------------------- library
@@ -116,12 +72,12 @@ def test_the_library_lists_its_slides_only(client):
     res = client.get("/api/slides").json()
     assert res["folder"] is True
     names = [s["name"] for s in res["slides"]]
-    assert names == [f"{LIBRARY_PATIENT}.tif", "sub/copy.tif"]  # no link out, no text file
-    assert res["slides"][0]["dzi"] == f"/api/slides/{LIBRARY_PATIENT}.tif.dzi"
+    assert names == [f"{VIEWER_PATIENT}.tif", "sub/copy.tif"]  # no link out, no text file
+    assert res["slides"][0]["dzi"] == f"/api/slides/{VIEWER_PATIENT}.tif.dzi"
 
 
 def test_library_slides_are_served_as_deep_zoom(client):
-    dzi = client.get(f"/api/slides/{LIBRARY_PATIENT}.tif.dzi")
+    dzi = client.get(f"/api/slides/{VIEWER_PATIENT}.tif.dzi")
     assert dzi.status_code == 200
     assert f'TileSize="{TILE_SIZE}"' in dzi.text and "<Size Width=" in dzi.text
     tile = client.get("/api/slides/sub/copy.tif_files/12/0_0.jpeg")
@@ -129,7 +85,7 @@ def test_library_slides_are_served_as_deep_zoom(client):
     assert tile.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(tile.content)).size == (TILE_SIZE + 1, TILE_SIZE + 1)
     whole = Image.open(
-        io.BytesIO(client.get(f"/api/slides/{LIBRARY_PATIENT}.tif_files/0/0_0.jpeg").content)
+        io.BytesIO(client.get(f"/api/slides/{VIEWER_PATIENT}.tif_files/0/0_0.jpeg").content)
     )
     assert whole.size == (1, 1)
 
@@ -150,7 +106,7 @@ def test_library_slides_are_served_as_deep_zoom(client):
         "8951.tif",
     ],
 )
-def test_nothing_outside_the_folder_is_served(served, library, path):
+def test_nothing_outside_the_folder_is_served(served, slide_library, path):
     # http.client sends the path as written: httpx would resolve the dot segments first
     import http.client
     from urllib.parse import urlsplit
@@ -164,7 +120,7 @@ def test_nothing_outside_the_folder_is_served(served, library, path):
     finally:
         conn.close()
     assert r.status == 404, path
-    assert str(library.parent) not in body, body  # no server path in the answer
+    assert str(slide_library.parent) not in body, body  # no server path in the answer
 
 
 @pytest.mark.parametrize("name", ["../outside/secret.tif", "/etc/passwd", "escape.tif", "a\\b.tif"])
@@ -178,7 +134,7 @@ def test_views_of_names_outside_the_folder_are_refused(client, name):
 )
 def test_tiles_out_of_range_are_404(client, library_view, tile):
     # 2650 x 1900 px: 13 levels, 11 x 8 tiles of 254 px at the last
-    assert client.get(f"/api/slides/{LIBRARY_PATIENT}.tif_files/{tile}").status_code == 404
+    assert client.get(f"/api/slides/{VIEWER_PATIENT}.tif_files/{tile}").status_code == 404
     base = f"/api/views/{library_view['id']}"
     assert client.get(f"{base}/slide_files/{tile}").status_code == 404
     assert client.get(f"{base}/overlay_files/{tile.replace('jpeg', 'png')}").status_code == 404
@@ -204,7 +160,7 @@ def test_no_library_without_slides_folder(shipped, tmp_path):
         create_app(shipped, Settings(slides=str(tmp_path / "missing")))
 
 
-def test_serve_takes_a_slide_folder_and_stays_on_loopback(shipped, library, monkeypatch):
+def test_serve_takes_a_slide_folder_and_stays_on_loopback(shipped, slide_library, monkeypatch):
     import uvicorn
     from typer.testing import CliRunner
 
@@ -212,31 +168,34 @@ def test_serve_takes_a_slide_folder_and_stays_on_loopback(shipped, library, monk
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda web, **kw: served.update(web=web, **kw))
-    res = CliRunner().invoke(cli, ["serve", "--slides", str(library)])
+    res = CliRunner().invoke(cli, ["serve", "--slides", str(slide_library)])
     assert res.exit_code == 0, res.output
     web = served["web"]
     try:
         assert served["host"] == "127.0.0.1"
-        assert web.state.library.folder == library.resolve()
+        assert web.state.library.folder == slide_library.resolve()
     finally:
         web.state.jobs.close()
-    assert CliRunner().invoke(cli, ["serve", "--slides", str(library / "missing")]).exit_code == 2
+    assert (
+        CliRunner().invoke(cli, ["serve", "--slides", str(slide_library / "missing")]).exit_code
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- views
 
 
-def test_a_view_measures_what_idcscope_slide_finds(library_view, expected):
+def test_a_view_measures_what_idcscope_slide_finds(library_view, slide_expected):
     m = library_view["measurements"]
-    assert m["n_tiles"] == len(expected)
+    assert m["n_tiles"] == len(slide_expected)
     tile_mm2 = (50 * 4.0 / 1000) ** 2  # 50-px tiles at 4 µm/px
-    assert m["tissue_mm2"] == pytest.approx(len(expected) * tile_mm2, abs=1e-3)
-    idc = int((expected["prob_idc"] >= m["threshold"]).sum())
+    assert m["tissue_mm2"] == pytest.approx(len(slide_expected) * tile_mm2, abs=1e-3)
+    idc = int((slide_expected["prob_idc"] >= m["threshold"]).sum())
     assert m["idc_mm2"] == pytest.approx(idc * tile_mm2, abs=1e-3)
-    assert m["idc_share"] == pytest.approx(idc / len(expected))
+    assert m["idc_share"] == pytest.approx(idc / len(slide_expected))
     assert (
         m["calls"]
-        == expected["call"]
+        == slide_expected["call"]
         .value_counts()
         .reindex(["idc", "no_idc", "uncertain"], fill_value=0)
         .to_dict()
@@ -245,9 +204,11 @@ def test_a_view_measures_what_idcscope_slide_finds(library_view, expected):
     assert "train or validate" in " ".join(library_view["warnings"])  # the model saw 8951
 
 
-def test_inspecting_a_tile_gives_what_idcscope_slide_gives(client, library_view, expected):
+def test_inspecting_a_tile_gives_what_idcscope_slide_gives(client, library_view, slide_expected):
     base = f"/api/views/{library_view['id']}"
-    for _, row in expected.sort_values("prob_idc").iloc[[0, len(expected) // 2, -1]].iterrows():
+    for _, row in (
+        slide_expected.sort_values("prob_idc").iloc[[0, len(slide_expected) // 2, -1]].iterrows()
+    ):
         r = client.get(f"{base}/inspect", params={"x": row["x"] + 25, "y": row["y"] + 25})
         assert r.status_code == 200, r.text
         tile = r.json()
@@ -270,23 +231,25 @@ def overlay(client, view: dict, tile: str, **params) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(r.content)))
 
 
-def test_the_overlay_draws_the_scored_grid(client, library_view, expected):
+def test_the_overlay_draws_the_scored_grid(client, library_view, slide_expected):
     # Level 12 is the slide's level 0: tile (tc, tr) starts at slide pixel (254 tc - 1, 254 tr - 1)
-    middle = expected.iloc[len(expected) // 2]
+    middle = slide_expected.iloc[len(slide_expected) // 2]
     tc, tr = int(middle["x"] // TILE_SIZE), int(middle["y"] // TILE_SIZE)
     ox, oy = TILE_SIZE * tc - (tc > 0), TILE_SIZE * tr - (tr > 0)
     tile = f"12/{tc}_{tr}.png"
     rgba = overlay(client, library_view, tile, v=library_view["version"])
     assert rgba.shape[2] == 4
-    cx, cy = expected["x"] + 25 - ox, expected["y"] + 25 - oy
+    cx, cy = slide_expected["x"] + 25 - ox, slide_expected["y"] + 25 - oy
     inside = (cx >= 0) & (cy >= 0) & (cx < rgba.shape[1]) & (cy < rgba.shape[0])
     assert inside.sum() > 5
-    for (_, row), x, y in zip(expected[inside].iterrows(), cx[inside], cy[inside], strict=True):
+    for (_, row), x, y in zip(
+        slide_expected[inside].iterrows(), cx[inside], cy[inside], strict=True
+    ):
         if row["call"] == "uncertain":
             assert tuple(rgba[y, x, :3]) in ((128, 128, 128), (255, 255, 255))
         else:
             assert rgba[y, x, 3] == 255
-    scored = set(zip(expected["row"], expected["col"], strict=True))
+    scored = set(zip(slide_expected["row"], slide_expected["col"], strict=True))
     h, w = rgba.shape[:2]
     glass = [
         (r * 50 + 25 - oy, c * 50 + 25 - ox)
@@ -299,7 +262,7 @@ def test_the_overlay_draws_the_scored_grid(client, library_view, expected):
     # above every P(IDC), only the uncertain tiles are left; the tissue layer is the mask
     high = overlay(client, library_view, tile, threshold=1.0)
     assert not (high[..., 3] == 255).any()
-    assert (high[..., 3] > 0).any() == (expected[inside]["call"] == "uncertain").any()
+    assert (high[..., 3] > 0).any() == (slide_expected[inside]["call"] == "uncertain").any()
     tissue = overlay(client, library_view, tile, layer="tissue")
     assert (tissue[cy[inside], cx[inside], 3] > 0).all()
     bar = Image.open(io.BytesIO(client.get("/api/colorbar.png").content))
@@ -327,9 +290,9 @@ def test_a_patient_zip_is_viewed_as_its_rebuilt_slide(client, shipped, real_samp
     assert view["name"] == "9124.tif"
     assert client.get(view["dzi"]).status_code == 200
     slide = patient_slide(real_sample / "9124", tmp_path / "9124.tif")
-    expected = slide_tiles(shipped, slide, tmp_path / "out")
-    assert view["measurements"]["n_tiles"] == len(expected)
-    row = expected.iloc[len(expected) // 3]
+    tiles = slide_tiles(shipped, slide, tmp_path / "out")
+    assert view["measurements"]["n_tiles"] == len(tiles)
+    row = tiles.iloc[len(tiles) // 3]
     tile = client.get(
         f"/api/views/{view['id']}/inspect", params={"x": row["x"] + 10, "y": row["y"] + 40}
     ).json()
@@ -337,8 +300,8 @@ def test_a_patient_zip_is_viewed_as_its_rebuilt_slide(client, shipped, real_samp
     assert view["warnings"] == []  # 9124 was never seen by the shipped model
 
 
-def test_an_uploaded_slide_is_viewed(client, library):
-    data = (library / f"{LIBRARY_PATIENT}.tif").read_bytes()
+def test_an_uploaded_slide_is_viewed(client, slide_library):
+    data = (slide_library / f"{VIEWER_PATIENT}.tif").read_bytes()
     r = client.post("/api/views/slide", files=[("files", ("upload.tif", data))])
     assert r.status_code == 200, r.text
     view = scored(client, r.json())
