@@ -32,15 +32,6 @@ def app(shipped, slide_library, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(app):
-    """The app served by uvicorn on a loopback port: its URL."""
-    from tests.conftest import serving
-
-    with serving(app) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def client(app):
     with TestClient(app) as c:
         yield c
@@ -90,9 +81,15 @@ def test_library_slides_are_served_as_deep_zoom(client):
     assert whole.size == (1, 1)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
+def test_nothing_outside_the_folder_is_served(shipped, slide_library, tmp_path):
+    # http.client sends each path as written: httpx would resolve the dot segments first;
+    # an app of its own, as uvicorn closes the app it served when it stops
+    import http.client
+    from urllib.parse import urlsplit
+
+    from tests.conftest import serving
+
+    paths = [
         "../slides/8951.tif.dzi",
         "..%2Fslides%2F8951.tif.dzi",
         "sub/../8951.tif.dzi",
@@ -104,23 +101,20 @@ def test_library_slides_are_served_as_deep_zoom(client):
         "missing.tif.dzi",
         "8951.tif_files/12/0_0.png",
         "8951.tif",
-    ],
-)
-def test_nothing_outside_the_folder_is_served(served, slide_library, path):
-    # http.client sends the path as written: httpx would resolve the dot segments first
-    import http.client
-    from urllib.parse import urlsplit
-
-    url = urlsplit(served)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    try:
-        conn.request("GET", f"/api/slides/{path}")
-        r = conn.getresponse()
-        body = r.read().decode()
-    finally:
-        conn.close()
-    assert r.status == 404, path
-    assert str(slide_library.parent) not in body, body  # no server path in the answer
+    ]
+    app = create_app(shipped, Settings(slides=str(slide_library), temp_dir=str(tmp_path)))
+    with serving(app) as served:
+        url = urlsplit(served)
+        for path in paths:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+            try:
+                conn.request("GET", f"/api/slides/{path}")
+                r = conn.getresponse()
+                body = r.read().decode()
+            finally:
+                conn.close()
+            assert r.status == 404, path
+            assert str(slide_library.parent) not in body, body  # no server path in answers
 
 
 @pytest.mark.parametrize("name", ["../outside/secret.tif", "/etc/passwd", "escape.tif", "a\\b.tif"])
@@ -320,3 +314,25 @@ def test_bad_uploads_to_the_viewer_are_refused(client):
     r = client.post("/api/views/slide", files=[("files", ("x.tif", b"not a slide"))])
     assert r.status_code == 422
     assert "x.tif" in r.json()["error"]
+
+
+def test_views_beyond_keep_are_closed_with_their_files(shipped, slide_library, tmp_path):
+    web = create_app(
+        shipped, Settings(slides=str(slide_library), temp_dir=str(tmp_path), keep_jobs=1)
+    )
+    try:
+        with TestClient(web) as c:
+            data = (slide_library / f"{VIEWER_PATIENT}.tif").read_bytes()
+            first = c.post("/api/views/slide", files=[("files", ("a.tif", data))]).json()
+            first = scored(c, first)
+            folder = web.state.jobs.root
+            assert len(list(folder.glob("view-*/slide/a.tif"))) == 1
+            second = scored(c, c.post("/api/views", params={"slide": "sub/copy.tif"}).json())
+            assert second["status"] == "done"
+            assert c.get(f"/api/views/{first['id']}").status_code == 404
+            assert c.get(f"/api/views/{first['id']}/slide_files/12/0_0.jpeg").status_code == 404
+            assert list(folder.glob("view-*/slide/a.tif")) == []  # its upload is gone too
+            assert c.get(f"/api/views/{second['id']}/slide_files/12/0_0.jpeg").status_code == 200
+    finally:
+        web.state.views.close()
+        web.state.jobs.close()

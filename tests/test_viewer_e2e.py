@@ -25,7 +25,6 @@ def server(shipped, slide_library, tmp_path_factory):
     )
     with serving(app) as url:
         yield url, app
-    app.state.views.close()
 
 
 @pytest.fixture

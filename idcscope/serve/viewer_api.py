@@ -101,17 +101,18 @@ async def open_library_slide(
     return describe(view, _base(view.id))
 
 
-@routes.post("/api/views/slide")
-async def open_uploaded_slide(request: Request, mpp: float | None = _MPP) -> dict:
-    """A view of an uploaded slide (field ``files``), its scoring started."""
+async def _open_upload(request: Request, where: str, suffixes, open_file, mpp=None) -> dict:
+    """A view of what one uploaded file opens into (``open_file(job, upload)``, a
+    ``ZoomedSlide``, in a worker thread), its scoring started; ``where``: the upload's
+    folder in the job. A refused upload leaves nothing behind."""
     state = request.app.state
     job = state.jobs.create("view")
     try:
-        folder = job.folder / "slide"
-        folder.mkdir()
+        folder = job.folder / where
+        folder.mkdir(parents=True)
         max_bytes = int(state.settings.max_upload_mb * MB)
-        (upload,) = await receive_files(request, folder, SLIDE_SUFFIXES, max_bytes, 1)
-        zoomed = await run_in_threadpool(ZoomedSlide, upload.path, upload.name)
+        (upload,) = await receive_files(request, folder, suffixes, max_bytes, 1)
+        zoomed = await run_in_threadpool(open_file, job, upload)
     except BaseException:
         state.jobs.discard(job)
         raise
@@ -119,27 +120,28 @@ async def open_uploaded_slide(request: Request, mpp: float | None = _MPP) -> dic
     return describe(view, _base(view.id))
 
 
+@routes.post("/api/views/slide")
+async def open_uploaded_slide(request: Request, mpp: float | None = _MPP) -> dict:
+    """A view of an uploaded slide (field ``files``), its scoring started. The slide is
+    kept in the job's folder (not its scratch) for as long as the view shows it."""
+
+    def open_file(job, upload) -> ZoomedSlide:
+        return ZoomedSlide(upload.path, upload.name)
+
+    return await _open_upload(request, "slide", SLIDE_SUFFIXES, open_file, mpp)
+
+
 @routes.post("/api/views/patient")
 async def open_patient(request: Request) -> dict:
     """A view of a patient's zip rebuilt into a pyramidal TIFF, its scoring started."""
-    state = request.app.state
-    settings = state.settings
-    job = state.jobs.create("view")
-    try:
-        folder = job.scratch / "upload"
-        folder.mkdir()
-        max_bytes = int(settings.max_upload_mb * MB)
-        (upload,) = await receive_files(request, folder, ZIP_SUFFIXES, max_bytes, 1)
-        limits = settings.max_zip_members, int(settings.max_unzipped_mb * MB)
-        pixels = int(settings.max_megapixels * 1e6)
-        zoomed = await run_in_threadpool(
-            state.analyst.patient_slide, job, upload.path, *limits, pixels
-        )
-    except BaseException:
-        state.jobs.discard(job)
-        raise
-    view = state.views.open(zoomed, job, None, owned=True)
-    return describe(view, _base(view.id))
+    settings = request.app.state.settings
+    limits = settings.max_zip_members, int(settings.max_unzipped_mb * MB)
+    pixels = int(settings.max_megapixels * 1e6)
+
+    def open_file(job, upload) -> ZoomedSlide:
+        return request.app.state.analyst.patient_slide(job, upload.path, *limits, pixels)
+
+    return await _open_upload(request, "scratch/upload", ZIP_SUFFIXES, open_file)
 
 
 @routes.get("/api/views/{view_id}")

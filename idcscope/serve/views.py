@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -66,7 +67,12 @@ class View:
 
 
 class ViewStore:
-    """The open views, newest last, at most ``keep`` (the oldest closed first)."""
+    """The open views, newest last, at most ``keep`` (the oldest closed first).
+
+    Each view has a job of the server's ``JobStore`` for its files (an uploaded slide, a
+    rebuilt patient, the tile table, GeoJSON and maps), never marked finished: it is
+    removed with the view, so the slide under a view is never deleted while it is shown.
+    """
 
     def __init__(self, analyst: Analyst, jobs: JobStore, keep: int = 20):
         self.analyst, self.jobs, self.keep = analyst, jobs, max(1, keep)
@@ -79,9 +85,7 @@ class ViewStore:
         with self._lock:
             self._views[view.id] = view
             while len(self._views) > self.keep:
-                _, old = self._views.popitem(last=False)
-                if old.owned and old.status in ("done", "error"):
-                    old.zoomed.close()
+                self._close(self._views.popitem(last=False)[1])
         threading.Thread(target=self._score, args=(view,), daemon=True).start()
         return view
 
@@ -94,9 +98,15 @@ class ViewStore:
     def close(self) -> None:
         with self._lock:
             for view in self._views.values():
-                if view.owned:
-                    view.zoomed.close()
+                self._close(view)
             self._views.clear()
+
+    def _close(self, view: View) -> None:
+        """Close ``view``'s own slide and remove its job (its slide file, results, maps):
+        a view's job lives as long as the view, not among the finished analyses."""
+        if view.owned:
+            view.zoomed.close()
+        self.jobs.discard(view.job)
 
     def _score(self, view: View) -> None:
         """Read and score the view's slide; every failure ends in its status."""
@@ -110,7 +120,7 @@ class ViewStore:
             view.status, view.error = "error", f"internal error ({type(e).__name__})"
         finally:
             view.seconds = round(time.monotonic() - view.started, 3)
-            self.jobs.finish(view.job)
+            shutil.rmtree(view.job.scratch, ignore_errors=True)  # the upload's leftovers
 
     def _read_and_score(self, view: View) -> None:
         from ..spatial.slide import MIN_TISSUE, slide_inference

@@ -250,7 +250,16 @@ async function openLibrarySlide() {
   else showError(panel, body.error || `the server answered ${response.status}`);
 }
 
+// The slide tab's µm-per-pixel option, copied into the viewer's as #viewer-mpp.
+function addMppOption() {
+  const options = $("#panel-slide .slide-options").cloneNode(true);
+  $("label", options).htmlFor = "viewer-mpp";
+  $("input", options).id = "viewer-mpp";
+  $("#panel-viewer .viewer-open .library").after(options);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  addMppOption();
   bindUpload("viewer-slide-input", () => {
     const mpp = $("#viewer-mpp").value;
     return mpp ? `/api/views/slide?mpp=${encodeURIComponent(mpp)}` : "/api/views/slide";
