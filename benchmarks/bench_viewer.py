@@ -10,7 +10,8 @@ its worker thread and the encoding are timed, not a network). Reported:
   for them; the scoring runs meanwhile in the background, and its end is reported too;
 - JPEG slide tiles and PNG overlay tiles, once the slide is scored: cold (first request
   of each tile: read, resize, encode) and warm (again: from the cache), p50 and p95 over
-  ``--tiles`` tiles of the deepest levels, in random order.
+  ``--tiles`` tiles of the deepest levels, in random order, and the CPU time the process
+  spent per tile (what a tile costs, whatever else the machine runs).
 
 Usage: ``python benchmarks/bench_viewer.py [--model M] [--patient 8951] [--scan-mpp 1]``.
 """
@@ -67,15 +68,17 @@ def home_tiles(width: int, height: int) -> list[tuple[int, int, int]]:
     return tiles
 
 
-def timed(client, urls: list[str]) -> np.ndarray:
-    """Milliseconds of each GET, in order; every answer must be 200."""
-    out = []
+def timed(client, urls: list[str]) -> tuple[np.ndarray, float]:
+    """Milliseconds of each GET, in order, and the CPU milliseconds the process spent per
+    GET (every thread: on a shared machine, the cost of a request however it waited);
+    every answer must be 200."""
+    out, cpu = [], time.process_time()
     for url in urls:
         t = time.perf_counter()
         r = client.get(url)
         out.append(1000 * (time.perf_counter() - t))
         assert r.status_code == 200, (url, r.status_code, r.text[:200])
-    return np.array(out)
+    return np.array(out), 1000 * (time.process_time() - cpu) / len(urls)
 
 
 def deep_urls(base: str, width: int, height: int, n: int, seed: int) -> dict[str, list[str]]:
@@ -118,7 +121,7 @@ def main() -> None:
             rows = measure(client, app, slide.name, args.tiles, args.seed)
         app.state.views.close()
     print(f"\n{args.patient} at {args.scan_mpp:g} µm/px; {args.tiles} tiles per row\n")
-    print(table(rows, ["what", "n", "p50 ms", "p95 ms", "total s"]))
+    print(table(rows, ["what", "n", "p50 ms", "p95 ms", "CPU ms", "total s"]))
 
 
 def measure(client, app, name: str, n: int, seed: int) -> list[dict]:
@@ -132,7 +135,7 @@ def measure(client, app, name: str, n: int, seed: int) -> list[dict]:
         f"{base}/slide_files/{lv}/{c}_{r}.jpeg"
         for lv, c, r in home_tiles(view["width"], view["height"])
     ]
-    ms = timed(client, home)
+    ms, _ = timed(client, home)  # the scoring thread's CPU is in the process's too
     first = time.perf_counter() - t0
     rows.append(_row("first view (home tiles, scoring meanwhile)", ms, first))
     while (status := client.get(base).json())["status"] not in ("done", "error"):
@@ -141,8 +144,11 @@ def measure(client, app, name: str, n: int, seed: int) -> list[dict]:
     rows.append(done | {"n": status["measurements"]["n_tiles"]})
     for kind, urls in deep_urls(base, view["width"], view["height"], n, seed).items():
         for state in ("cold", "warm"):
-            ms = timed(client, urls)
-            rows.append(_row(f"{kind} tile, {state}", ms, ms.sum() / 1000))
+            ms, cpu = timed(client, urls)
+            rows.append(_row(f"{kind} tile, {state}", ms, ms.sum() / 1000) | {"CPU ms": cpu})
+    view = app.state.views.get(view["id"])
+    for kind, cache in (("slide JPEG", view.zoomed.cache), ("overlay PNG", view.overlays)):
+        print(f"{kind} cache: {len(cache._tiles)} tiles, {cache.bytes / 2**20:.1f} MB")
     return rows
 
 

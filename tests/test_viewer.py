@@ -336,3 +336,12 @@ def test_views_beyond_keep_are_closed_with_their_files(shipped, slide_library, t
     finally:
         web.state.views.close()
         web.state.jobs.close()
+
+
+def test_openseadragon_is_served_from_the_package(client):
+    for path in ("openseadragon.min.js", "LICENSE.txt", "images/zoomin_rest.png"):
+        assert client.get(f"/static/openseadragon/{path}").status_code == 200, path
+    page = client.get("/")
+    assert "/static/openseadragon/openseadragon.min.js" in page.text
+    # the page's CSP allows one inline stylesheet, OpenSeadragon's, by its hash
+    assert "style-src 'self' 'sha256-" in page.headers["content-security-policy"]
