@@ -51,7 +51,7 @@ class SlideLibrary:
         self.folder = None if folder is None else Path(folder).resolve()
         if self.folder is not None and not self.folder.is_dir():
             raise IdcscopeError(f"{folder}: the slide folder does not exist or is not a folder")
-        self._open: OrderedDict[Path, ZoomedSlide] = OrderedDict()
+        self._open: OrderedDict[str, ZoomedSlide] = OrderedDict()  # by name
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -102,13 +102,14 @@ class SlideLibrary:
         return path
 
     def open(self, name: str) -> ZoomedSlide:
-        """The slide ``name``, opened for Deep Zoom (kept open for the next request)."""
-        path = self.path(name)
+        """The slide ``name``, opened for Deep Zoom and kept open for the next requests
+        (its name checked once, when it is opened)."""
         with self._lock:
-            zoomed = self._open.pop(path, None)
-            if zoomed is None:
-                zoomed = ZoomedSlide(path, name)
-            self._open[path] = zoomed
+            zoomed = self._open.pop(name, None)
+        if zoomed is None:
+            zoomed = ZoomedSlide(self.path(name), name)
+        with self._lock:
+            self._open[name] = zoomed
             while len(self._open) > OPEN_SLIDES:
                 self._open.popitem(last=False)  # closed once no view holds it either
         return zoomed
