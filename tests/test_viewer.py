@@ -195,6 +195,7 @@ def test_a_view_measures_what_idcscope_slide_finds(library_view, slide_expected)
         .to_dict()
     )
     assert library_view["mpp"] == 4.0 and library_view["grid_tile"] == 50.0
+    assert library_view["tissue_tiles"] == len(slide_expected)
     assert "train or validate" in " ".join(library_view["warnings"])  # the model saw 8951
 
 

@@ -168,6 +168,7 @@ def describe(view: View, base: str) -> dict:
         "height": h,
         "mpp": view.mpp or view.zoomed.mpp(),
         "grid_tile": None if scan is None else scan.grid.tile,
+        "tissue_tiles": None if scan is None else len(scan.tiles),  # known once read
         "version": view.version,
         "seconds": view.seconds or round(time.monotonic() - view.started, 3),
         "measurements": measurements(view.summary) if view.summary else None,

@@ -121,7 +121,8 @@ function measurementPairs(view) {
 function showStatus(view) {
   const said = {
     queued: "waiting for the model…", reading: "reading the slide at the model's resolution…",
-    scoring: "scoring its tissue tiles…", done: `scored in ${fixed(view.seconds, 1)} s`, error: "",
+    scoring: `scoring its ${view.tissue_tiles} tissue tiles (the tissue mask is ready)…`,
+    done: `scored in ${fixed(view.seconds, 1)} s`, error: "",
   };
   const box = $("#viewer-results");
   $(".viewer-status", box).textContent = view.status === "error" ? `failed: ${view.error}` : said[view.status];
