@@ -14,7 +14,6 @@ from PIL import Image
 
 from idcscope.serve import Settings, create_app
 from tests.conftest import VIEWER_PATIENT, serving, slide_tiles
-from tests.test_serve_e2e import open_page
 from tests.test_viewer import ZIP
 
 
@@ -25,13 +24,6 @@ def server(shipped, slide_library, tmp_path_factory):
     )
     with serving(app) as url:
         yield url, app
-
-
-@pytest.fixture
-def page(browser, server):
-    context, pg = open_page(browser, server[0])
-    yield pg
-    context.close()
 
 
 def wait_scored(page) -> None:
