@@ -206,21 +206,25 @@ def slide_expected(shipped, slide_library, tmp_path_factory) -> pd.DataFrame:
     )
 
 
+@contextmanager
 def open_page(browser, url: str):
-    """A fresh page on the app; ``page.console_errors`` collects what the console reports."""
+    """A fresh page on the app at ``url``, closed after; ``page.console_errors`` collects
+    what the console reports."""
     context = browser.new_context(viewport={"width": 1200, "height": 900})
-    pg = context.new_page()
-    pg.console_errors = []
-    pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-    pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
-    pg.goto(url)
-    pg.wait_for_selector("#model .pill")
-    return context, pg
+    try:
+        pg = context.new_page()
+        pg.console_errors = []
+        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
+        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+        pg.goto(url)
+        pg.wait_for_selector("#model .pill")
+        yield pg
+    finally:
+        context.close()
 
 
 @pytest.fixture
 def page(browser, server):
     """A fresh page on the test module's ``server`` (``(URL, app)``), in ``browser``."""
-    context, pg = open_page(browser, server[0])
-    yield pg
-    context.close()
+    with open_page(browser, server[0]) as pg:
+        yield pg

@@ -38,9 +38,8 @@ def contexts_server(trained_run, tmp_path_factory):
 
 @pytest.fixture
 def contexts_page(browser, contexts_server):
-    context, pg = open_page(browser, contexts_server[0])
-    yield pg
-    context.close()
+    with open_page(browser, contexts_server[0]) as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")
