@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -9,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -134,3 +137,94 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ----------------------------------------------------------------------------- viewer, browser
+
+VIEWER_PATIENT = "8951"  # the smallest sample patient; the shipped model trained on it
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (the system's), for the tests that drive the page."""
+    from playwright import sync_api  # the test extra
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("no `chromium` on PATH (CI installs Debian's chromium package)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def shipped() -> Path:
+    """The model that ships with idcscope (no training needed)."""
+    from idcscope.models.bundle import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def slide_library(real_sample, tmp_path_factory) -> Path:
+    """A slide folder: a real patient as a pyramidal TIFF, the same in a subfolder, a
+    text file, and links that lead out of the folder (to a slide and to a folder); the
+    slide viewer's tests serve it with ``--slides``."""
+    from idcscope.spatial.heatmap import patient_slide
+
+    root = tmp_path_factory.mktemp("viewer")
+    folder = root / "slides"
+    (folder / "sub").mkdir(parents=True)
+    slide = patient_slide(real_sample / VIEWER_PATIENT, folder / f"{VIEWER_PATIENT}.tif")
+    os.link(slide, folder / "sub" / "copy.tif")
+    (folder / "notes.txt").write_text("not a slide")
+    outside = root / "outside"
+    outside.mkdir()
+    os.link(slide, outside / "secret.tif")
+    (folder / "escape.tif").symlink_to(outside / "secret.tif")
+    (folder / "escaped").symlink_to(outside, target_is_directory=True)
+    return folder
+
+
+def slide_tiles(shipped, slide: Path, out: Path) -> pd.DataFrame:
+    """The tile table ``idcscope slide`` writes for ``slide``, run in-process."""
+    from typer.testing import CliRunner
+
+    from idcscope.cli import app as cli
+
+    res = CliRunner().invoke(cli, ["slide", str(slide), "--out", str(out), "--model", str(shipped)])
+    assert res.exit_code == 0, res.output
+    return pd.read_csv(out / f"{slide.stem}_tiles.csv")
+
+
+@pytest.fixture(scope="session")
+def slide_expected(shipped, slide_library, tmp_path_factory) -> pd.DataFrame:
+    """What ``idcscope slide`` says of each tile of the library's slide."""
+    return slide_tiles(
+        shipped, slide_library / f"{VIEWER_PATIENT}.tif", tmp_path_factory.mktemp("s")
+    )
+
+
+@contextmanager
+def open_page(browser, url: str):
+    """A fresh page on the app at ``url``, closed after; ``page.console_errors`` collects
+    what the console reports."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    try:
+        pg = context.new_page()
+        pg.console_errors = []
+        pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
+        pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+        pg.goto(url)
+        pg.wait_for_selector("#model .pill")
+        yield pg
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page on the test module's ``server`` (``(URL, app)``), in ``browser``."""
+    with open_page(browser, server[0]) as pg:
+        yield pg

@@ -443,16 +443,9 @@ def test_slide_endpoint_wiring(client, monkeypatch):
 
 def patient_slide(patient: Path, folder: Path) -> Path:
     """A patient's patches put back together as a pyramidal TIFF at 4 µm/px."""
-    from idcscope.data.decode import decode_files
-    from idcscope.spatial import wsi
-    from idcscope.spatial.heatmap import patient_mosaic
+    from idcscope.spatial.heatmap import patient_slide
 
-    pngs = sorted(patient.rglob("*.png"))
-    names = [p.name.split("_") for p in pngs]
-    decoded = decode_files([str(p) for p in pngs], workers=1)
-    xs, ys = [int(n[2][1:]) for n in names], [int(n[3][1:]) for n in names]
-    mosaic, _ = patient_mosaic(decoded.images, xs, ys)
-    return Path(wsi.write_tiff_slide(mosaic, folder / "synthetic.tif", mpp=4.0))
+    return patient_slide(patient, folder / "synthetic.tif", mpp=4.0)
 
 
 def test_real_slide(client, patients, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import zipfile
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from idcscope.serve import Settings, create_app
-from tests.conftest import serving
+from tests.conftest import open_page, serving
 from tests.test_serve import files, full_block, image_bytes, patient_slide, with_contexts
 
 
@@ -37,43 +36,10 @@ def contexts_server(trained_run, tmp_path_factory):
         yield url, app
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright import sync_api  # the test extra
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("no `chromium` on PATH (CI installs Debian's chromium package)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-def open_page(browser, url: str):
-    """A fresh page on the app; ``page.console_errors`` collects what the console reports."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    pg = context.new_page()
-    pg.console_errors = []
-    pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-    pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
-    pg.goto(url)
-    pg.wait_for_selector("#model .pill")
-    return context, pg
-
-
-@pytest.fixture
-def page(browser, server):
-    context, pg = open_page(browser, server[0])
-    yield pg
-    context.close()
-
-
 @pytest.fixture
 def contexts_page(browser, contexts_server):
-    context, pg = open_page(browser, contexts_server[0])
-    yield pg
-    context.close()
+    with open_page(browser, contexts_server[0]) as pg:
+        yield pg
 
 
 @pytest.fixture(scope="module")
@@ -192,17 +158,7 @@ def test_refused_upload_is_explained_in_the_page(page, tmp_path):
 def test_slide_in_the_page(page, server, patient, tmp_path):
     health = httpx.get(server[0] + "/api/health").json()
     assert health["slides"]  # openslide is a dependency: the page offers slides
-    from idcscope.data.decode import decode_files
-    from idcscope.spatial import wsi
-    from idcscope.spatial.heatmap import patient_mosaic
-
-    pngs = sorted(patient.rglob("*.png"))
-    xy = [p.name.split("_")[2:4] for p in pngs]
-    decoded = decode_files([str(p) for p in pngs], workers=1)
-    mosaic, _ = patient_mosaic(
-        decoded.images, [int(x[1:]) for x, _ in xy], [int(y[1:]) for _, y in xy]
-    )
-    path = wsi.write_tiff_slide(mosaic, tmp_path / "synthetic.tif", mpp=4.0)
+    path = patient_slide(patient, tmp_path)
     page.click("#tab-slide")
     page.set_input_files("#slide-input", str(path))
     page.wait_for_selector("#slide-results:not([hidden])")

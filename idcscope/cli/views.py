@@ -134,8 +134,18 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload (one request).")] = 2048,
     keep_jobs: Annotated[int, typer.Option(help="Finished analyses kept for download.")] = 20,
+    slides: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="A folder of slides to view, where they lie."
+        ),
+    ] = None,
 ) -> None:
     """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps.
+
+    With --slides DIR, the page's viewer lists the slides in DIR (any format OpenSlide
+    reads) and shows them zoomable with the model's P(IDC) over them; no file outside DIR
+    is ever served.
 
     It answers only requests addressed to HOST or loopback names, and uploads from its own
     page (or from clients that are not browsers, such as curl).
@@ -145,7 +155,12 @@ def serve(
     from ..errors import IdcscopeError
     from ..serve import Settings, create_app
 
-    settings = Settings(max_upload_mb=max_upload_mb, keep_jobs=keep_jobs, host=host)
+    settings = Settings(
+        max_upload_mb=max_upload_mb,
+        keep_jobs=keep_jobs,
+        host=host,
+        slides=None if slides is None else str(slides),
+    )
     try:
         web = create_app(model_path(model), settings)
     except IdcscopeError as e:

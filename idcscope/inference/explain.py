@@ -215,24 +215,36 @@ class Explainer:
         """Every row of a file table (see ``data.manifest.index_files``) scored and mapped."""
         scored = self.predictor.score_files(table, root, desc="explain", keep_patches=True)
         ok = scored.ok
-        inputs = self.predictor.model_input(
-            scored.patches,
-            table["patient"].to_numpy()[ok],
-            (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok]),
-        )
-        cams, sals, method = self.maps(inputs)
-        ex = Explanations(
-            scored.verdicts.take(ok), cams, sals, method, scored.patches, ok, scored.reasons
-        )
+        xy = (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok])
+        groups = table["patient"].to_numpy()[ok]
+        ex = self.explain_scored(scored.verdicts.take(ok), scored.patches, groups, xy)
+        ex.ok, ex.reasons = ok, scored.reasons
+        return ex
+
+    def explain_scored(self, verdicts, patches, groups, coords, rows=None) -> Explanations:
+        """The maps of patches the Predictor has scored, on the very input it scored.
+
+        Args:
+            verdicts: what the Predictor said of each patch explained (of ``rows``).
+            patches: uint8 (N, H, W, 3): all the patches scored together (a patient, a
+                slide's tissue tiles), so that stain and neighbourhood are as scored.
+            groups: the patient (or slide) of each patch.
+            coords: ``(xs, ys)`` of each patch, as they were scored.
+            rows: the patches to explain (default: all); the others are their context.
+        """
+        inputs = self.predictor.model_input(patches, groups, coords)
+        rows = np.arange(len(patches)) if rows is None else np.asarray(rows)
+        cams, sals, method = self.maps(inputs[rows])
+        ok = np.ones(len(rows), dtype=bool)
+        ex = Explanations(verdicts, cams, sals, method, patches[rows], ok, [""] * len(rows))
         radius = self.predictor.members[0].prep.neighbourhood
         if radius:
             from .attribution import block_rows, neighbour_blocks
 
-            xy = (table["x"].to_numpy()[ok], table["y"].to_numpy()[ok])
-            coords = xy if self.predictor.context else None
-            rows = block_rows(len(inputs), table["patient"].to_numpy()[ok], coords, radius)
-            ex.blocks = neighbour_blocks(inputs, rows)
-            ex.attribution = self.attribute(inputs)
+            where = coords if self.predictor.context else None
+            blocks = block_rows(len(inputs), groups, where, radius)[rows]
+            ex.blocks = neighbour_blocks(inputs, blocks)
+            ex.attribution = self.attribute(inputs[rows])
         return ex
 
     def attribute(self, inputs: np.ndarray) -> np.ndarray:

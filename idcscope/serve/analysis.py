@@ -174,6 +174,25 @@ class Analyst:
             },
         }
 
+    def patient_slide(
+        self, job: Job, archive: Path, max_members: int, max_bytes: int, max_pixels: int
+    ):
+        """The one patient of a zip rebuilt into a pyramidal TIFF in the job's folder (at
+        the patches' resolution, the model's), opened for the viewer (a ``ZoomedSlide``)."""
+        from ..spatial.heatmap import patient_slide
+        from .viewer import ZoomedSlide
+
+        with self.lock:
+            where = job.scratch / "patient"
+            unpacked = extract_patient_zip(archive, where, max_members, max_bytes, max_pixels)
+            name = f"{unpacked.patient}.tif"
+            mpp = float(self.meta.preprocessing["mpp"])
+            try:
+                path = patient_slide(unpacked.folder, job.folder / name, mpp)
+            except IdcscopeError as e:
+                raise _renamed(e, unpacked.folder, f"patient {unpacked.patient}") from e
+        return ZoomedSlide(path, name)
+
     # ------------------------------------------------------------------------- slide
 
     def slide(self, job: Job, path: Path, name: str, mpp: float | None = None) -> dict:
@@ -222,16 +241,16 @@ def _number(x, digits: int = 4) -> float | None:
     return round(x, digits) if np.isfinite(x) else None
 
 
-def _explanation(job: Job, k: int, ex) -> dict:
+def _explanation(job: Job, k: int, ex, stem: str = "") -> dict:
     """The images that explain patch ``k`` of ``ex`` (an ``Explanations``): its CAM and
     saliency, or, for a neighbourhood model, its block and the evidence of each plane
-    group in logits."""
+    group in logits (files named ``<stem>_<kind>.png``; ``stem``: ``k``'s number)."""
     if ex.blocks is None:
-        images = write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k])
+        images = write_maps(job, k, ex.patches[k], ex.cam[k], ex.saliency[k], stem)
         return {"images": images, "cam_empty": not ex.cam[k].max() > 0}  # none positive
     groups = ex.attribution[k]
     evidence = {"patch": float(groups[0].sum()), "neighbourhood": float(groups[1].sum())}
-    return {"images": write_blocks(job, k, ex.blocks[k], groups), "evidence": evidence}
+    return {"images": write_blocks(job, k, ex.blocks[k], groups, stem), "evidence": evidence}
 
 
 def _patch_table(uploads: list[Upload], verdicts, threshold: float, errors) -> pd.DataFrame:

@@ -40,7 +40,11 @@ from ..errors import IdcscopeError
 from ..spatial.wsi import MPP_RANGE
 from .analysis import Analyst, slides_supported
 from .jobs import Job, JobStore
+from .library import NoSuchSlide, SlideLibrary
 from .uploads import MB, PATCH_SUFFIXES, SLIDE_SUFFIXES, ZIP_SUFFIXES, UploadError, receive_files
+from .viewer import TileNotFound
+from .viewer_api import routes as viewer_routes
+from .views import NotReady, ViewStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,9 @@ _HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (
         b"content-security-policy",
-        b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+        # the one stylesheet OpenSeadragon injects (touch screens' focus outline), by hash
+        b"style-src 'self' 'sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE='",
     ),
     (b"referrer-policy", b"no-referrer"),
 ]
@@ -70,33 +76,44 @@ class Settings:
     temp_dir: str | None = None  # parent of the server's temp root; None: the system's
     device: str = "cpu"
     host: str = "127.0.0.1"  # the interface served; its name is an allowed Host
+    slides: str | None = None  # the slide library's folder (``--slides``); None: none
 
 
 def create_app(checkpoint: str | Path, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving the page and the API for one checkpoint."""
     settings = settings or Settings()
+    library = SlideLibrary(settings.slides)  # a missing folder is refused before the model loads
     analyst = Analyst(checkpoint, settings.device)
     jobs = JobStore(settings.temp_dir, settings.keep_jobs)
+    views = ViewStore(analyst, jobs, settings.keep_jobs)
     logger.info("serving %s; uploads go to %s", checkpoint, jobs.root)
+    if library.folder is not None:
+        logger.info("slides of %s in the viewer", library.folder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        views.close()
         jobs.close()
 
     app = FastAPI(title="idcscope", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.analyst, app.state.jobs, app.state.settings = analyst, jobs, settings
+    app.state.library, app.state.views = library, views
     app.state.page = (files("idcscope.serve") / "static" / "index.html").read_text("utf-8")
     app.add_middleware(_SameOrigin, names=_host_names(settings.host))
     app.add_middleware(_SecurityHeaders)  # added last: outermost, so refusals get it too
     app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(UploadError, _upload_error)
     app.add_exception_handler(IdcscopeError, _analysis_error)
+    for missing in (NoSuchSlide, TileNotFound):
+        app.add_exception_handler(missing, _not_found)
+    app.add_exception_handler(NotReady, _not_ready)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _internal_error)
     app.mount("/static", StaticFiles(packages=[("idcscope.serve", "static")]), name="static")
     app.include_router(routes)
+    app.include_router(viewer_routes)
     return app
 
 
@@ -133,13 +150,14 @@ async def index(request: Request) -> HTMLResponse:
 async def health(request: Request) -> dict:
     """Liveness, the model, the limits, and whether an analysis is running."""
     state = request.app.state
-    hidden = ("temp_dir", "device", "host")
+    hidden = ("temp_dir", "device", "host", "slides")
     limits = {k: v for k, v in asdict(state.settings).items() if k not in hidden}
     return {
         "status": "ok",
         "busy": state.analyst.lock.locked(),
         "model": state.analyst.describe(),
         "slides": slides_supported(),
+        "library": state.library.folder is not None,
         "limits": limits
         | {
             "patch_suffixes": PATCH_SUFFIXES,
@@ -233,6 +251,14 @@ async def _upload_error(request: Request, e: UploadError) -> JSONResponse:
 
 async def _analysis_error(request: Request, e: IdcscopeError) -> JSONResponse:
     return JSONResponse({"error": _without_paths(request, str(e))}, status_code=422)
+
+
+async def _not_found(request: Request, e: IdcscopeError) -> JSONResponse:
+    return JSONResponse({"error": _without_paths(request, str(e))}, status_code=404)
+
+
+async def _not_ready(request: Request, e: IdcscopeError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=409)
 
 
 async def _disconnected(request: Request, e: ClientDisconnect) -> Response:

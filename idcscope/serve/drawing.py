@@ -36,12 +36,15 @@ def _save(job: Job, img: np.ndarray, name: str, scale: int, outline=None) -> str
     return job.publish(path)
 
 
-def write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.ndarray) -> dict:
-    """The patch and its CAM and saliency overlays as enlarged PNGs; returns their URLs."""
+def write_maps(
+    job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.ndarray, stem: str = ""
+) -> dict:
+    """The patch and its CAM and saliency overlays as enlarged PNGs named ``<stem>_<kind>``
+    (``stem``: patch ``k``'s number by default); returns their URLs."""
     from ..inference.panels import overlay
 
     return {
-        kind: _save(job, img, f"{k:04d}_{kind}.png", UPSCALE)
+        kind: _save(job, img, f"{stem or f'{k:04d}'}_{kind}.png", UPSCALE)
         for kind, img in (
             ("patch", patch),
             ("cam", overlay(patch, cam) if cam.max() > 0 else patch),
@@ -50,7 +53,7 @@ def write_maps(job: Job, k: int, patch: np.ndarray, cam: np.ndarray, sal: np.nda
     }
 
 
-def write_blocks(job: Job, k: int, block: np.ndarray, groups: np.ndarray) -> dict:
+def write_blocks(job: Job, k: int, block: np.ndarray, groups: np.ndarray, stem: str = "") -> dict:
     """What a neighbourhood model saw and where its evidence lies, as enlarged PNGs, the
     patch outlined in each: the 3x3 block, the neighbourhood planes' attribution over it
     and the patch planes' over the patch (``inference.panels.block_panels``); returns
@@ -59,6 +62,6 @@ def write_blocks(job: Job, k: int, block: np.ndarray, groups: np.ndarray) -> dic
 
     centre = block_centre(block, groups)
     return {
-        kind: _save(job, img, f"{k:04d}_{kind}.png", BLOCK_UPSCALE, centre)
+        kind: _save(job, img, f"{stem or f'{k:04d}'}_{kind}.png", BLOCK_UPSCALE, centre)
         for kind, img in zip(BLOCK_PANELS, block_panels(block, groups), strict=True)
     }

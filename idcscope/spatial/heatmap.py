@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from ..data import PATCH_SIZE
+from ..data import PATCH_MPP, PATCH_SIZE
 from ..data.grid import raster
 from ..errors import DataError, NothingScoredError
 from .figures import _save_png, plot_patient_heatmap, plot_probability_map
@@ -285,3 +285,24 @@ def _write_tables(out: Path, pid, table, placed: _Placed, threshold: float, skip
     predictions.to_csv(files["predictions"], index=False)
     write_skipped(files["skipped"], skipped)
     return {k: str(v) for k, v in files.items()}
+
+
+def patient_slide(folder: str | Path, path: str | Path, mpp: float = PATCH_MPP) -> Path:
+    """One patient's patches put back together at their places as a pyramidal TIFF
+    (``wsi.write_tiff_slide``) of ``mpp`` µm per pixel, the patches' own resolution: a
+    patient is then viewed, and scored as a slide (``spatial.slide``), as any slide is.
+
+    Raises:
+        DataError: no patch of ``folder`` is named with its place or can be read.
+    """
+    from ..data.decode import decode_files
+    from .wsi import write_tiff_slide
+
+    root, table, _, _ = _index_patient(Path(folder), None)
+    decoded = decode_files([str(root / p) for p in table["path"]], desc="rebuilding the tissue")
+    if not decoded.ok.any():
+        raise DataError(f"{folder}: none of its patches can be read")
+    ok = decoded.ok
+    xs, ys = table["x"].to_numpy()[ok], table["y"].to_numpy()[ok]
+    mosaic, _ = patient_mosaic(decoded.images[ok], xs, ys)
+    return write_tiff_slide(mosaic, path, mpp=mpp)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # Share of tissue tiles the input check finds at the wrong magnification above which the
 # slide, not its tiles, is at fault: most likely its stated µm/px, which sets the tiles' scale.
 WRONG_SCALE_SHARE = 0.5
+MIN_TISSUE = 0.25  # share of a tile the tissue mask must cover for the tile to be scored
 
 
 def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:
@@ -68,6 +69,13 @@ def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
+def tile_places(scan: Scan, name: str, patch: int) -> tuple[np.ndarray, tuple]:
+    """The tissue tiles as the Predictor scores them: ``(groups, (xs, ys))``. One slide is
+    one patient for stain normalisation and spatial context (``name``), and each tile lies
+    at its place on the tile grid in model-resolution pixels (``patch`` per tile)."""
+    return np.full(len(scan.tiles), name), (scan.cols * patch, scan.rows * patch)
+
+
 def slide_inference(
     predictor,
     slide_path: str | Path,
@@ -77,17 +85,17 @@ def slide_inference(
     threshold: float | None = None,
     tta: bool = False,
     batch_size: int | None = None,
-    min_tissue: float = 0.25,
+    min_tissue: float = MIN_TISSUE,
     context: bool = True,
     engine: str = "auto",
+    scan: Scan | None = None,
 ) -> dict:
     """Score every tissue tile of a slide and write the heatmap, tile table and IDC GeoJSON.
 
     Args:
         predictor: An :class:`~idcscope.inference.Predictor`, or a checkpoint path (or a
             list of them, for an ensemble).
-        slide_path: A slide OpenSlide reads (.svs, .ndpi, .mrxs, tiled .tif, ...) or a plain
-            image.
+        slide_path: A slide OpenSlide reads (.svs, .ndpi, .mrxs, tiled .tif, ...), or an image.
         out_dir: Receives ``<slide>_tiles.csv``, ``<slide>_overlay.png``,
             ``<slide>_idc.geojson`` and ``<slide>_slide.json``.
         slide_mpp: Microns per level-0 pixel, when the file does not record it.
@@ -98,6 +106,8 @@ def slide_inference(
         context: Score each tile with its neighbouring tiles (neighbourhood input and
             spatial context, as far as the model has them); False scores each alone.
         engine: The Predictor's engine, when ``predictor`` is a path.
+        scan: The slide already read as this reads it (``wsi.read_slide``; the viewer
+            reads it first, to show the tissue early and keep the tiles it explains).
 
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s), the
@@ -123,14 +133,13 @@ def slide_inference(
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    scan = read_slide(path, slide_mpp, mpp, patch, min_tissue)
+    scan = scan or read_slide(path, slide_mpp, mpp, patch, min_tissue)
     t_read = time.perf_counter() - t0
-    grid, rows, cols = scan.grid, scan.rows, scan.cols
-    prob = np.full((grid.rows, grid.cols), np.nan)
+    rows, cols = scan.rows, scan.cols
+    prob = np.full((scan.grid.rows, scan.grid.cols), np.nan)
     verdicts = Verdicts.empty(len(scan.tiles))
-    if len(scan.tiles):  # one slide is one patient for stain normalisation and spatial context
-        where = (cols * patch, rows * patch)  # the tile grid in model-resolution pixels
-        group = np.full(len(scan.tiles), path.stem)
+    if len(scan.tiles):
+        group, where = tile_places(scan, path.stem, patch)
         scored = predictor.predict(scan.tiles, None, group, where)
         prob[rows, cols], verdicts = scored.prob, scored.verdicts
     elapsed = time.perf_counter() - t0
@@ -140,8 +149,7 @@ def slide_inference(
     summary["warnings"] = _warnings(path, scan.grid, verdicts.check, slide_mpp is not None)
     for warning in summary["warnings"]:
         logger.warning("%s", warning)
-    thumb_mpp = mpp * patch / THUMB_PX
-    summary["files"] = _write_maps(out, path, scan, prob, verdicts, threshold, thumb_mpp)
+    summary["files"] = _write_maps(out, path, scan, prob, verdicts, threshold, mpp * patch)
     (out / f"{path.stem}_slide.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
         "%s: %d tissue tiles, %s, %.1f tiles/s",
@@ -206,12 +214,13 @@ def _found(summary: dict) -> str:
     )
 
 
-def _write_maps(out: Path, path: Path, scan: Scan, prob, verdicts, threshold, thumb_mpp) -> dict:
+def _write_maps(out: Path, path: Path, scan: Scan, prob, verdicts, threshold, tile_um) -> dict:
     """The tile table, the IDC regions as GeoJSON and the overlay; returns their paths.
 
     The table has a row per tissue tile (``verdicts``: what the model says of each, in
     their order): its place on the tile grid and in level-0 pixels, its size and tissue
     fraction, then the prediction columns every table has (``inference.tables``).
+    ``tile_um``: a tile's side in µm.
     """
     from .heatmap import _save_png, plot_patient_heatmap
 
@@ -241,7 +250,7 @@ def _write_maps(out: Path, path: Path, scan: Scan, prob, verdicts, threshold, th
     if uncertain.any():
         found += f", {int(uncertain.sum())} uncertain"
     fig = plot_patient_heatmap(
-        scan.thumb, prob, (0, 0), threshold, patch=THUMB_PX, mpp=thumb_mpp,
+        scan.thumb, prob, (0, 0), threshold, patch=THUMB_PX, mpp=tile_um / THUMB_PX,
         title=f"{path.name}: {found}", uncertain=uncertain,
     )  # fmt: skip
     _save_png(fig, files["overlay"])

@@ -266,8 +266,9 @@ function renderPatches(result) {
   box.hidden = false;
 }
 
+// Fills the box's dl.facts (or the dl given) with [term, value] pairs; undefined values are left out.
 function facts(box, pairs) {
-  $(".facts", box).replaceChildren(
+  (box.matches("dl") ? box : $(".facts", box)).replaceChildren(
     ...pairs.filter(([, v]) => v !== undefined).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))]),
   );
 }
