@@ -162,7 +162,8 @@ def compare(
 def _row(cohort: str, name: str, sign: int, full: list, boot: list, n_patients: int) -> dict:
     values = [np.array([v[name] for v in runs]) for runs in full]
     base, cand = values[0].mean(), values[1].mean()
-    sd_seed, df = _pooled_sd([v for v in values if len(v) >= 2])
+    finite = [v[np.isfinite(v)] for v in values]  # a cohort a run lacks counts for nothing
+    sd_seed, df = _pooled_sd([v for v in finite if len(v) >= 2])
     se_patients = float(np.nanstd(boot, ddof=1))
     se = float(np.hypot(se_patients, sd_seed * np.sqrt(1 / len(values[0]) + 1 / len(values[1]))))
     delta = cand - base
