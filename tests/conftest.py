@@ -144,9 +144,11 @@ def serving(app):
 VIEWER_PATIENT = "8951"  # the smallest sample patient; the shipped model trained on it
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium (the system's), for the tests that drive the page."""
+    """Headless Chromium (the system's), for the tests that drive the page. One per test
+    module: Playwright's sync API keeps an event loop running while it is open, and the
+    tests after a browser module (the load test's ``asyncio.run``) need it closed."""
     from playwright import sync_api  # the test extra
 
     exe = shutil.which("chromium")
