@@ -31,6 +31,7 @@ import pandas as pd
 from ..errors import IdcscopeError
 from ..evaluation import metrics
 from . import contexts
+from .config import config_from_dict
 from .contexts import ALPHA
 
 # name -> +1 when higher is better, -1 when lower is
@@ -69,7 +70,7 @@ def _read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple]:
         pooled = pd.read_csv(run / "oof_predictions.csv", dtype={"patient": str})
     except (OSError, ValueError, KeyError) as e:
         raise IdcscopeError(f"{run}: not a finished `idcscope cv` folder ({e!r})") from e
-    return pooled, (cfg.get("threshold", "youden"), cfg.get("target_sensitivity", 0.9))
+    return pooled, config_from_dict(cfg).threshold_rule
 
 
 def _decided(pooled: pd.DataFrame, rule: tuple, alpha: float) -> pd.DataFrame:
