@@ -5,8 +5,10 @@ pyramidal TIFFs and scored with the model that ships."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +348,92 @@ def test_openseadragon_is_served_from_the_package(client):
     assert "/static/openseadragon/openseadragon.min.js" in page.text
     # the page's CSP allows one inline stylesheet, OpenSeadragon's, by its hash
     assert "style-src 'self' 'sha256-" in page.headers["content-security-policy"]
+
+
+# ----------------------------------------------------------------------------- bands
+
+
+def test_a_slide_scored_in_bands_gets_what_one_pass_gives(shipped, slide_library, monkeypatch):
+    from idcscope.inference.predictor import Predictor
+    from idcscope.spatial import slide
+    from idcscope.spatial.wsi import read_slide
+
+    predictor = Predictor(shipped)
+    scan = read_slide(slide_library / f"{VIEWER_PATIENT}.tif", None, 4.0, 50, slide.MIN_TISSUE)
+    assert slide.score_reach(predictor, 50) == 6  # the 3x3 input, then 5 cells of smoothing
+    whole = slide.score_tiles(predictor, scan, VIEWER_PATIENT, 50)
+    heard = []
+    banded = slide.score_tiles(
+        predictor, scan, VIEWER_PATIENT, 50, each=lambda *band: heard.append(band), height=2
+    )
+    assert len(heard) >= 10
+    index = np.concatenate([i for i, _ in heard])
+    assert sorted(index) == list(range(len(scan.tiles)))  # every tile heard of once
+    for i, verdicts in heard:  # as heard, final
+        np.testing.assert_array_equal(verdicts.prob, banded.prob[i])
+    np.testing.assert_allclose(banded.prob, whole.prob, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(banded.margin, whole.margin, rtol=0, atol=1e-5)
+    for mine, theirs in zip(banded[2:], whole[2:], strict=True):  # context, call, check
+        np.testing.assert_array_equal(mine, theirs)
+    # Without the halo, bands this thin lose the context their scores need.
+    monkeypatch.setattr(slide, "score_reach", lambda *_: 0)
+    bare = slide.score_tiles(predictor, scan, VIEWER_PATIENT, 50, each=lambda *_: None, height=2)
+    assert np.abs(bare.prob - whole.prob).max() > 0.01
+
+
+BAND = 8  # grid rows per band while a test holds the scoring after the first
+
+
+@contextmanager
+def held_after_first_band(monkeypatch):
+    """The server's slide scoring in bands of ``BAND`` rows, held after the first band is
+    drawn until the block ends; yields the event set then."""
+    from idcscope.spatial import slide
+
+    first, go_on, real = threading.Event(), threading.Event(), slide.score_tiles
+
+    def held(predictor, scan, name, patch, each=None, height=None):
+        def band(index, verdicts):
+            each(index, verdicts)
+            if not first.is_set():
+                first.set()
+                go_on.wait(120)
+
+        return real(predictor, scan, name, patch, band, height=BAND)
+
+    monkeypatch.setattr(slide, "score_tiles", held)
+    try:
+        yield first
+    finally:
+        go_on.set()
+
+
+def test_the_overlay_fills_in_band_by_band(client, slide_expected, monkeypatch):
+    """Scoring held after its first band: those tiles are drawn and inspected, as final,
+    while the rest of the slide is transparent and not yet inspectable."""
+    with held_after_first_band(monkeypatch) as first:
+        view = client.post("/api/views", params={"slide": "sub/copy.tif"}).json()
+        assert first.wait(120)
+        view = client.get(f"/api/views/{view['id']}").json()
+        assert view["status"] == "scoring" and view["version"] == 2  # the mask, one band
+        assert 0 < view["scored_tiles"] < view["tissue_tiles"] == len(slide_expected)
+        top = int(slide_expected["row"].min())
+        done = slide_expected[slide_expected["row"] < top + BAND]
+        later = slide_expected[slide_expected["row"] >= top + BAND]
+        assert view["scored_tiles"] == len(done)
+        base = f"/api/views/{view['id']}"
+        for rows, status in ((done, 200), (later, 409)):
+            row = rows.iloc[len(rows) // 2]
+            r = client.get(f"{base}/inspect", params={"x": row["x"] + 5, "y": row["y"] + 5})
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert r.json()["prob_idc"] == pytest.approx(row["prob_idc"], abs=1e-4)
+                assert r.json()["call"] == row["call"]
+        # At level 10 (a quarter of the slide's size) a grid row is 12.5 px high and tile
+        # 0_0 holds 20 rows: the first band is drawn, nothing below it.
+        drawn = overlay(client, view, "10/0_0.png", v=view["version"])[..., 3] > 0
+        edge = int((top + BAND) * 12.5)
+        assert edge < drawn.shape[0] - 50
+        assert drawn[:edge].any() and not drawn[edge + 1 :].any()
+    view = scored(client, view)
+    assert view["status"] == "done" and view["scored_tiles"] == len(slide_expected)

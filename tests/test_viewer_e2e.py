@@ -14,7 +14,7 @@ from PIL import Image
 
 from idcscope.serve import Settings, create_app
 from tests.conftest import VIEWER_PATIENT, serving, slide_tiles
-from tests.test_viewer import ZIP
+from tests.test_viewer import BAND, ZIP, held_after_first_band
 
 
 @pytest.fixture(scope="module")
@@ -174,4 +174,37 @@ def test_a_patient_zip_opens_in_the_viewer(page, shipped, real_sample, tmp_path)
         row["prob_idc"], abs=1e-4
     )
     page.screenshot(path=str(tmp_path / "viewer_patient.png"), full_page=True)
+    assert page.console_errors == []
+
+
+def test_the_page_draws_each_band_before_the_slide_is_scored(
+    page, slide_expected, monkeypatch, tmp_path
+):
+    with held_after_first_band(monkeypatch) as first:
+        open_library_slide(page)
+        assert first.wait(120)
+        page.wait_for_function("() => idcViewer.view.scored_tiles > 0", timeout=30_000)
+        loaded(page, "prob")
+        status = page.locator("#viewer-results .viewer-status").inner_text()
+        assert f"of its {len(slide_expected)} tissue tiles drawn" in status
+        assert not page.locator("#viewer-results .links").is_visible()  # no files yet
+        on = viewer_pixels(page)
+        page.uncheck("#show-overlay")
+        page.wait_for_timeout(500)
+        off = viewer_pixels(page)
+        page.check("#show-overlay")
+        page.screenshot(path=str(tmp_path / "viewer_first_band.png"), full_page=True)
+        # The first band's tiles are coloured, the rows below it not yet.
+        top = int(slide_expected["row"].min())
+        edge = page.evaluate(
+            "(y) => idcViewer.slide.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, y)).y",
+            float((top + BAND) * 50),
+        )
+        coloured = np.abs(on.astype(int) - off.astype(int)).sum(axis=2) > 30
+        assert coloured[: int(edge) - 2].any() and not coloured[int(edge) + 2 :].any()
+        row = slide_expected[slide_expected["row"] < top + BAND].iloc[0]
+        shown = click_tile(page, row["x"] + 25, row["y"] + 25)  # clickable already
+        assert shown == pytest.approx(row["prob_idc"], abs=1e-4)
+    wait_scored(page)
+    assert page.locator("#viewer-results .links").is_visible()
     assert page.console_errors == []

@@ -55,6 +55,9 @@ class Analyst:
         self.explainer = Explainer(self.predictor)
         self.meta = self.predictor.models[0]
         self.lock = threading.Lock()
+        # The Explainer's model takes one map at a time (its hooks); inspecting a tile of a
+        # slide takes only this lock, so a click is answered while the slide is scored.
+        self.explaining = threading.Lock()
 
     def describe(self) -> dict:
         """What the page shows about the model: how it decides each patch, by the context
@@ -107,7 +110,8 @@ class Analyst:
         threshold = self.predictor.threshold
         with self.lock:
             check_pixels(uploads, max_pixels)
-            ex = self.explainer.explain(table)
+            with self.explaining:
+                ex = self.explainer.explain(table)
         errors = [u.error for u in uploads]
         for i, reason in zip(sent, ex.reasons, strict=True):
             if reason:

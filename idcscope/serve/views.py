@@ -6,11 +6,15 @@ into a pyramidal TIFF, ``spatial.heatmap.patient_slide``). Its scoring runs in a
 under ``Analyst.lock`` like every analysis: first the slide is read at the model's
 resolution (the tissue mask is then shown), then its tissue tiles are scored by
 ``spatial.slide.slide_inference``, what ``idcscope slide`` runs, on the tiles just read.
-The page polls the view's status; the P(IDC) overlay appears when the slide's tiles are
-scored (a slide is one patient for stain and context: its tiles are scored together).
+The tiles are scored in bands of grid rows, top to bottom, each band with the rows its
+scores depend on (``spatial.slide.score_tiles``): every tile gets what one pass over the
+slide gives it, and the overlay shows each band as soon as it is final. The page polls the
+view's status; each band bumps the view's version, which the overlay's tile URLs carry.
 
 Clicking a tile explains it with the server's one Predictor (``Explainer.explain_scored``
-on the very tiles scored): nothing is scored a second way.
+on the very tiles scored, those whose pixels its input and its neighbours' hold): nothing
+is scored a second way. A tile is inspected once its band is scored, without waiting for
+the rest of the slide (the Explainer has its own lock).
 """
 
 from __future__ import annotations
@@ -35,8 +39,6 @@ from .viewer import TileCache, TileLayers, TileNotFound, ZoomedSlide
 
 logger = logging.getLogger(__name__)
 
-CODES = {word: code for code, word in CALLS.items()}  # "uncertain" -> -1
-
 
 class NotReady(IdcscopeError):
     """What a view cannot answer before its tiles are scored (answered with 409)."""
@@ -56,6 +58,8 @@ class View:
     error: str = ""
     scan: object = None  # ``wsi.Scan``, once read
     layers: TileLayers | None = None
+    verdicts: Verdicts | None = None  # of ``scan.tiles``, filled in band by band
+    scored: int = 0  # tissue tiles scored so far
     table: pd.DataFrame | None = None  # the tile table ``slide_inference`` wrote
     summary: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
@@ -132,24 +136,35 @@ class ViewStore:
         with analyst.lock:
             view.status = "reading"
             scan = read_slide(path, view.mpp, mpp, patch, MIN_TISSUE)
-            empty = np.full(scan.fraction.shape, np.nan)
+            prob, call = np.full(scan.fraction.shape, np.nan), np.full(scan.fraction.shape, np.nan)
             tissue = scan.fraction >= MIN_TISSUE
-            view.scan, view.layers = scan, TileLayers(empty, empty, tissue, scan.grid.tile)
+            view.scan, view.layers = (
+                scan,
+                TileLayers(prob.copy(), call.copy(), tissue, scan.grid.tile),
+            )
+            view.verdicts = Verdicts.empty(len(scan.tiles))
             view.version += 1
             view.status = "scoring"
+
+            def drawn(index: np.ndarray, verdicts: Verdicts) -> None:
+                """A band's tiles are final: the overlay shows them (a new version)."""
+                view.verdicts.put(index, verdicts)
+                prob[scan.rows[index], scan.cols[index]] = verdicts.prob
+                call[scan.rows[index], scan.cols[index]] = verdicts.call
+                view.layers = TileLayers(prob.copy(), call.copy(), tissue, scan.grid.tile)
+                view.scored += len(index)
+                view.version += 1
+
             out = view.job.folder / "out"
-            summary = slide_inference(analyst.predictor, path, out, slide_mpp=view.mpp, scan=scan)
+            summary = slide_inference(
+                analyst.predictor, path, out, slide_mpp=view.mpp, scan=scan, each=drawn
+            )
         files = summary.pop("files")
         table = pd.read_csv(files["tiles_csv"], keep_default_na=False, na_values=[""])
-        prob, call = np.full(tissue.shape, np.nan), np.full(tissue.shape, np.nan)
-        prob[table["row"], table["col"]] = table["prob_idc"]
-        call[table["row"], table["col"]] = table["call"].map(CODES)
         summary["slide"] = view.name
         view.table, view.summary = table, summary
         view.files = {k: view.job.publish(p) for k, p in files.items() if Path(p).is_file()}
         view.warnings = analyst.seen([Path(view.name).stem]) + summary.get("warnings", [])
-        view.layers = TileLayers(prob, call, tissue, scan.grid.tile)
-        view.version += 1
 
 
 def describe(view: View, base: str) -> dict:
@@ -169,6 +184,7 @@ def describe(view: View, base: str) -> dict:
         "mpp": view.mpp or view.zoomed.mpp(),
         "grid_tile": None if scan is None else scan.grid.tile,
         "tissue_tiles": None if scan is None else len(scan.tiles),  # known once read
+        "scored_tiles": view.scored,
         "version": view.version,
         "seconds": view.seconds or round(time.monotonic() - view.started, 3),
         "measurements": measurements(view.summary) if view.summary else None,
@@ -194,47 +210,56 @@ def measurements(summary: dict) -> dict:
 
 def inspect(analyst: Analyst, view: View, x: float, y: float) -> dict:
     """The tile under level-0 pixel ``(x, y)``: what the model said of it as scored, the
-    P(IDC) of its 8 neighbours, and the maps of where the model looked.
+    P(IDC) of its 8 neighbours, and the maps of where the model looked. A tile is
+    inspected as soon as its band is scored, while the rest of the slide still is.
 
     Raises:
-        NotReady: the view's tiles are not scored yet.
-        TileNotFound: no tissue tile was scored there.
+        NotReady: that tile is not scored yet.
+        TileNotFound: no tissue tile lies there.
     """
-    from ..spatial.slide import tile_places
+    from ..spatial.slide import input_reach, tile_places
 
-    if view.status != "done" or view.table is None:
+    scan, verdicts = view.scan, view.verdicts
+    if scan is None or verdicts is None:
         raise NotReady(f"{view.name}: its tiles are not scored yet ({view.status})")
-    scan, table = view.scan, view.table
-    row, col = int(y // scan.grid.tile), int(x // scan.grid.tile)
+    tile = scan.grid.tile
+    row, col = int(y // tile), int(x // tile)
     found = np.flatnonzero((scan.rows == row) & (scan.cols == col))
     if not len(found):
         raise TileNotFound(f"{view.name}: no tissue tile was scored at ({x:.0f}, {y:.0f})")
     k = int(found[0])
-    said = table.iloc[k]
-    neighbours = None if pd.isna(said["neighbours"]) else int(said["neighbours"])
-    verdicts = Verdicts(
-        np.array([said["prob_idc"]]),
-        np.array([said["margin"]]),
-        np.array([np.nan if neighbours is None else neighbours], float),
-        np.array([CODES[said["call"]]], float),
-        np.array([said["input_check"]], object),
-    )
+    said = verdicts.take([k])
+    if np.isnan(said.prob[0]):
+        raise NotReady(f"{view.name}: the tile at row {row}, column {col} is not scored yet")
+    # What the maps read: the tiles whose pixels are in the model input of the tile and of
+    # its neighbours (the block it saw), not the whole slide, unless stain makes it so.
+    reach = input_reach(analyst.predictor)
+    near = np.arange(len(scan.tiles))
+    if reach is not None:
+        near = np.flatnonzero(
+            (np.abs(scan.rows - row) <= 2 * reach) & (np.abs(scan.cols - col) <= 2 * reach)
+        )
     patch = int(analyst.meta.preprocessing["patch_size"])
-    groups, where = tile_places(scan, Path(view.zoomed.path).stem, patch)
-    with analyst.lock:
-        ex = analyst.explainer.explain_scored(verdicts, scan.tiles, groups, where, rows=[k])
+    groups, (xs, ys) = tile_places(scan, Path(view.zoomed.path).stem, patch)
+    at = np.searchsorted(near, k)
+    with analyst.explaining:
+        ex = analyst.explainer.explain_scored(
+            said, scan.tiles[near], groups[near], (xs[near], ys[near]), rows=[at]
+        )
         images = _explanation(view.job, 0, ex, f"tile_r{row}_c{col}")
+    neighbours = None if np.isnan(said.neighbours[0]) else int(said.neighbours[0])
+    prob = float(said.prob[0])
     return {
         "row": row,
         "col": col,
-        "x": int(said["x"]),
-        "y": int(said["y"]),
-        "size": float(said["size"]),
-        "tissue": float(said["tissue"]),
-        "prob_idc": float(said["prob_idc"]),
-        "pred": int(said["pred"]),
-        "call": said["call"],
-        "input_check": said["input_check"],
+        "x": round(col * tile),
+        "y": round(row * tile),
+        "size": round(tile, 3),
+        "tissue": round(float(scan.fraction[row, col]), 3),
+        "prob_idc": prob,
+        "pred": int(prob >= analyst.predictor.threshold),
+        "call": CALLS[int(said.call[0])],
+        "input_check": str(said.check[0]),
         "neighbours": neighbours,
         **analyst.context_of(neighbours),
         "around": _around(view.layers.prob, row, col),

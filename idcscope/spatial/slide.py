@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.grid import TRUNCATE
 from ..inference.tables import Verdicts, prediction_table
 from .wsi import THUMB_PX, Scan, TileGrid, check_mpp, read_slide
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # slide, not its tiles, is at fault: most likely its stated µm/px, which sets the tiles' scale.
 WRONG_SCALE_SHARE = 0.5
 MIN_TISSUE = 0.25  # share of a tile the tissue mask must cover for the tile to be scored
+BANDS = 8  # row bands a slide is scored in when it is drawn as it is scored (``each``)
 
 
 def idc_regions(prob: np.ndarray, threshold: float, grid: TileGrid) -> dict:
@@ -76,6 +78,81 @@ def tile_places(scan: Scan, name: str, patch: int) -> tuple[np.ndarray, tuple]:
     return np.full(len(scan.tiles), name), (scan.cols * patch, scan.rows * patch)
 
 
+def input_reach(predictor) -> int | None:
+    """How many cells of the tile grid around a tile the model input of that tile holds:
+    its neighbourhood planes' radius (0 when the Predictor scores tiles alone). None when
+    the whole slide sets it: a model that normalises stain per slide."""
+    if any(m.preprocessing.get("stain", "none") != "none" for m in predictor.models):
+        return None
+    if not predictor.context:
+        return 0
+    return max(int(m.preprocessing.get("neighbourhood", 0)) for m in predictor.models)
+
+
+def score_reach(predictor, patch: int) -> int | None:
+    """How many cells of the tile grid around a tile its score depends on: the tiles its
+    logits are smoothed with (scipy's Gaussian stops at ``int(TRUNCATE * sigma + 0.5)``
+    cells), each with its model input (:func:`input_reach`), and at least the 8 neighbours
+    that set its context. None when the whole slide does (:func:`input_reach`, or a
+    smoothing grid other than the tiles')."""
+    reach = input_reach(predictor)
+    if reach is None or not predictor.context:
+        return reach
+    smoothing = 0
+    for meta in predictor.models:
+        sigma = float((meta.context or {}).get("sigma", 0.0))
+        if sigma > 0 and int(meta.context.get("step", patch)) != patch:
+            return None
+        smoothing = max(smoothing, int(TRUNCATE * sigma + 0.5) if sigma > 0 else 0)
+    return max(1, reach + smoothing)
+
+
+def row_bands(rows: np.ndarray, reach: int | None, height: int) -> list[tuple[np.ndarray, ...]]:
+    """The tiles on grid rows ``rows`` cut into bands ``height`` rows high, top to bottom:
+    per band, the tiles to score together (the band and ``reach`` rows on each side, the
+    tiles its scores depend on) and which of those the band keeps. One band (every tile)
+    when ``reach`` is None."""
+    everything = np.arange(len(rows))
+    if reach is None or not len(rows):
+        return [(everything, np.ones(len(rows), bool))]
+    bands = []
+    for top in range(int(rows.min()), int(rows.max()) + 1, max(1, height)):
+        scored = everything[(rows >= top - reach) & (rows < top + height + reach)]
+        keep = (rows[scored] >= top) & (rows[scored] < top + height)
+        if keep.any():
+            bands.append((scored, keep))
+    return bands
+
+
+def score_tiles(predictor, scan: Scan, name: str, patch: int, each=None, height=None) -> Verdicts:
+    """The slide's tissue tiles scored, in the scan's order (``tile_places``).
+
+    With ``each``, the slide is scored in bands of grid rows (``height`` rows; default:
+    ``BANDS`` bands, at least 4 reaches high, so that the rows scored twice cost at most
+    half as much again), each band with the tiles its scores depend on
+    (:func:`score_reach`): every tile gets what one pass over the slide gives it.
+    ``each(index, verdicts)`` hears of each band's tiles as soon as they are final.
+    """
+    from ..inference.stream import ArraySource, Bucket
+
+    group, where = tile_places(scan, name, patch)
+    if each is None:
+        return predictor.predict(scan.tiles, None, group, where).verdicts
+    reach = score_reach(predictor, patch)
+    if height is None:
+        span = int(scan.rows.max() - scan.rows.min()) + 1 if len(scan.rows) else 1
+        height = max(4 * (reach or 1), -(-span // BANDS))
+    bands = row_bands(scan.rows, reach, height)
+    buckets = [Bucket(i, scored) for i, (scored, _) in enumerate(bands)]
+    out = Verdicts.empty(len(scan.tiles))
+    scores = predictor.score(group, where, ArraySource(scan.tiles), buckets)
+    for s, (_, keep) in zip(scores, bands, strict=True):
+        part = s.verdicts.take(keep)
+        out.put(s.rows[keep], part)
+        each(s.rows[keep], part)
+    return out
+
+
 def slide_inference(
     predictor,
     slide_path: str | Path,
@@ -89,6 +166,7 @@ def slide_inference(
     context: bool = True,
     engine: str = "auto",
     scan: Scan | None = None,
+    each=None,
 ) -> dict:
     """Score every tissue tile of a slide and write the heatmap, tile table and IDC GeoJSON.
 
@@ -108,6 +186,8 @@ def slide_inference(
         engine: The Predictor's engine, when ``predictor`` is a path.
         scan: The slide already read as this reads it (``wsi.read_slide``; the viewer
             reads it first, to show the tissue early and keep the tiles it explains).
+        each: Called as ``each(index, verdicts)`` with the tiles of ``scan.tiles`` whose
+            scores are final, band by band (:func:`score_tiles`; the viewer draws them).
 
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s), the
@@ -139,9 +219,8 @@ def slide_inference(
     prob = np.full((scan.grid.rows, scan.grid.cols), np.nan)
     verdicts = Verdicts.empty(len(scan.tiles))
     if len(scan.tiles):
-        group, where = tile_places(scan, path.stem, patch)
-        scored = predictor.predict(scan.tiles, None, group, where)
-        prob[rows, cols], verdicts = scored.prob, scored.verdicts
+        verdicts = score_tiles(predictor, scan, path.stem, patch, each)
+        prob[rows, cols] = verdicts.prob
     elapsed = time.perf_counter() - t0
 
     summary = _summary(path, scan, prob, threshold, predictor, mpp, elapsed, t_read)

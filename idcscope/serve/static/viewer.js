@@ -121,7 +121,7 @@ function measurementPairs(view) {
 function showStatus(view) {
   const said = {
     queued: "waiting for the model…", reading: "reading the slide at the model's resolution…",
-    scoring: `scoring its ${view.tissue_tiles} tissue tiles (the tissue mask is ready)…`,
+    scoring: `scoring: ${view.scored_tiles} of its ${view.tissue_tiles} tissue tiles drawn, band by band…`,
     done: `scored in ${fixed(view.seconds, 1)} s`, error: "",
   };
   const box = $("#viewer-results");
