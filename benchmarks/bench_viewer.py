@@ -182,10 +182,14 @@ def bands_against_one_pass(model: Path, slide: Path, repeat: int) -> list[dict]:
         t = time.perf_counter()
         score_tiles(predictor, read, slide.stem, patch)
         best["one pass"] = min(best["one pass"], time.perf_counter() - t)
-        heard = []
+        heard: list[float] = []
         t = time.perf_counter()
         score_tiles(
-            predictor, read, slide.stem, patch, each=lambda *_: heard.append(time.perf_counter())
+            predictor,
+            read,
+            slide.stem,
+            patch,
+            each=lambda *_, h=heard: h.append(time.perf_counter()),
         )
         best["bands"] = min(best["bands"], time.perf_counter() - t)
         best["first band"] = min(best["first band"], heard[0] - t)

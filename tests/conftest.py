@@ -170,9 +170,12 @@ def shipped() -> Path:
 
 @pytest.fixture(scope="session")
 def slide_library(real_sample, tmp_path_factory) -> Path:
-    """A slide folder: a real patient as a pyramidal TIFF, the same in a subfolder, a
-    text file, and links that lead out of the folder (to a slide and to a folder); the
-    slide viewer's tests serve it with ``--slides``."""
+    """A slide folder: a real patient as a pyramidal TIFF, the same in a subfolder and as
+    a DICOM WSI (a folder of one file per level, written by wsidicomizer), a text file,
+    and links that lead out of the folder (to a slide and to a folder); the slide
+    viewer's tests serve it with ``--slides``."""
+    from wsidicomizer import WsiDicomizer  # the test extra
+
     from idcscope.spatial.heatmap import patient_slide
 
     root = tmp_path_factory.mktemp("viewer")
@@ -180,6 +183,7 @@ def slide_library(real_sample, tmp_path_factory) -> Path:
     (folder / "sub").mkdir(parents=True)
     slide = patient_slide(real_sample / VIEWER_PATIENT, folder / f"{VIEWER_PATIENT}.tif")
     os.link(slide, folder / "sub" / "copy.tif")
+    WsiDicomizer.convert(slide, folder / "dicom", tile_size=256, workers=1)
     (folder / "notes.txt").write_text("not a slide")
     outside = root / "outside"
     outside.mkdir()

@@ -61,11 +61,18 @@ def library_view(client) -> dict:
 # ----------------------------------------------------------------------------- library
 
 
-def test_the_library_lists_its_slides_only(client):
+def dicom_name(slide_library: Path) -> str:
+    """The library's name of its DICOM slide: the first of the folder's level files."""
+    return min(p.relative_to(slide_library).as_posix() for p in slide_library.glob("dicom/*"))
+
+
+def test_the_library_lists_its_slides_only(client, slide_library):
     res = client.get("/api/slides").json()
     assert res["folder"] is True
     names = [s["name"] for s in res["slides"]]
-    assert names == [f"{VIEWER_PATIENT}.tif", "sub/copy.tif"]  # no link out, no text file
+    assert len(list(slide_library.glob("dicom/*.dcm"))) == 3  # a file per level ...
+    # ... one slide; no link out, no text file
+    assert names == [f"{VIEWER_PATIENT}.tif", dicom_name(slide_library), "sub/copy.tif"]
     assert res["slides"][0]["dzi"] == f"/api/slides/{VIEWER_PATIENT}.tif.dzi"
 
 
@@ -305,6 +312,29 @@ def test_an_uploaded_slide_is_viewed(client, slide_library):
     assert view["status"] == "done", view["error"]
     assert view["name"] == "upload.tif"
     assert client.get(f"/api/views/{view['id']}/slide_files/12/0_0.jpeg").status_code == 200
+
+
+def test_a_dicom_slide_is_viewed_as_idcscope_slide_scores_it(client, shipped, slide_library):
+    """The patient's TIFF written as a DICOM WSI (JPEG tiles again: pixels within a few
+    levels): OpenSlide reads it, the viewer shows and scores it as ``idcscope slide``
+    does, and its tiles say what the TIFF's say, up to that re-encoding."""
+    name = dicom_name(slide_library)
+    view = scored(client, client.post("/api/views", params={"slide": name}).json())
+    assert view["status"] == "done", view["error"]
+    tiff = scored(client, client.post("/api/views", params={"slide": "sub/copy.tif"}).json())
+    assert (view["width"], view["height"], view["mpp"]) == (tiff["width"], tiff["height"], 4.0)
+    tile = client.get(f"/api/views/{view['id']}/slide_files/12/1_1.jpeg")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+    expected = slide_tiles(shipped, slide_library / name, slide_library.parent / "dicom-out")
+    m, theirs = view["measurements"], tiff["measurements"]
+    assert m["n_tiles"] == len(expected)
+    assert abs(m["n_tiles"] - theirs["n_tiles"]) <= 0.02 * theirs["n_tiles"]
+    assert m["idc_share"] == pytest.approx(theirs["idc_share"], abs=0.03)
+    row = expected.sort_values("prob_idc").iloc[-1]
+    r = client.get(
+        f"/api/views/{view['id']}/inspect", params={"x": row["x"] + 25, "y": row["y"] + 25}
+    )
+    assert r.json()["prob_idc"] == pytest.approx(row["prob_idc"], abs=1e-4)
 
 
 def test_bad_uploads_to_the_viewer_are_refused(client):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from idcscope.serve import Settings, create_app
 from tests.conftest import VIEWER_PATIENT, serving, slide_tiles
-from tests.test_viewer import BAND, ZIP, held_after_first_band
+from tests.test_viewer import BAND, ZIP, dicom_name, held_after_first_band
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,10 @@ def click_tile(page, x: float, y: float) -> float:
     return float(dd.get_attribute("data-prob"))
 
 
-def open_library_slide(page) -> None:
+def open_library_slide(page, name: str = f"{VIEWER_PATIENT}.tif") -> None:
     page.click("#tab-viewer")
     page.wait_for_selector("#panel-viewer .library:not([hidden])")
-    page.select_option("#library-slide", f"{VIEWER_PATIENT}.tif")
+    page.select_option("#library-slide", name)
     page.click("#library-open")
     loaded(page)
 
@@ -156,6 +156,21 @@ def test_a_click_shows_the_tile_as_idcscope_slide_scores_it(page, slide_expected
         assert page.locator("#inspect .maps img").count() == 3
         assert page.locator("#inspect table.around td.centre").inner_text() != "–"
     page.screenshot(path=str(tmp_path / "viewer_inspect.png"), full_page=True)
+    assert page.console_errors == []
+
+
+def test_a_dicom_slide_opens_in_the_viewer(page, shipped, slide_library, tmp_path):
+    name = dicom_name(slide_library)
+    open_library_slide(page, name)
+    wait_scored(page)
+    assert name in page.locator("#viewer-results dl.measurements").inner_text()
+    table = slide_tiles(shipped, slide_library / name, tmp_path / "out")
+    row = table.sort_values("prob_idc").iloc[len(table) // 2]
+    shown = click_tile(page, row["x"] + 25, row["y"] + 25)
+    assert shown == pytest.approx(row["prob_idc"], abs=1e-4)
+    page.screenshot(path=str(tmp_path / "viewer_dicom.png"), full_page=True)
+    # its long name (a UID) wraps inside the page
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 1200
     assert page.console_errors == []
 
 
