@@ -299,6 +299,37 @@ def test_balanced_sampler_draws_both_classes_equally_and_the_loss_is_unweighted(
     assert make_loss(cfg, labels[rows]).weight is None  # sampling balances; no double count
 
 
+def test_border_weight_draws_the_patches_at_annotation_borders_less_often():
+    from idcscope.data.grid import label_borders
+    from idcscope.training.loop import PatchLoader
+
+    # One patient, a 10x10 grid: IDC in the left 4 columns; a lone patch without a place.
+    r, c = np.divmod(np.arange(100), 10)
+    xs, ys = np.append(c * 50, -1), np.append(r * 50, -1)
+    labels = np.append((c < 4).astype(np.int64), 1)
+    border = label_borders(np.zeros(101), xs, ys, labels)
+    assert border[:100].sum() == 20 and set(np.flatnonzero(border[:100]) % 10) == {3, 4}
+    assert not border[100]
+    rows = np.arange(101)
+    weights = np.where(border, 0.25, 1.0)
+    loader = PatchLoader(
+        rows[:, None], labels, rows, 101, shuffle=True, balanced=True, seed=0, weights=weights
+    )
+    drawn = []
+    for epoch in range(200):
+        loader.epoch = epoch
+        drawn += [x[:, 0] for x, _ in loader]
+    drawn = np.concatenate(drawn)
+    assert 0.47 < labels[drawn].mean() < 0.53  # still balanced
+    per_row = np.bincount(drawn, minlength=101)
+    for cls in (0, 1):  # within a class, a border patch a quarter as often as the others
+        mine = (labels == cls) & (rows < 100)
+        ratio = per_row[mine & border].mean() / per_row[mine & ~border].mean()
+        assert ratio == pytest.approx(0.25, rel=0.1)
+    with pytest.raises(IdcscopeError, match="border_weight"):
+        make_config("default", border_weight=0.0)
+
+
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     from idcscope.models import runtime as engine
 

@@ -111,6 +111,16 @@ def neighbour_counts(groups, xs, ys, step: int = STEP) -> np.ndarray:
     return counts
 
 
+def label_borders(groups, xs, ys, labels, step: int = STEP) -> np.ndarray:
+    """Which patches lie at an annotation border: one of their 8 neighbours on the group's
+    grid carries another label (False for a patch without a place or neighbours)."""
+    labels = np.asarray(labels)
+    rows = neighbour_rows(groups, xs, ys, 1, step)
+    present = rows >= 0
+    other = present & (labels[np.where(present, rows, 0)] != labels[:, None])
+    return other.any(axis=1)
+
+
 def smooth(values, groups, xs, ys, sigma: float, step: int = STEP) -> np.ndarray:
     """Gaussian average of each row's values over the neighbouring patches of its group.
 

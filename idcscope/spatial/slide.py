@@ -178,16 +178,14 @@ def slide_inference(
             ``<slide>_idc.geojson`` and ``<slide>_slide.json``.
         slide_mpp: Microns per level-0 pixel, when the file does not record it.
         threshold: Decision threshold; defaults to the checkpoint's (chosen on validation).
-        tta: Average the 8 dihedral transforms of each tile.
-        batch_size: Tiles per forward pass.
+        tta, batch_size: The 8 dihedral transforms averaged; tiles per forward pass.
         min_tissue: Fraction of a tile the tissue mask must cover for it to be scored.
         context: Score each tile with its neighbouring tiles (neighbourhood input and
             spatial context, as far as the model has them); False scores each alone.
         engine: The Predictor's engine, when ``predictor`` is a path.
         scan: The slide already read as this reads it (``wsi.read_slide``; the viewer
             reads it first, to show the tissue early and keep the tiles it explains).
-        each: Called as ``each(index, verdicts)`` with the tiles of ``scan.tiles`` whose
-            scores are final, band by band (:func:`score_tiles`; the viewer draws them).
+        each: Hears of the tiles' scores band by band (:func:`score_tiles`: the viewer's).
 
     Returns:
         The JSON summary: grid, tile counts, IDC area and fraction, timings (tiles/s), the

@@ -45,6 +45,10 @@ class TrainConfig:
             "balanced_sampler" (draw classes equally often), "focal" (focal loss, gamma 2,
             with the class weights) or "none".
         label_smoothing: cross-entropy label smoothing.
+        border_weight: how often a training patch at an annotation border (one of its 8
+            neighbours carries the other label) is drawn, relative to the others: the
+            labels come from region outlines drawn at low magnification, so these are the
+            least sure. 1 draws them as any patch; below 1 they weigh less in the loss.
         consistency: weight of a consistency term: every step sees two augmentations of
             each patch and adds their predictions' Jensen-Shannon divergence to the loss
             (as AugMix, Hendrycks et al. 2020); 0 for none. A step then costs twice as much.
@@ -100,6 +104,7 @@ class TrainConfig:
     augment: str = "default"
     imbalance: str = "balanced_sampler"
     label_smoothing: float = 0.0
+    border_weight: float = 1.0
     consistency: float = 0.0
     stain_augment: float = 1.0
     stain: str = "none"
@@ -199,6 +204,8 @@ def config_from_dict(values: dict) -> TrainConfig:
         raise IdcscopeError(f"stain_augment={cfg.stain_augment!r}; 0 or a positive amount")
     if not cfg.consistency >= 0.0:
         raise IdcscopeError(f"consistency={cfg.consistency!r}; 0 or a positive weight")
+    if not cfg.border_weight > 0.0:
+        raise IdcscopeError(f"border_weight={cfg.border_weight!r}; a positive weight")
     if not 0.0 <= cfg.drop_neighbours <= 1.0:
         raise IdcscopeError(f"drop_neighbours={cfg.drop_neighbours!r}; a share from 0 to 1")
     for key, allowed in _CHOICES.items():

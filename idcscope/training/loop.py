@@ -29,8 +29,10 @@ class PatchLoader:
 
     Each epoch draws a new order from ``(seed, epoch)``, so a resumed run sees the same
     batches as an uninterrupted one. ``balanced`` draws both classes equally often (with
-    replacement). With ``world`` processes, each global batch of ``batch_size`` is split
-    between them by ``rank``: together they see exactly the batches one process would.
+    replacement). ``weights`` (one per row of ``rows``) draws each row that much more or
+    less often, with replacement, on top of the class balance. With ``world`` processes,
+    each global batch of ``batch_size`` is split between them by ``rank``: together they
+    see exactly the batches one process would.
     """
 
     def __init__(
@@ -45,8 +47,10 @@ class PatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        weights: np.ndarray | None = None,
     ):
         self.images, self.labels, self.rows = images, labels, np.asarray(rows)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
         self.seed, self.drop_last, self.rank, self.world = seed, drop_last, rank, world
         self.epoch = 0
@@ -55,10 +59,13 @@ class PatchLoader:
         if not self.shuffle:
             return self.rows
         rng = np.random.default_rng([self.seed, self.epoch])
-        if not self.balanced:
+        if not self.balanced and self.weights is None:
             return rng.permutation(self.rows)
-        y = self.labels[self.rows]
-        p = np.where(y == 1, 0.5 / max((y == 1).sum(), 1), 0.5 / max((y == 0).sum(), 1))
+        p = np.ones(len(self.rows)) if self.weights is None else self.weights.copy()
+        if self.balanced:  # each class half the draws, in proportion to the weights within
+            y = self.labels[self.rows]
+            for c in (0, 1):
+                p[y == c] *= 0.5 / max(p[y == c].sum(), 1e-12)
         return rng.choice(self.rows, size=len(self.rows), replace=True, p=p / p.sum())
 
     def __len__(self) -> int:

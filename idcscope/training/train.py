@@ -203,6 +203,7 @@ def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, s
         drop_last=len(train_rows) > cfg.batch_size,
         rank=ctx.rank,
         world=ctx.world,
+        weights=_border_weights(cfg, data, train_rows),
     )
     optimizer, scheduler = make_optimizer(cfg, model, len(loader))
     spread = _stain_spread(cfg, data, train_rows)
@@ -228,6 +229,22 @@ def _make_run(cfg: TrainConfig, ctx: DistContext, data: PatchData, train_rows, s
         # Each process draws its own augmentations; one process draws rank 0's stream.
         torch.Generator().manual_seed(cfg.seed + 7919 * ctx.rank), prep, meta,
     )  # fmt: skip
+
+
+def _border_weights(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray):
+    """``cfg.border_weight`` for the training patches at an annotation border, 1 for the
+    others (None: all alike)."""
+    if cfg.border_weight == 1.0:
+        return None
+    from ..data.grid import label_borders
+
+    t = data.table
+    border = label_borders(t["patient"], t["x"], t["y"], data.labels)[train_rows]
+    logger.info(
+        "%d of %d training patches lie at an annotation border: drawn at weight %g",
+        border.sum(), len(border), cfg.border_weight,
+    )  # fmt: skip
+    return np.where(border, cfg.border_weight, 1.0)
 
 
 def _stain_spread(cfg: TrainConfig, data: PatchData, train_rows: np.ndarray) -> dict | None:
