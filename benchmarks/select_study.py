@@ -45,8 +45,10 @@ def main() -> None:
     ap.add_argument("--per-patient", metavar="COHORT", default="context/idc-sample",
                     help="AUC within each patient of this cohort, per recipe")  # fmt: skip
     args = ap.parse_args()
-    baseline = [selection.load_run(run) for run in args.baseline]
-    candidates = {name: [selection.load_run(run) for run in runs] for name, *runs in args.candidate}
+    paths = {"baseline": args.baseline, **{name: runs for name, *runs in args.candidate}}
+    loaded = {name: [selection.load_run(run) for run in runs] for name, runs in paths.items()}
+    print(each_run(paths, loaded))
+    baseline, candidates = loaded.pop("baseline"), loaded
     if args.ensemble:
         if len(args.baseline) < 2:
             raise SystemExit("--ensemble needs at least two baseline runs")
@@ -71,6 +73,21 @@ def main() -> None:
             print(f"| {patient} | {r.patches:.0f} | {r.idc_share:.2f} | {r.baseline:.3f} "
                   f"| {r.candidate:.3f} | {r.delta:+.3f} |")  # fmt: skip
         print()
+
+
+def each_run(paths: dict[str, list], loaded: dict[str, list]) -> str:
+    """Every run's AUC / balanced accuracy / ECE per cohort, the draws the comparisons
+    pool: a seed's luck shows as a row that is low under every recipe."""
+    lines = ["## each run\n", "| recipe | run | " + " | ".join(COHORTS.values()) + " |",
+             "|---" * (len(COHORTS) + 2) + "|"]  # fmt: skip
+    for name, runs in loaded.items():
+        for path, run in zip(paths[name], runs, strict=True):
+            cells = []
+            for cohort in COHORTS:
+                v = selection.cohort_values(run[run["cohort"] == cohort])
+                cells.append(f"{v['auc']:.3f} / {v['balanced_accuracy']:.3f} / {v['ece']:.3f}")
+            lines.append(f"| {name} | {Path(path).name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

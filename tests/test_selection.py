@@ -61,6 +61,39 @@ def test_the_spread_between_runs_widens_the_interval():
     assert noisy["ci_high"] - noisy["ci_low"] > 2 * (alone["ci_high"] - alone["ci_low"])
 
 
+def _seeded(sharpness: float, seeds=(0, 1, 2), tag: bool = True) -> list[pd.DataFrame]:
+    runs = [_run(40, sharpness, s) for s in seeds]
+    for s, run in zip(seeds, runs, strict=True):
+        run.attrs["seeds"] = (0, s) if tag else None  # (fold seed, training seed), as load_run
+    return runs
+
+
+def test_runs_of_the_same_seeds_are_paired_and_resolve_a_gain_the_seeds_luck_hides():
+    # each seed's luck is shared by both recipes: the candidate is a little better under
+    # every seed, by less than the seeds differ from each other
+    paired = _row(selection.compare(_seeded(1.5), _seeded(1.6)[::-1], n_boot=100), "auc")
+    loose = _row(selection.compare(_seeded(1.5, tag=False), _seeded(1.6, tag=False)), "auc")
+    assert paired["delta"] == pytest.approx(loose["delta"]) and paired["delta"] > 0
+    assert paired["runs"] == "3 vs 3, paired" and paired["seed_df"] == 2
+    assert paired["verdict"] == "better" and loose["verdict"] == "within noise"
+    assert loose["sd_seed"] > 3 * paired["sd_seed"]
+    # other seeds, or one seed twice, are not paired
+    assert (
+        "paired"
+        not in _row(selection.compare(_seeded(1.5), _seeded(1.6, (3, 4, 5))), "auc")["runs"]
+    )
+    assert (
+        "paired"
+        not in _row(selection.compare(_seeded(1.5, (0, 0)), _seeded(1.6, (0, 0))), "auc")["runs"]
+    )
+
+
+def test_a_few_seeds_widen_the_interval_as_a_t_quantile_does():
+    assert selection._t95(0.01, 0.0, 0) == pytest.approx(1.959964)
+    assert selection._t95(0.01, 0.01, 2) == pytest.approx(4.303, abs=1e-3)  # all from seeds
+    assert 1.96 < selection._t95(0.02, 0.01, 2) < 2.05  # mostly the patients' noise: df 32
+
+
 def test_a_patient_bootstrap_draw_takes_each_drawn_patient_whole():
     run = _run(5, 1.5, 0, per_patient=7).iloc[::-1]  # rows not in patient order
     patients = np.array(sorted(set(run["patient"])))
@@ -79,7 +112,8 @@ def test_runs_of_other_patients_are_not_compared():
 def _cv_folder(path, seed: int):
     path.mkdir()
     _oof(path / "oof_predictions.csv", seed=seed)
-    (path / "cv.json").write_text(json.dumps({"config": {"threshold": "youden"}}))
+    cv = {"config": {"threshold": "youden", "seed": 2}, "fold_seed": 7}
+    (path / "cv.json").write_text(json.dumps(cv))
     return path
 
 
@@ -88,6 +122,7 @@ def test_cv_folders_load_decided_and_ensemble_on_their_common_rows(tmp_path):
     run = selection.load_run(a)
     assert {"prob_idc", "pred", "call", "cohort"} <= set(run.columns)
     assert set(run["cohort"]) == {"context/data", "lone/data"}
+    assert run.attrs["seeds"] == (7, 2)  # what runs of two recipes are paired by
     both = selection.load_ensemble([a, b])  # the same margins twice: the same decisions
     np.testing.assert_allclose(both.sort_values(["path", "scored", "margin"])["prob_idc"],
                                run.sort_values(["path", "scored", "margin"])["prob_idc"])  # fmt: skip

@@ -1,7 +1,8 @@
 """Choosing a recipe above the noise: repeated cross-validation runs compared paired by patient.
 
 One cross-validation run of a recipe is one draw: its training seed alone moves pooled AUC
-by about 0.01, the size of most gaps between recipes. So a recipe is a set of runs
+on whole patients by up to 0.06 (benchmarks/RECIPES.md), more than most gaps between
+recipes. So a recipe is a set of runs
 (``idcscope cv`` folders: several training seeds, and fold draws with ``--fold-seed``), all
 testing the same patients with the same patients locked away. Each run's out-of-fold
 predictions are calibrated, thresholded and called as the shipped model would be
@@ -13,11 +14,16 @@ The difference has two sources of noise, both reported:
 
 - the patients: a paired bootstrap draws patients with replacement, the same draw for
   every run of both recipes, and recomputes the difference;
-- the training: the spread of one metric between runs of one recipe (pooled over the
-  recipes that have several runs) enters as ``sd^2 (1/n_a + 1/n_b)``.
+- the training: when both recipes ran the same training seeds on the same folds, runs are
+  paired by seed (a seed's luck, its initialisation and its order of batches, is largely
+  shared between recipes) and the spread of the per-seed differences enters as
+  ``sd^2 / n``; otherwise the spread of one metric between runs of one recipe (pooled over
+  the recipes that have several runs) enters as ``sd^2 (1/n_a + 1/n_b)``.
 
-A candidate is "better" only when the 95% interval of its gain over the baseline lies
-above zero (below for ECE), "worse" when it lies below, and "within noise" otherwise.
+The interval is t-based, its degrees of freedom those of the training's share of the noise
+(Welch-Satterthwaite): a few seeds are not a large sample. A candidate is "better" only
+when the 95% interval of its gain over the baseline lies above zero (below for ECE),
+"worse" when it lies below, and "within noise" otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..errors import IdcscopeError
 from ..evaluation import metrics
@@ -41,8 +48,12 @@ Z95 = 1.959964
 
 def load_run(run: str | Path, alpha: float = ALPHA) -> pd.DataFrame:
     """A cv run's out-of-fold predictions of every scoring mode, decided as a model of
-    the run's recipe would decide them, with a ``cohort`` column (``mode/folder``)."""
-    return _decided(*_read_oof(run), alpha)
+    the run's recipe would decide them, with a ``cohort`` column (``mode/folder``) and
+    ``attrs["seeds"]``: (fold seed, training seed), what :func:`compare` pairs runs by."""
+    pooled, rule, seeds = _read_oof(run)
+    decided = _decided(pooled, rule, alpha)
+    decided.attrs["seeds"] = seeds
+    return decided
 
 
 def load_ensemble(runs: list[str | Path], alpha: float = ALPHA) -> pd.DataFrame:
@@ -52,7 +63,7 @@ def load_ensemble(runs: list[str | Path], alpha: float = ALPHA) -> pd.DataFrame:
     an ensemble of them gives, and so what distilling them into one network can reach."""
     read = [_read_oof(run) for run in runs]
     keys = ["path", "scored"]
-    frames = [frame.set_index(keys) for frame, _ in read]
+    frames = [frame.set_index(keys) for frame, *_ in read]
     common = frames[0].index
     for frame in frames[1:]:
         common = common.intersection(frame.index)
@@ -63,14 +74,15 @@ def load_ensemble(runs: list[str | Path], alpha: float = ALPHA) -> pd.DataFrame:
     return _decided(pooled, read[0][1], alpha)
 
 
-def _read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple]:
+def _read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple, tuple]:
     run = Path(run)
     try:
-        cfg = json.loads((run / "cv.json").read_text())["config"]
+        result = json.loads((run / "cv.json").read_text())
+        cfg = config_from_dict(result["config"])
         pooled = pd.read_csv(run / "oof_predictions.csv", dtype={"patient": str})
     except (OSError, ValueError, KeyError) as e:
         raise IdcscopeError(f"{run}: not a finished `idcscope cv` folder ({e!r})") from e
-    return pooled, config_from_dict(cfg).threshold_rule
+    return pooled, cfg.threshold_rule, (result.get("fold_seed", cfg.seed), cfg.seed)
 
 
 def _decided(pooled: pd.DataFrame, rule: tuple, alpha: float) -> pd.DataFrame:
@@ -131,14 +143,19 @@ def compare(
     :func:`load_run`, or any frames with ``patient``, ``label``, ``prob_idc``, ``pred``,
     ``call`` and ``cohort``).
 
-    ``noise`` adds the runs of other recipes to the estimate of the spread between runs
-    of one recipe (the baseline's and the candidate's own runs always count). Returns one
-    row per cohort and metric: the two recipes' means over runs, the difference
-    (candidate - baseline) with its standard errors from the patients and from the
-    training, its 95% interval and the verdict.
+    Runs are paired by training seed when both recipes are the same seeds on the same
+    folds (``attrs["seeds"]``, as :func:`load_run` sets it); otherwise ``noise`` adds the
+    runs of other recipes to the estimate of the spread between runs of one recipe (the
+    baseline's and the candidate's own runs always count). Returns one row per cohort and
+    metric: the two recipes' means over runs, the difference (candidate - baseline) with
+    its standard errors from the patients and from the training, its 95% interval and the
+    verdict.
     """
     if not baseline or not candidate:
         raise IdcscopeError("compare needs at least one run of each recipe")
+    order = _seed_pairs(baseline, candidate)
+    if order is not None:
+        candidate, noise = [candidate[i] for i in order], ()
     recipes = [list(baseline), list(candidate), *map(list, noise)]
     _check_same_patients([run for runs in recipes for run in runs])
     rng = np.random.default_rng(seed)
@@ -156,27 +173,56 @@ def compare(
             means = [_mean([d.values(draw) for d in runs]) for runs in draws]
             boot.append({m: means[1][m] - means[0][m] for m in METRICS})
         for name, sign in METRICS.items():
-            rows.append(_row(cohort, name, sign, full, [b[name] for b in boot], len(patients)))
+            boot_name = [b[name] for b in boot]
+            rows.append(_row(cohort, name, sign, full, boot_name, len(patients), order is not None))
     return pd.DataFrame(rows)
 
 
-def _row(cohort: str, name: str, sign: int, full: list, boot: list, n_patients: int) -> dict:
+def _seed_pairs(baseline: list[pd.DataFrame], candidate: list[pd.DataFrame]) -> list | None:
+    """The candidate's runs in the order of the baseline's when both recipes ran the same
+    (fold seed, training seed) pairs, at least two; None when they cannot be paired."""
+    ours, theirs = ([run.attrs.get("seeds") for run in runs] for runs in (baseline, candidate))
+    if len(ours) < 2 or None in ours or len(set(ours)) < len(ours) or set(ours) != set(theirs):
+        return None
+    return [theirs.index(key) for key in ours] if len(theirs) == len(ours) else None
+
+
+def _row(
+    cohort: str, name: str, sign: int, full: list, boot: list, n_patients: int, paired: bool
+) -> dict:
     values = [np.array([v[name] for v in runs]) for runs in full]
     base, cand = values[0].mean(), values[1].mean()
-    finite = [v[np.isfinite(v)] for v in values]  # a cohort a run lacks counts for nothing
-    sd_seed, df = _pooled_sd([v for v in finite if len(v) >= 2])
+    if paired:
+        diff = values[1] - values[0]
+        diff = diff[np.isfinite(diff)]  # a cohort a run lacks counts for nothing
+        sd_seed, df = (float(diff.std(ddof=1)), len(diff) - 1) if len(diff) > 1 else (0.0, 0)
+        se_training = sd_seed / np.sqrt(max(len(diff), 1))
+    else:
+        finite = [v[np.isfinite(v)] for v in values]
+        sd_seed, df = _pooled_sd([v for v in finite if len(v) >= 2])
+        se_training = sd_seed * np.sqrt(1 / len(values[0]) + 1 / len(values[1]))
     se_patients = float(np.nanstd(boot, ddof=1))
-    se = float(np.hypot(se_patients, sd_seed * np.sqrt(1 / len(values[0]) + 1 / len(values[1]))))
+    se = float(np.hypot(se_patients, se_training))
     delta = cand - base
-    low, high = delta - Z95 * se, delta + Z95 * se
+    half = _t95(se, se_training, df) * se
+    low, high = delta - half, delta + half
     gain_low, gain_high = sorted((sign * low, sign * high))
     verdict = "better" if gain_low > 0 else "worse" if gain_high < 0 else "within noise"
+    runs = f"{len(values[0])} vs {len(values[1])}" + (", paired" if paired else "")
     return {
-        "cohort": cohort, "metric": name, "patients": n_patients,
-        "runs": f"{len(values[0])} vs {len(values[1])}", "baseline": base, "candidate": cand,
-        "delta": delta, "se_patients": se_patients, "sd_seed": sd_seed, "seed_df": df,
+        "cohort": cohort, "metric": name, "patients": n_patients, "runs": runs,
+        "baseline": base, "candidate": cand, "delta": delta, "se_patients": se_patients,
+        "sd_seed": sd_seed, "se_training": se_training, "seed_df": df,
         "ci_low": low, "ci_high": high, "verdict": verdict,
     }  # fmt: skip
+
+
+def _t95(se: float, se_training: float, df: int) -> float:
+    """The 97.5% t quantile for a standard error whose training share has ``df`` degrees of
+    freedom and whose patients' share has many (Welch-Satterthwaite)."""
+    if not df or not se_training or not np.isfinite(se):
+        return Z95
+    return float(stats.t.ppf(0.975, df * (se / se_training) ** 4))
 
 
 def _pooled_sd(groups: list[np.ndarray]) -> tuple[float, int]:
@@ -239,6 +285,6 @@ def markdown(table: pd.DataFrame, names: tuple[str, str] = ("baseline", "candida
         lines.append(
             f"| {r.cohort} | {r.metric} | {r.patients} | {r.runs} | {r.baseline:.3f} "
             f"| {r.candidate:.3f} | {r.delta:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
-            f"| {r.se_patients:.3f} | {r.sd_seed:.3f} ({r.seed_df}) | {r.verdict} |"
+            f"| {r.se_patients:.3f} | {r.se_training:.3f} ({r.seed_df}) | {r.verdict} |"
         )
     return "\n".join(lines)
