@@ -50,8 +50,8 @@ def load_run(run: str | Path, alpha: float = ALPHA) -> pd.DataFrame:
     """A cv run's out-of-fold predictions of every scoring mode, decided as a model of
     the run's recipe would decide them, with a ``cohort`` column (``mode/folder``) and
     ``attrs["seeds"]``: (fold seed, training seed), what :func:`compare` pairs runs by."""
-    pooled, rule, seeds = _read_oof(run)
-    decided = _decided(pooled, rule, alpha)
+    pooled, rule, seeds = read_oof(run)
+    decided = decide_oof(pooled, rule, alpha)
     decided.attrs["seeds"] = seeds
     return decided
 
@@ -61,7 +61,7 @@ def load_ensemble(runs: list[str | Path], alpha: float = ALPHA) -> pd.DataFrame:
     recipe: the mean logit margin of their fold models on the rows every run scored (the
     thinned rows differ by seed and drop out), decided as :func:`load_run` decides. What
     an ensemble of them gives, and so what distilling them into one network can reach."""
-    read = [_read_oof(run) for run in runs]
+    read = [read_oof(run) for run in runs]
     keys = ["path", "scored"]
     frames = [frame.set_index(keys) for frame, *_ in read]
     common = frames[0].index
@@ -71,10 +71,12 @@ def load_ensemble(runs: list[str | Path], alpha: float = ALPHA) -> pd.DataFrame:
         raise IdcscopeError(f"{', '.join(map(str, runs))}: no patch scored by every run")
     margin = np.mean([f.loc[common, "margin"].to_numpy() for f in frames], axis=0)
     pooled = frames[0].loc[common].assign(margin=margin).reset_index()
-    return _decided(pooled, read[0][1], alpha)
+    return decide_oof(pooled, read[0][1], alpha)
 
 
-def _read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple, tuple]:
+def read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple, tuple]:
+    """A cv folder's out-of-fold predictions (``margin``, ``neighbours``, ``fold``, ...),
+    its threshold rule and its (fold seed, training seed)."""
     run = Path(run)
     try:
         result = json.loads((run / "cv.json").read_text())
@@ -85,7 +87,9 @@ def _read_oof(run: str | Path) -> tuple[pd.DataFrame, tuple, tuple]:
     return pooled, cfg.threshold_rule, (result.get("fold_seed", cfg.seed), cfg.seed)
 
 
-def _decided(pooled: pd.DataFrame, rule: tuple, alpha: float) -> pd.DataFrame:
+def decide_oof(pooled: pd.DataFrame, rule: tuple, alpha: float) -> pd.DataFrame:
+    """``pooled`` calibrated, thresholded and called cross-fitted over its folds, with the
+    ``cohort`` of each row (scoring mode / data folder)."""
     decided = contexts.cross_fitted(pooled, rule, alpha)
     folder = decided["path"].str.split("/").str[0]
     return decided.assign(cohort=decided["scored"] + "/" + folder)
