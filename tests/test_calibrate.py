@@ -70,6 +70,32 @@ def test_calibrate_rewrites_a_folders_card_which_still_verifies(trained_run, tmp
     assert read_config(folder)["contexts"][0]["name"] == "alone"
 
 
+def test_calibrate_writes_how_far_other_seeds_move_the_numbers(trained_run, tmp_path):
+    from tests.test_selection import _cv_folder
+
+    folder = save_bundle(trained_run / "best.pt", tmp_path / "model", "# m\n")
+    runs = [_cv_folder(tmp_path / f"seed{i}", seed=i, train_seed=i) for i in range(3)]
+    card = tmp_path / "card.md"
+    card.write_text("# m\n\n<!-- headline -->\n\n## Numbers\n\n<!-- numbers -->\n")
+    args = ["calibrate", str(folder), str(runs[0] / "oof_predictions.csv"), "--card", str(card)]
+    result = CliRunner().invoke(app, [*args, "--spread", str(runs[1]), "--spread", str(runs[2])])
+    assert result.exit_code == 0, result.output
+    spread = read_config(folder)["oof_metrics"]["seed_spread"]
+    assert [seed for _, seed in spread["seeds"]] == [0, 1, 2]
+    lo, hi = spread["cohorts"]["context/data"]["auc"]
+    text = (folder / "README.md").read_text()
+    assert (
+        f"Over training seeds 0, 1, 2 of the recipe on the same folds, with neighbours: data, AUC {lo:.3f}-{hi:.3f}"
+        in text
+    )
+    assert "Lowest and highest over training seeds 0, 1, 2" in text
+    assert "| each patch alone: data |" in text
+    verified_files(folder)
+    # the run whose OOF calibrates is counted once: naming it again is one draw twice
+    again = CliRunner().invoke(app, [*args, "--spread", str(runs[0])])
+    assert again.exit_code == 1 and "one draw" in again.output
+
+
 def test_calibrate_names_what_is_wrong(trained_run, tmp_path):
     bad = tmp_path / "oof.csv"
     bad.write_text("path,label\nx,1\n")

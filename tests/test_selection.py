@@ -109,10 +109,11 @@ def test_runs_of_other_patients_are_not_compared():
         selection.compare([_run(20, 1.5, 0)], [_run(21, 1.5, 0)], n_boot=10)
 
 
-def _cv_folder(path, seed: int):
+def _cv_folder(path, seed: int, train_seed: int = 2):
+    """A finished cv folder: OOF predictions drawn by ``seed``, run under ``train_seed``."""
     path.mkdir()
     _oof(path / "oof_predictions.csv", seed=seed)
-    cv = {"config": {"threshold": "youden", "seed": 2}, "fold_seed": 7}
+    cv = {"config": {"threshold": "youden", "seed": train_seed}, "fold_seed": 7}
     (path / "cv.json").write_text(json.dumps(cv))
     return path
 
@@ -141,3 +142,22 @@ def test_per_patient_auc_is_each_recipes_mean_over_its_runs():
     assert table.loc["p3", "baseline"] == pytest.approx(mean)
     assert (table["delta"] > 0).mean() > 0.5  # the sharper recipe wins in most patients
     assert table["delta"].is_monotonic_increasing
+
+
+def test_a_seed_spread_is_each_cohorts_lowest_and_highest_over_the_seeds_runs(tmp_path):
+    runs = [_cv_folder(tmp_path / f"s{i}", seed=10 + i, train_seed=i) for i in range(3)]
+    spread = selection.seed_spread(runs)
+    assert spread["seeds"] == [[7, 0], [7, 1], [7, 2]]
+    assert set(spread["cohorts"]) == {"context/data", "lone/data"}
+    values = [
+        selection.cohort_values(r[r["cohort"] == "lone/data"])
+        for r in map(selection.load_run, runs)
+    ]
+    for metric in selection.METRICS:
+        lo, hi = spread["cohorts"]["lone/data"][metric]
+        assert (lo, hi) == (min(v[metric] for v in values), max(v[metric] for v in values))
+    assert lo < hi  # three draws are not one
+    json.dumps(spread, allow_nan=False)  # plain JSON: it goes into a model's config
+    twice = [_cv_folder(tmp_path / "again", seed=20, train_seed=1), runs[1]]
+    with pytest.raises(IdcscopeError, match="one draw"):
+        selection.seed_spread(twice)

@@ -307,17 +307,28 @@ def calibrate(
     card: Annotated[
         Path | None, typer.Option(exists=True, help="A model folder's card, its numbers filled.")
     ] = None,
+    spread: Annotated[
+        list[Path] | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="A cv folder of the recipe under another --seed (same folds; repeat the "
+            "option): the range over them and OOF's own run goes into the model and its card.",
+        ),
+    ] = None,
 ) -> None:
     """Fit a model's calibration, calls and threshold per scoring context (alone, 1-3, 4-6,
     7-8 neighbours) on the out-of-fold predictions of a cross-validation of its recipe, as
     `cv --final` does, and write them into it, with what they give patients the fold
-    models never saw (cross-fitted over the folds)."""
+    models never saw (cross-fitted over the folds), and how far other seeds move that."""
+    from ..errors import IdcscopeError
     from ..models.card import numbers_table
     from ..training.oof import calibrate_model
 
     try:
-        fields = calibrate_model(model, oof, alpha, card.read_text() if card else None)
-    except (OSError, ValueError) as e:
+        text = card.read_text() if card else None
+        fields = calibrate_model(model, oof, alpha, text, spread or [])
+    except (OSError, ValueError, IdcscopeError) as e:
         raise fail(e) from e
     print(numbers_table(fields["oof_metrics"]))
     logger.info("wrote calibration, calls and threshold %.4f into %s", fields["threshold"], model)

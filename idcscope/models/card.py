@@ -23,7 +23,10 @@ def fill_card(text: str, meta: ModelMeta) -> str:
     reports = meta.oof_metrics
     if not reports.get("by_mode"):
         return text
-    return text.replace(HEADLINE, headline(reports, meta)).replace(NUMBERS, numbers_table(reports))
+    table = numbers_table(reports)
+    if reports.get("seed_spread"):
+        table += "\n\n" + spread_table(reports["seed_spread"])
+    return text.replace(HEADLINE, headline(reports, meta)).replace(NUMBERS, table)
 
 
 def headline(reports: dict, meta: ModelMeta) -> str:
@@ -44,9 +47,41 @@ def headline(reports: dict, meta: ModelMeta) -> str:
             f"{_f(r['specificity_decided'])})"
         )
     at = f" (alpha {alpha})" if alpha is not None else ""
+    text = "Out of fold, calibrated and called by scoring context" + at + ": " + "; ".join(parts)
+    return text + "." + _spread_sentence(reports.get("seed_spread"))
+
+
+def _spread_sentence(spread: dict | None) -> str:
+    """How far the recipe's training seed moved the numbers with neighbours, or nothing."""
+    if not spread:
+        return ""
+    seeds = sorted(seed for _, seed in spread["seeds"])
+    parts = [
+        f"{cohort.partition('/')[2]}, AUC {_span(r['auc'])}, ECE {_span(r['ece'])}"
+        for cohort, r in spread["cohorts"].items()
+        if cohort.startswith("context/")
+    ]
     return (
-        "Out of fold, calibrated and called by scoring context" + at + ": " + "; ".join(parts) + "."
+        f" Over training seeds {', '.join(map(str, seeds))} of the recipe on the same folds, "
+        f"with neighbours: {'; '.join(parts)}."
     )
+
+
+def spread_table(spread: dict) -> str:
+    """Markdown: per cohort, each metric's lowest and highest over the training seeds."""
+    seeds = ", ".join(str(seed) for _, seed in sorted(spread["seeds"], key=lambda s: s[1]))
+    lines = [f"Lowest and highest over training seeds {seeds} (same folds):", "",
+             "| scored | AUC | ECE | bal. acc. | F1 | decided |", "|" + "---|" * 6]  # fmt: skip
+    for cohort, r in spread["cohorts"].items():
+        mode, _, folder = cohort.partition("/")
+        cells = [f"{MODES.get(mode, mode)}: {folder}"]
+        cells += [_span(r.get(k)) for k in ("auc", "ece", "balanced_accuracy", "f1", "decided")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _span(lo_hi) -> str:
+    return "n/a" if lo_hi is None else f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}"
 
 
 def numbers_table(reports: dict) -> str:

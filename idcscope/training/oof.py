@@ -202,19 +202,30 @@ def _input_check(cfg: TrainConfig, patients: list[str]) -> dict:
 
 
 def calibrate_model(
-    model: str | Path, oof_csv: str | Path, alpha: float = ALPHA, card: str | None = None
+    model: str | Path,
+    oof_csv: str | Path,
+    alpha: float = ALPHA,
+    card: str | None = None,
+    spread: list[str | Path] = (),
 ) -> dict:
     """Refit a made model's calibration, calls and threshold by context (`refit`) on the
     out-of-fold predictions of a cross-validation of its recipe, and write them into it
     (``models.checkpoint.update_model``); its own threshold rule chooses the threshold.
-    ``card`` (a model folder's) is written again with the numbers (``models.card``)."""
+    ``spread``: cv folders of the same recipe under other training seeds; with the
+    cross-validation ``oof_csv`` is in, their range (``selection.seed_spread``) goes into
+    ``oof_metrics["seed_spread"]``. ``card`` (a model folder's) is written again with the
+    numbers (``models.card``)."""
     from ..models.bundle import is_bundle, write_card
     from ..models.card import fill_card
     from ..models.checkpoint import read_meta, update_model
+    from .selection import seed_spread
 
     recipe = read_meta(model).config
     rule = (recipe.get("threshold", "youden"), recipe.get("target_sensitivity", 0.9))
     fields = refit(oof_csv, rule, alpha)
+    if spread:
+        runs = [Path(oof_csv).parent, *spread]
+        fields["oof_metrics"]["seed_spread"] = seed_spread(runs, alpha)
     update_model(model, **fields)
     if card is not None:
         if not is_bundle(model):

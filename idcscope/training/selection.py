@@ -255,6 +255,32 @@ def _check_same_patients(runs: list[pd.DataFrame]) -> None:
             )
 
 
+def seed_spread(runs: list[str | Path], alpha: float = ALPHA) -> dict:
+    """How far the training seed moves what a model of a recipe gives: ``runs`` (cv
+    folders) of one recipe under different seeds on the same patients, each decided as
+    :func:`load_run` decides, and per cohort the lowest and highest of each metric of
+    :data:`METRICS` over them (None where no run has it), with the runs' (fold seed,
+    training seed). What a card says of the one network it describes."""
+    frames = [load_run(run, alpha) for run in runs]
+    seeds = [list(frame.attrs["seeds"]) for frame in frames]
+    if len({tuple(s) for s in seeds}) < len(seeds):
+        raise IdcscopeError(
+            f"{', '.join(map(str, runs))}: runs of the same (fold seed, seed) {seeds} "
+            "are one draw, not a spread"
+        )
+    _check_same_patients(frames)
+    spread = {}
+    for cohort in sorted(set.intersection(*(set(f["cohort"]) for f in frames))):
+        values = [cohort_values(f[f["cohort"] == cohort]) for f in frames]
+        spread[cohort] = {m: _range([v[m] for v in values]) for m in METRICS}
+    return {"seeds": seeds, "cohorts": spread}
+
+
+def _range(values: list[float]) -> list | None:
+    finite = [v for v in values if np.isfinite(v)]
+    return [float(min(finite)), float(max(finite))] if finite else None
+
+
 def per_patient(
     baseline: list[pd.DataFrame], candidate: list[pd.DataFrame], cohort: str
 ) -> pd.DataFrame:
