@@ -12,8 +12,10 @@ in one process and nothing here does anything (torch is not even imported).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .cpus import usable_cpus
@@ -113,3 +115,17 @@ def shutdown(ctx: DistContext) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """The context of :func:`init_distributed` for a job's whole run. A job that ends
+    well waits for every process before the group is torn down (one process destroying
+    gloo's group while another still uses it aborts the process); one that fails leaves
+    at once."""
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+        ctx.barrier()
+    finally:
+        shutdown(ctx)

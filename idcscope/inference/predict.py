@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..data.manifest import IMAGE_SUFFIXES, index_files
-from ..distributed import init_distributed, shard, shutdown
+from ..distributed import process_group, shard
 from ..errors import DataError, IdcscopeError
 from .predictor import Predictor, Scored
 from .stream import make_buckets, young_garbage_only
@@ -68,8 +68,7 @@ def predict(
         raise DataError(
             f"{', '.join(map(str, paths))}: no image files ({', '.join(IMAGE_SUFFIXES)}) to predict"
         )
-    ctx = init_distributed("cpu")
-    try:
+    with process_group("cpu") as ctx:
         if isinstance(model, Predictor):
             predictor = model
         else:
@@ -78,8 +77,6 @@ def predict(
                 context=context, threads=workers or ctx.threads,
             )  # fmt: skip
         out = _predict_table(predictor, table, out_csv, ctx)
-    finally:
-        shutdown(ctx)
     if not ctx.is_main:
         return pd.DataFrame(columns=COLUMNS)
     skipped = pd.DataFrame(

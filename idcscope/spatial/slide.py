@@ -348,11 +348,10 @@ def slides_inference(model, slide_paths: list, out_dir: str | Path, **options) -
     in the order the slides were given, as one process does. Returns the slides'
     summaries (rank 0: all of them, in that order).
     """
-    from ..distributed import init_distributed, shard, shutdown
+    from ..distributed import process_group, shard
     from ..inference.predictor import Predictor
 
-    ctx = init_distributed("cpu")
-    try:
+    with process_group("cpu") as ctx:
         predictor = model
         if not isinstance(model, Predictor):
             keys = ("engine", "tta", "batch_size", "context")
@@ -366,8 +365,6 @@ def slides_inference(model, slide_paths: list, out_dir: str | Path, **options) -
             gathered: list | None = [None] * ctx.world if ctx.is_main else None
             dist.gather_object(rows, gathered, dst=0)
             rows = [r for part in gathered or [] for r in part]
-    finally:
-        shutdown(ctx)
     summaries = [s for _, s in sorted(rows, key=lambda r: r[0])]
     if ctx.is_main:
         table = pd.DataFrame([{k: s[k] for k in SUMMARY_COLUMNS} for s in summaries])

@@ -31,7 +31,7 @@ from ..data.preprocess import (
     Preprocessing,
     channel_stats,
 )
-from ..distributed import DistContext, init_distributed, shutdown
+from ..distributed import DistContext, process_group
 from ..errors import IdcscopeError
 from ..evaluation import metrics
 from ..inference.calibration import probabilities
@@ -107,11 +107,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     Under torchrun every process trains its share of each batch (DistributedDataParallel);
     rank 0 alone validates, logs and writes the run folder.
     """
-    ctx = init_distributed(cfg.device)
-    try:
+    with process_group(cfg.device) as ctx:
         return _train(cfg, resume, ctx)
-    finally:
-        shutdown(ctx)
 
 
 @dataclasses.dataclass
