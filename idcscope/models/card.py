@@ -55,22 +55,20 @@ def _spread_sentence(spread: dict | None) -> str:
     """How far the recipe's training seed moved the numbers with neighbours, or nothing."""
     if not spread:
         return ""
-    seeds = sorted(seed for _, seed in spread["seeds"])
     parts = [
         f"{cohort.partition('/')[2]}, AUC {_span(r['auc'])}, ECE {_span(r['ece'])}"
         for cohort, r in spread["cohorts"].items()
         if cohort.startswith("context/")
     ]
     return (
-        f" Over training seeds {', '.join(map(str, seeds))} of the recipe on the same folds, "
+        f" Over training seeds {_seeds(spread)} of the recipe on the same folds, "
         f"with neighbours: {'; '.join(parts)}."
     )
 
 
 def spread_table(spread: dict) -> str:
     """Markdown: per cohort, each metric's lowest and highest over the training seeds."""
-    seeds = ", ".join(str(seed) for _, seed in sorted(spread["seeds"], key=lambda s: s[1]))
-    lines = [f"Lowest and highest over training seeds {seeds} (same folds):", "",
+    lines = [f"Lowest and highest over training seeds {_seeds(spread)} (same folds):", "",
              "| scored | AUC | ECE | bal. acc. | F1 | decided |", "|" + "---|" * 6]  # fmt: skip
     for cohort, r in spread["cohorts"].items():
         mode, _, folder = cohort.partition("/")
@@ -78,6 +76,10 @@ def spread_table(spread: dict) -> str:
         cells += [_span(r.get(k)) for k in ("auc", "ece", "balanced_accuracy", "f1", "decided")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _seeds(spread: dict) -> str:
+    return ", ".join(str(seed) for seed in sorted(seed for _, seed in spread["seeds"]))
 
 
 def _span(lo_hi) -> str:
