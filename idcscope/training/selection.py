@@ -186,9 +186,11 @@ def _seed_pairs(baseline: list[pd.DataFrame], candidate: list[pd.DataFrame]) -> 
     """The candidate's runs in the order of the baseline's when both recipes ran the same
     (fold seed, training seed) pairs, at least two; None when they cannot be paired."""
     ours, theirs = ([run.attrs.get("seeds") for run in runs] for runs in (baseline, candidate))
-    if len(ours) < 2 or None in ours or len(set(ours)) < len(ours) or set(ours) != set(theirs):
+    if len(ours) < 2 or None in ours or len(set(ours)) < len(ours):
         return None
-    return [theirs.index(key) for key in ours] if len(theirs) == len(ours) else None
+    if len(theirs) != len(ours) or set(theirs) != set(ours):
+        return None
+    return [theirs.index(key) for key in ours]
 
 
 def _row(
