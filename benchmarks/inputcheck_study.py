@@ -1,12 +1,12 @@
 """Input-check study: how many patches the check flags, on patients it was never fitted on.
 
-    python benchmarks/inputcheck_study.py          # [--quick] [--threads N]
+    python benchmarks/inputcheck_study.py          # [--quick] [--threads N] [--flag-rate 0.01]
 
 Protocol: the 14 whole patients of the sample are split (seeded) into two folds of 7. For
 each fold, the check (``idcscope.data.inputcheck``) is fitted on the 122 scatter patients
 and the other fold's 7 patients (their real patches, and what ``out_of_spec`` makes of
 them; its threshold is set on half of those patients, unseen by the regression, to flag
-1%), and measured on the fold's own patients: their real patches as they are, and the
+``--flag-rate``), and measured on the fold's own patients: their real patches as they are, and the
 same patches shown at 4x (centre 12x12 upsampled, bicubic), 2x (centre 25x25), 4x with
 camera noise (Gaussian, sigma 3 grey levels), 0.5x (a 2x2 block of neighbours
 downsampled), re-stained (optical density per channel scaled, 2x apart or more), grayscale,
@@ -55,6 +55,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 held-out patients, fewer fit patches")
     ap.add_argument("--threads", type=int, default=CORES)
+    ap.add_argument(
+        "--flag-rate", type=float, default=ic.FLAG_RATE, help="share of real patches aimed at"
+    )
     args = ap.parse_args()
     sample = load_patch_data(SAMPLE, cache_dir=CACHE)
     scatter = load_patch_data(SCATTER, cache_dir=CACHE)
@@ -64,7 +67,7 @@ def main() -> None:
     start = time.perf_counter()
     for k, fold in enumerate(folds):
         fold = fold[:1] if args.quick else fold
-        params = fit_fold(sample, scatter, fold, k, args.quick)
+        params = fit_fold(sample, scatter, fold, k, args.quick, args.flag_rate)
         test = np.flatnonzero(np.isin(sample.patients, fold))
         rng = np.random.default_rng(100 + k)
         for name, (images, want) in conditions(sample.images[test], sample, test, rng).items():
@@ -99,7 +102,7 @@ def main() -> None:
     print(f"machine: {machine()}")
 
 
-def fit_fold(sample, scatter, fold, k: int, quick: bool) -> dict:
+def fit_fold(sample, scatter, fold, k: int, quick: bool, flag_rate: float) -> dict:
     """The check fitted on the scatter patients and the sample patients not in ``fold``."""
     fit = np.flatnonzero(~np.isin(sample.patients, fold))
     t = sample.table.iloc[fit]
@@ -116,7 +119,7 @@ def fit_fold(sample, scatter, fold, k: int, quick: bool) -> dict:
         images, groups, rng, wide, t["patient"].to_numpy()[rows].astype(str)
     )
     t0 = time.perf_counter()
-    params = ic.fit_input_check(x, reasons, g, seed=k)
+    params = ic.fit_input_check(x, reasons, g, flag_rate=flag_rate, seed=k)
     print(
         f"fold {k}: fitted on {len(x):,} patches of {params['n_patients']} patients in {time.perf_counter() - t0:.0f} s"
     )

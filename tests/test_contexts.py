@@ -101,31 +101,54 @@ def test_cross_fitting_fits_each_fold_on_the_others():
     assert set(r["ci95"]) == {"auc", "coverage", "sensitivity_decided", "specificity_decided"}
 
 
+def _patients(n_patients: int, seed: int, missed: float = 0.0):
+    """Labels (30% IDC), logit margins each patient shifts by its own offset, and folds;
+    ``missed``: the share of IDC patches scored as benign ones are (a carcinoma the
+    network does not see, or an outline drawn coarser than the patches)."""
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_patients), 200)
+    y = (rng.random(len(pid)) < 0.3).astype(int)
+    margin = 2.5 * (2 * y - 1) + rng.normal(0, 1.2, len(pid)) + rng.normal(0, 1.0, n_patients)[pid]
+    missing = (y == 1) & (rng.random(len(pid)) < missed)
+    return y, np.where(missing, margin - 5.0, margin), pid % 3
+
+
+def _applied(c: dict, y: np.ndarray, margin: np.ndarray) -> dict:
+    prob = 1 / (1 + np.exp(-(margin / c["temperature"] + c["logit_bias"])))
+    return call_metrics(y, np.where(prob >= c["band"][1], 1, np.where(prob < c["band"][0], 0, -1)))
+
+
 def test_the_band_is_held_to_alpha_on_patients_it_did_not_see():
-    """Patients differ (here each shifts its margins by its own offset): a band exact on
-    the patients it was fitted on errs more on new ones; the level held out over the
-    fit's folds keeps new patients' error among the decided nearer alpha."""
-
-    def patients(n_patients: int, seed: int):
-        rng = np.random.default_rng(seed)
-        pid = np.repeat(np.arange(n_patients), 200)
-        y = (rng.random(len(pid)) < 0.3).astype(int)
-        margin = (
-            2.5 * (2 * y - 1) + rng.normal(0, 1.2, len(pid)) + rng.normal(0, 1.0, n_patients)[pid]
-        )
-        return y, margin, pid % 3
-
-    y, margin, folds = patients(60, 5)
+    """A band exact on the patients it was fitted on errs more on new ones; the levels
+    held out over the fit's folds keep new patients' error among the decided nearer alpha."""
+    y, margin, folds = _patients(60, 5)
     exact = cx.fit_contexts(margin, y, np.full(len(y), 8.0), 0.05)[-1]
     held = cx.fit_contexts(margin, y, np.full(len(y), 8.0), 0.05, folds)[-1]
-    assert held["target"] < 0.05 == exact["target"]
-    new_y, new_margin, _ = patients(300, 6)
+    assert min(held["target"]) < 0.05 and exact["target"] == [0.05, 0.05]
+    new_y, new_margin, _ = _patients(300, 6)
     errors = {}
     for name, c in (("exact", exact), ("held", held)):
-        prob = 1 / (1 + np.exp(-(new_margin / c["temperature"] + c["logit_bias"])))
-        m = call_metrics(
-            new_y, np.where(prob >= c["band"][1], 1, np.where(prob < c["band"][0], 0, -1))
-        )
+        m = _applied(c, new_y, new_margin)
         errors[name] = 1 - min(m["sensitivity_decided"], m["specificity_decided"])
     assert errors["held"] < errors["exact"]
     assert errors["held"] <= 0.05 + 0.01
+
+
+def test_each_class_level_is_held_out_on_its_own():
+    """Where some carcinoma scores as benign tissue does, narrowing the IDC level cannot
+    undo those misses, and narrowing the no-IDC level with it (one share for both) only
+    raises the edge where IDC is called: the levels held out apart decide more of the new
+    patients' patches, as right among the decided (one share would need the narrower
+    of the two for both)."""
+    y, margin, folds = _patients(60, 7, missed=0.06)
+    held = cx.fit_contexts(margin, y, np.full(len(y), 8.0), 0.05, folds)[-1]
+    assert held["target"][0] != held["target"][1]
+    both = dict(held, **cx.conformal_band(
+        1 / (1 + np.exp(-(margin / held["temperature"] + held["logit_bias"]))), y,
+        min(held["target"]),
+    ))  # fmt: skip
+    new_y, new_margin, _ = _patients(300, 8, missed=0.06)
+    apart, one = _applied(held, new_y, new_margin), _applied(both, new_y, new_margin)
+    assert apart["coverage"] > one["coverage"] + 0.1
+    for m in (apart, one):
+        assert min(m["sensitivity_decided"], m["specificity_decided"]) >= 0.95 - 0.01
