@@ -130,9 +130,9 @@ def test_on_unseen_real_patients_the_check_flags_few_real_patches_and_most_made_
     fit, data = load_patch_data(scatter), load_patch_data(real_sample)
     rng = np.random.default_rng(0)
     x, reasons, groups = ic.out_of_spec(fit.images, fit.patients, rng)
-    # Half the default's rate on the fit's own held-out half: the sample's patients differ
-    # from the scatter's, and the default (1%) flags 2.0% of them, at the target's edge.
-    params = ic.fit_input_check(x, reasons, groups, flag_rate=0.005)
+    # The default rate on the fit's own held-out half: the sample's patients differ from the
+    # scatter's and are flagged about twice as often (at 1%, 2.0%: the target's edge).
+    params = ic.fit_input_check(x, reasons, groups)
     assert not set(data.patients) & set(fit.patients)
     test = data.images
     flagged = {
@@ -216,6 +216,7 @@ def test_cli_check_writes_a_check_that_the_predictor_applies(trained_run, synthe
     real, zoomed = np.split(got.check, 2)
     assert (zoomed == "magnification").mean() > 0.7 and (real == "ok").mean() > 0.8
     assert (got.call[got.check != "ok"] == -1).all()  # a flagged patch is never called
+    assert check["flag_rate"] == ic.FLAG_RATE  # the command's default is the library's
 
 
 def test_cli_check_writes_into_a_model_folder_which_still_verifies(

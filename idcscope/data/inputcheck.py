@@ -17,7 +17,7 @@ how much of it is tissue, and its texture's scale, the variogram of its optical 
 lags 1 to 8 px relative to its variance, which tells the size of nuclei and how sharp their
 edges are. A network with one hidden layer of 32 units on those gives P(ok) and the likeliest
 other reason; the threshold on P(ok) is set on patients the network did not see, so that a
-chosen share of real patches (1% by default) is flagged. Everything fitted is plain JSON
+chosen share of real patches (0.5% by default) is flagged. Everything fitted is plain JSON
 (lists of floats), for a model's metadata (``ModelMeta.input_check``): :func:`check_patches`
 needs nothing else. The statistics come from one compiled pass per patch
 (``_kernels.patch_statistics``), tens of thousands of patches a second.
@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 
 REASONS = ("ok", "magnification", "stain", "glass", "not H&E")
 FORMAT = "idcscope-inputcheck/1"
-FLAG_RATE = 0.01  # share of real patches of unseen patients the threshold aims to flag
+# Share of real patches the threshold aims to flag, on the fit's own held-out patients;
+# patients further off are flagged about twice as often (1% flagged 1.9% of the sample's
+# held-out patients, the issue's limit being 2%; this 1.4%: RECIPES.md).
+FLAG_RATE = 0.005
 LAGS = (1, 2, 4, 8)  # variogram lags in pixels: nuclei are 2-4 px across at 4 µm/px
 TISSUE_OD = 0.3  # summed optical density of tissue (glass is below 0.2)
 HIDDEN = 32  # units of the hidden layer: 1,100 parameters in all
