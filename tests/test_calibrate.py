@@ -56,6 +56,42 @@ def test_calibrate_writes_contexts_the_predictor_calls_with(trained_run, synthet
     np.testing.assert_array_equal(scored.call, expected)
 
 
+def test_a_model_calls_at_each_alpha_it_was_fitted_at(trained_run, synthetic_root, tmp_path):
+    """Bands are fitted at every alpha of ``contexts.ALPHAS``, so a user picks one when
+    scoring (``--alpha``) without the out-of-fold predictions: a larger alpha decides more,
+    the model's own is what no alpha gives, and one it was not fitted at is refused with
+    the file and the alphas there are."""
+    from idcscope.training.contexts import ALPHAS
+
+    model = shutil.copy(trained_run / "best.pt", tmp_path / "model.pt")
+    calibrate_model(model, _oof(tmp_path / "oof.csv", n=6000))
+    meta = read_meta(model)
+    assert meta.alphas == list(ALPHAS)
+    neighbours = np.array([np.nan, 0, 2, 5, 8] * 20, np.float64)
+    own = meta.decisions(neighbours)
+    np.testing.assert_array_equal(meta.decisions(neighbours, 0.05), own)
+    widths = [np.mean(np.subtract(*meta.decisions(neighbours, a)[3:1:-1])) for a in ALPHAS]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]  # fewer uncertain
+    measured = meta.oof_metrics["by_alpha"]
+    decided = [measured[f"{a:g}"]["context/data"]["coverage"] for a in ALPHAS]
+    assert decided == sorted(decided) and decided[-1] > decided[0]
+
+    index = index_datasets(synthetic_root, read_sizes=False)
+    out = tmp_path / "p.csv"
+    calls = {}
+    for alpha in ("0.01", "0.2"):
+        res = CliRunner().invoke(app, ["predict", str(synthetic_root), "--out", str(out),
+                                       "--model", str(model), "--alpha", alpha])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        calls[alpha] = pd.read_csv(out)["call"]
+    assert (calls["0.2"] != "uncertain").sum() > (calls["0.01"] != "uncertain").sum()
+    assert len(calls["0.2"]) == len(index.table)
+    res = CliRunner().invoke(app, ["predict", str(synthetic_root), "--out", str(out),
+                                   "--model", str(model), "--alpha", "0.03"])  # fmt: skip
+    assert res.exit_code == 1
+    assert str(model) in res.output and "0.01, 0.02, 0.05, 0.1, 0.2, not 0.03" in res.output
+
+
 def test_calibrate_rewrites_a_folders_card_which_still_verifies(trained_run, tmp_path):
     folder = save_bundle(trained_run / "best.pt", tmp_path / "model", "# m\n")
     oof = _oof(tmp_path / "oof.csv")
@@ -66,6 +102,7 @@ def test_calibrate_rewrites_a_folders_card_which_still_verifies(trained_run, tmp
     text = (folder / "README.md").read_text()
     assert "<!--" not in text and "Out of fold, calibrated and called by scoring context" in text
     assert "| each patch alone: all |" in text
+    assert "| 0.1 | " in text  # what each alpha the model can call at does out of fold
     verified_files(folder)  # the card's new sha256 is listed
     assert read_config(folder)["contexts"][0]["name"] == "alone"
 

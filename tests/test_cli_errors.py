@@ -328,3 +328,30 @@ def test_a_graph_that_cannot_be_written_names_its_file(tmp_path):
     res = _python(script, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith(f"{tmp_path / 'g.onnx'}: write failed")
+
+
+@pytest.mark.parametrize(
+    "command", ["predict", "evaluate", "ensemble", "explain", "heatmap", "slide", "serve"]
+)
+def test_every_scoring_command_calls_at_the_alpha_asked_and_refuses_one_not_fitted(
+    command, good, tmp_path
+):
+    """``--alpha`` reaches the one Predictor from every command that scores: an alpha the
+    model has no band for stops it before anything is scored, naming the model and the
+    alphas there are."""
+    folder = good.parent  # the arguments need only exist: the model is refused first
+    args = {
+        "predict": [str(good), "--out", str(tmp_path / "p.csv")],
+        "evaluate": [str(folder), "--out", str(tmp_path / "e")],
+        "ensemble": [str(folder), "--out", str(tmp_path / "e"),
+                     "--model", "idc-default", "--model", "idc-default"],
+        "explain": [str(good), "--out", str(tmp_path / "x")],
+        "heatmap": [str(folder), "--out", str(tmp_path / "h")],
+        "slide": [str(good), "--out", str(tmp_path / "s")],
+        "serve": [],
+    }[command]  # fmt: skip
+    res = _run(command, *args, "--alpha", "0.03")
+    assert res.exit_code == EXIT_ERROR, res.output
+    assert "idc-default: its uncertain bands were fitted at alpha" in res.output
+    assert "0.05, 0.1, 0.2, not 0.03" in res.output
+    assert not any(tmp_path.rglob("*.csv"))  # nothing scored

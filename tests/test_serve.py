@@ -722,3 +722,12 @@ def test_cli_serve_builds_the_app(checkpoint, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "idc-default" in str(served["web"].state.analyst.describe())
     served["web"].state.jobs.close()
+    res = CliRunner().invoke(cli, ["serve", "--alpha", "0.1"])  # calls with that band
+    assert res.exit_code == 0, res.output
+    analyst = served["web"].state.analyst
+    shown = analyst.describe()["contexts"]
+    assert [c["band"] for c in shown] == [
+        [round(b, 4) for b in band] for band in analyst.meta.bands(0.1)
+    ]  # the page shows the band it calls with, and no coverage measured at another
+    assert all(c["coverage"] is None and c["auc"] is not None for c in shown)
+    served["web"].state.jobs.close()

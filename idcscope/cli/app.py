@@ -164,6 +164,15 @@ Engine = Annotated[
         "checkpoint; onnx: ONNX Runtime, its graph exported once into the user's cache).",
     ),
 ]
+CallAlpha = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha",
+        help="The uncertain band to call with: the largest share of each class's decided "
+        "patches called wrong, one of the alphas the model was fitted at (idc-default: "
+        "0.01, 0.02, 0.05, 0.1, 0.2); default: the model's own, 0.05.",
+    ),
+]
 Context = Annotated[
     bool,
     typer.Option(

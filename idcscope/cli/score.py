@@ -10,6 +10,7 @@ import typer
 
 from .app import (
     EXIT_CODES_HELP,
+    CallAlpha,
     Context,
     DataDirs,
     Engine,
@@ -37,10 +38,11 @@ def evaluate(
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    alpha: CallAlpha = None,
     model: Model = None,
 ) -> None:
     """Evaluate a model on held-out patients; writes metrics, plots and an HTML report."""
-    options = {"split": split, "tta": tta, "context": context, "engine": engine}
+    options = {"split": split, "tta": tta, "context": context, "engine": engine, "alpha": alpha}
     report(model_path(model), data_arg(data_dir), out, **options)
 
 
@@ -58,6 +60,7 @@ def predict(
         int | None, typer.Option(help="Patches per forward pass (default: the engine's best).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding threads (default: cores).")] = None,
+    alpha: CallAlpha = None,
     model: Model = None,
 ) -> None:
     """Predict P(IDC) for patches (files or folders) with a model: the bundled one, a
@@ -72,7 +75,7 @@ def predict(
 
     df = run_prediction(
         model_path(model), paths, out, batch_size=batch_size, tta=tta, workers=workers,
-        engine=engine, context=context,
+        engine=engine, context=context, alpha=alpha,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         logger.info("wrote %d rows to %s", len(df), out)
@@ -88,6 +91,7 @@ def ensemble(
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    alpha: CallAlpha = None,
     model: Annotated[
         list[str], typer.Option(help="Two or more models (as --model of evaluate).")
     ] = (),
@@ -95,7 +99,7 @@ def ensemble(
     """Evaluate an ensemble: the mean of the members' calibrated probabilities."""
     if len(model) < 2:
         raise typer.BadParameter("an ensemble needs two or more", param_hint="--model")
-    options = {"split": split, "tta": tta, "context": context, "engine": engine}
+    options = {"split": split, "tta": tta, "context": context, "engine": engine, "alpha": alpha}
     report([model_path(m) for m in model], data_arg(data_dir), out, **options)
 
 

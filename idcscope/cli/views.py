@@ -14,6 +14,7 @@ import typer
 
 from .app import (
     EXIT_CODES_HELP,
+    CallAlpha,
     Context,
     Engine,
     Inputs,
@@ -37,6 +38,7 @@ def explain(
         str | None, typer.Option(help="gradcam|hirescam (default: the model's).")
     ] = None,
     engine: Engine = "auto",
+    alpha: CallAlpha = None,
     model: Model = None,
 ) -> None:
     """Show where the model looks: Grad-CAM and saliency panels with P(IDC), one per patch.
@@ -49,10 +51,10 @@ def explain(
     """
     out_folder(out)
     from ..inference.explain import explain_patches
+    from ..inference.predictor import Predictor
 
-    rows = explain_patches(
-        model_path(model), paths, out, upscale=upscale, cam_method=cam, engine=engine
-    )
+    predictor = Predictor(model_path(model), engine, alpha=alpha)
+    rows = explain_patches(predictor, paths, out, upscale=upscale, cam_method=cam)
     n_bad = sum(1 for r in rows if r["error"])
     logger.info("explained %d patches in %s (%d unreadable)", len(rows) - n_bad, out, n_bad)
     scored_exit(len(rows) - n_bad, n_bad, out / "explanations.csv")
@@ -68,6 +70,7 @@ def heatmap(
     tta: Tta = False,
     context: Context = True,
     engine: Engine = "auto",
+    alpha: CallAlpha = None,
     model: Model = None,
 ) -> None:
     """Map a patient's predicted IDC back onto the tissue, next to the annotated IDC."""
@@ -75,7 +78,7 @@ def heatmap(
     from ..inference.predictor import Predictor
     from ..spatial.heatmap import patient_heatmap
 
-    predictor = Predictor(model_path(model), engine, tta=tta, context=context)
+    predictor = Predictor(model_path(model), engine, tta=tta, context=context, alpha=alpha)
     summary = patient_heatmap(predictor, patient_dir, out, threshold=threshold)
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
     logger.info("heatmap: %s", summary["files"]["heatmap"])
@@ -97,6 +100,7 @@ def slide(
     min_tissue: Annotated[float, typer.Option(help="Tissue fraction to score a tile.")] = 0.25,
     context: Context = True,
     engine: Engine = "auto",
+    alpha: CallAlpha = None,
     model: Model = None,
 ) -> None:
     """Tile whole slides at the model's resolution; write IDC heatmaps and GeoJSON regions.
@@ -120,6 +124,7 @@ def slide(
         min_tissue=min_tissue,
         context=context,
         engine=engine,
+        alpha=alpha,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         for summary in summaries:
@@ -140,6 +145,7 @@ def serve(
             exists=True, file_okay=False, help="A folder of slides to view, where they lie."
         ),
     ] = None,
+    alpha: CallAlpha = None,
 ) -> None:
     """A local web app: upload patches, a patient's zip or a slide; see P(IDC), Grad-CAM, heatmaps.
 
@@ -160,6 +166,7 @@ def serve(
         keep_jobs=keep_jobs,
         host=host,
         slides=None if slides is None else str(slides),
+        alpha=alpha,
     )
     try:
         web = create_app(model_path(model), settings)

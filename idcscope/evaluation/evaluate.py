@@ -36,17 +36,21 @@ def evaluate(
     n_boot: int = 500,
     context: bool = True,
     engine: str = "auto",
+    alpha: float | None = None,
 ) -> dict:
     """Evaluate a checkpoint (or an ensemble of them) on ``data_dir``.
 
     Every patch is test data unless ``split`` names one split of the (first) checkpoint's.
     ``context=False`` scores every patch alone, as if it came without coordinates: no
     neighbourhood input, no smoothing (see ``data.grid`` and ``data.neighbourhood``).
+    ``alpha``: the uncertain band the calls are made with (``Predictor``; None: the model's).
     Patches are decoded as they are scored (``inference.stream``): nothing is cached.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(checkpoint, engine, tta=tta, batch_size=batch_size, context=context)
+    predictor = Predictor(
+        checkpoint, engine, tta=tta, batch_size=batch_size, context=context, alpha=alpha
+    )
     meta = predictor.models[0]
     with young_garbage_only():  # indexing makes objects by the hundred thousand
         index = index_datasets(data_dir, read_sizes=False)

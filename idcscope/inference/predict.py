@@ -39,6 +39,7 @@ def predict(
     engine: str = "auto",
     precision: str = "fp32",
     context: bool = True,
+    alpha: float | None = None,
 ) -> pd.DataFrame:
     """One row per input file; files that cannot be read keep their row, with the reason.
 
@@ -57,6 +58,7 @@ def predict(
             patches of its patient): the neighbourhood the model sees and the smoothing of
             logits over the grid, as far as the checkpoint has them. False scores every
             patch alone.
+        alpha: the uncertain band the calls are made with (see :class:`Predictor`).
 
     Returns:
         The table (under torchrun: the merged table on rank 0, an empty one elsewhere).
@@ -74,7 +76,7 @@ def predict(
         else:
             predictor = Predictor(
                 model, engine, tta=tta, batch_size=batch_size, precision=precision,
-                context=context, threads=workers or ctx.threads,
+                context=context, threads=workers or ctx.threads, alpha=alpha,
             )  # fmt: skip
         out = _predict_table(predictor, table, out_csv, ctx)
     if not ctx.is_main:

@@ -26,6 +26,7 @@ from ..data import PATCH_SIZE
 from ..data.grid import neighbour_counts, smooth_rows
 from ..data.inputcheck import check_patches
 from ..data.preprocess import Preprocessing
+from ..errors import CheckpointError
 from ..models.schema import ModelMeta, call_codes
 from ..progress import progress_bar
 from .backends import create_backend
@@ -146,6 +147,9 @@ class Predictor:
             patch alone, as if it came without coordinates.
         threads: worker threads that decode, prepare and run ONNX Runtime's batches
             (default: one per core; see ``inference.workers``).
+        alpha: the uncertain band to call with: the largest share of each class's decided
+            patches called wrong, one of those the model was fitted at
+            (``ModelMeta.alphas``); None: the model's own (0.05 unless refitted).
     """
 
     def __init__(
@@ -158,11 +162,20 @@ class Predictor:
         precision: str = "fp32",
         context: bool = True,
         threads: int | None = None,
+        alpha: float | None = None,
     ):
         paths = [checkpoints] if isinstance(checkpoints, str | Path) else list(checkpoints)
         self.members = [
             load_member(p, engine, device, precision, batch_size, threads) for p in paths
         ]
+        self.alpha = alpha
+        for m in self.members if alpha is not None else ():  # refused before any scoring
+            if not m.meta.contexts:
+                raise CheckpointError(f"{m.path}: calls no patch uncertain (no scoring contexts)")
+            try:
+                m.meta.bands(alpha)
+            except ValueError as e:
+                raise CheckpointError(f"{m.path}: {e}") from None
         self.paths = [m.path for m in self.members]
         self.tta, self.context, self.threads = tta, context, threads
         self.threshold = float(np.mean([m.meta.threshold for m in self.members]))
@@ -243,7 +256,7 @@ class Predictor:
             for member, wait in zip(self.members, waits, strict=True):
                 logits = smooth_rows(wait(), g, xy, member.meta.context)
                 margins.append(logits[:, 1].astype(np.float64) - logits[:, 0])
-                d = member.meta.decisions(neighbours)  # each patch by its context
+                d = member.meta.decisions(neighbours, self.alpha)  # each by its context
                 calibrated.append(probabilities(margins[-1], d.temperature, d.logit_bias))
                 raw.append(probabilities(logits))
                 below.append(d.no_idc_below)

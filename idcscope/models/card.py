@@ -24,6 +24,8 @@ def fill_card(text: str, meta: ModelMeta) -> str:
     if not reports.get("by_mode"):
         return text
     table = numbers_table(reports)
+    if reports.get("by_alpha"):
+        table += "\n\n" + alpha_table(reports["by_alpha"])
     if reports.get("seed_spread"):
         table += "\n\n" + spread_table(reports["seed_spread"])
     return text.replace(HEADLINE, headline(reports, meta)).replace(NUMBERS, table)
@@ -75,6 +77,24 @@ def spread_table(spread: dict) -> str:
         cells = [f"{MODES.get(mode, mode)}: {folder}"]
         cells += [_span(r.get(k)) for k in ("auc", "ece", "balanced_accuracy", "f1", "decided")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def alpha_table(by_alpha: dict) -> str:
+    """Markdown: per ``--alpha`` the band was fitted at, per scoring mode and data folder,
+    the share decided and sensitivity / specificity among the decided."""
+    cohorts = list(next(iter(by_alpha.values())))
+    lines = ["What `--alpha` does (the share decided, then sensitivity / specificity among "
+             "the decided):", "", "| alpha | " + " | ".join(
+                 f"{MODES.get(m, m)}: {f}" for m, _, f in (c.partition("/") for c in cohorts))
+             + " |", "|" + "---|" * (len(cohorts) + 1)]  # fmt: skip
+    for alpha, r in by_alpha.items():
+        cells = [
+            f"{_pct(r[c]['coverage'])} ({_f(r[c]['sensitivity_decided'])} / "
+            f"{_f(r[c]['specificity_decided'])})"
+            for c in cohorts
+        ]
+        lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -54,8 +54,9 @@ class ModelMeta:
     # {"temperature", "logit_bias", "calibration"} of patches scored alone; None: the same
     lone_calibration: dict | None = None
     # Per scoring context (``training.contexts``), in place of the three above where there:
-    # {"neighbours": [lo, hi], "temperature", "logit_bias", "band": [below, from], ...}
-    # for the patches scored with lo to hi of their 8 neighbours (alone counts as 0).
+    # {"neighbours": [lo, hi], "temperature", "logit_bias", "band": [below, from], "alpha",
+    # "bands": [{"alpha", "band"}, ...], ...} for the patches scored with lo to hi of their
+    # 8 neighbours (alone counts as 0): "band" at "alpha", "bands" at the other alphas.
     contexts: list = field(default_factory=list)
     context: dict = field(default_factory=dict)  # grid smoothing of logits: {"sigma", "step"}
     splits: dict = field(default_factory=dict)  # the patients it trained and validated on
@@ -81,11 +82,12 @@ class ModelMeta:
             return float(own.get("temperature", 1.0)), float(own.get("logit_bias", 0.0))
         return float(self.temperature), float(self.logit_bias)
 
-    def decisions(self, neighbours) -> Decisions:
+    def decisions(self, neighbours, alpha: float | None = None) -> Decisions:
         """How each patch is calibrated and called, by the context it was scored in
         (``neighbours``: how many of its 8 neighbours were there, NaN when alone).
 
-        With ``contexts``, each patch takes its context's; without (an older model), the
+        With ``contexts``, each patch takes its context's, with the band fitted at
+        ``alpha`` (None: the model's own, see `alphas`); without (an older model), the
         model's calibration (the lone one for patches scored alone) and no uncertain band:
         it decides every patch at its threshold.
         """
@@ -99,10 +101,37 @@ class ModelMeta:
             raise ValueError(
                 f"contexts {[c['neighbours'] for c in self.contexts]} miss some of 0-8"
             )
+        bands = [c["band"] for c in self.contexts] if alpha is None else self.bands(alpha)
         table = np.array(
-            [[c["temperature"], c["logit_bias"], *c["band"]] for c in self.contexts], np.float64
-        )
+            [[c["temperature"], c["logit_bias"], *band]
+             for c, band in zip(self.contexts, bands, strict=True)], np.float64,
+        )  # fmt: skip
         return Decisions(*table[where].T)
+
+    @property
+    def alphas(self) -> list[float]:
+        """The alphas every context has an uncertain band for (``decisions(alpha=)``),
+        ascending. Empty for a model without contexts: it calls nothing uncertain."""
+        if not self.contexts:
+            return []
+        fitted = [{a for a, _ in _bands(c)} for c in self.contexts]
+        return sorted(set.intersection(*fitted))
+
+    def bands(self, alpha: float) -> list[list[float]]:
+        """Each context's ``[no_idc_below, idc_from]`` fitted at ``alpha``; ValueError
+        naming the alphas there are when it was not fitted at that one."""
+        out = []
+        for c in self.contexts:
+            found = [band for a, band in _bands(c) if math.isclose(a, alpha)]
+            if not found:
+                have = ", ".join(f"{a:g}" for a in self.alphas) or "none"
+                raise ValueError(
+                    f"its uncertain bands were fitted at alpha {have}, not {alpha:g} "
+                    f"(`idcscope calibrate --alpha {alpha:g}` fits one from the out-of-fold "
+                    "predictions of its recipe)"
+                )
+            out.append(found[0])
+        return out
 
     def context_index(self, neighbours) -> np.ndarray:
         """The entry of ``contexts`` each patch was scored in (``neighbours``: 0-8, NaN
@@ -138,6 +167,13 @@ class ModelMeta:
         if unknown:  # a newer idcscope's extra field: what this one knows still holds
             logger.debug("%s: fields this idcscope does not read: %s", where, unknown)
         return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def _bands(context: dict) -> list[tuple[float, list]]:
+    """``(alpha, band)`` of every band a context was fitted at: its own, then ``bands``
+    (a model of an idcscope before ``bands`` has its own only)."""
+    own = [(float(context["alpha"]), context["band"])] if "alpha" in context else []
+    return own + [(float(b["alpha"]), b["band"]) for b in context.get("bands", [])]
 
 
 class Decisions(NamedTuple):

@@ -46,12 +46,13 @@ class Analyst:
     Args:
         checkpoint: An idcscope checkpoint.
         device: Where the model runs.
+        alpha: The uncertain band its calls are made with (``Predictor``).
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", alpha: float | None = None):
         from ..inference.explain import Explainer
 
-        self.predictor = Predictor(checkpoint, device=device)
+        self.predictor = Predictor(checkpoint, device=device, alpha=alpha)
         self.explainer = Explainer(self.predictor)
         self.meta = self.predictor.models[0]
         self.lock = threading.Lock()
@@ -63,11 +64,13 @@ class Analyst:
         """What the page shows about the model: how it decides each patch, by the context
         the patch is scored in (``contexts``: none for a model without measured contexts,
         which decides every patch at its threshold)."""
+        meta, alpha = self.meta, self.predictor.alpha
+        bands = [c["band"] for c in meta.contexts] if alpha is None else meta.bands(alpha)
         return {
             "checkpoint": self.predictor.paths[0].name,
-            "model": self.meta.model["name"],
+            "model": meta.model["name"],
             "threshold": round(self.predictor.threshold, 4),
-            "contexts": [_context(c) for c in self.meta.contexts],
+            "contexts": [_context(c, b) for c, b in zip(meta.contexts, bands, strict=True)],
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
             "mpp": self.meta.preprocessing.get("mpp"),
@@ -79,7 +82,7 @@ class Analyst:
         i = self.meta.context_index([np.nan if neighbours is None else neighbours])[0]
         if i < 0:
             return {"context": None, "context_auc": None}
-        c = _context(self.meta.contexts[i])
+        c = self.describe()["contexts"][i]
         return {"context": c["name"], "context_auc": c["auc"]}
 
     def seen(self, patients) -> list[str]:
@@ -220,19 +223,19 @@ class Analyst:
         }
 
 
-def _context(c: dict) -> dict:
+def _context(c: dict, band: list) -> dict:
     """What the page shows of one scoring context of a model (``ModelMeta.contexts``): its
-    name, neighbour range, uncertain band and measured AUC and coverage (None: not
-    measured)."""
+    name, neighbour range, the uncertain band in use and measured AUC and coverage (None:
+    not measured; coverage is measured at the model's own band only)."""
     lo, hi = c["neighbours"]
     name = c.get("name") or f"{lo}-{hi} neighbours"
-    band = [_number(b) for b in c.get("band", [None, None])]
+    own = band == c.get("band")
     return {
         "name": name,
         "neighbours": [int(lo), int(hi)],
-        "band": band,
+        "band": [_number(b) for b in band],
         "auc": _number(c.get("measured", {}).get("auc")),  # out of fold (training.oof)
-        "coverage": _number(c.get("measured", {}).get("coverage")),
+        "coverage": _number(c.get("measured", {}).get("coverage")) if own else None,
     }
 
 

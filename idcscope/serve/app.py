@@ -77,13 +77,14 @@ class Settings:
     device: str = "cpu"
     host: str = "127.0.0.1"  # the interface served; its name is an allowed Host
     slides: str | None = None  # the slide library's folder (``--slides``); None: none
+    alpha: float | None = None  # the uncertain band calls are made with; None: the model's
 
 
 def create_app(checkpoint: str | Path, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving the page and the API for one checkpoint."""
     settings = settings or Settings()
     library = SlideLibrary(settings.slides)  # a missing folder is refused before the model loads
-    analyst = Analyst(checkpoint, settings.device)
+    analyst = Analyst(checkpoint, settings.device, settings.alpha)
     jobs = JobStore(settings.temp_dir, settings.keep_jobs)
     views = ViewStore(analyst, jobs, settings.keep_jobs)
     logger.info("serving %s; uploads go to %s", checkpoint, jobs.root)

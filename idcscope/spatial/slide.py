@@ -354,7 +354,7 @@ def slides_inference(model, slide_paths: list, out_dir: str | Path, **options) -
     with process_group("cpu") as ctx:
         predictor = model
         if not isinstance(model, Predictor):
-            keys = ("engine", "tta", "batch_size", "context")
+            keys = ("engine", "tta", "batch_size", "context", "alpha")
             kwargs = {k: options.pop(k) for k in keys if k in options}
             predictor = Predictor(model, threads=ctx.threads, **kwargs)
         mine = shard(list(enumerate(slide_paths)), ctx)

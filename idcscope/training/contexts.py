@@ -45,6 +45,9 @@ from .calibration import choose_threshold, fit_platt
 CONTEXTS = (("alone", 0, 0), ("1-3 neighbours", 1, 3), ("4-6 neighbours", 4, 6),
             ("7-8 neighbours", 7, 8))  # fmt: skip
 ALPHA = 0.05  # the largest share of each class's decided patches called wrong
+# The other alphas a model's bands are fitted at too, so that a user picks one when scoring
+# (``Predictor(alpha=)``, ``--alpha``) without the out-of-fold predictions to refit from.
+ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 NEVER = (-1.0, 2.0)  # a band edge no probability crosses (finite: models store plain JSON)
 
 
@@ -92,7 +95,8 @@ def conformal_band(prob: np.ndarray, y: np.ndarray, alpha: float | tuple = ALPHA
 
 
 def fit_contexts(margin, y, neighbours, alpha: float = ALPHA, groups=None) -> list[dict]:
-    """Per context: temperature and bias fitted on its logit margins, and its band.
+    """Per context: temperature and bias fitted on its logit margins, and its band at
+    ``alpha`` (``band``), and at each of :data:`ALPHAS` (``bands``: ``{"alpha", "band"}``).
 
     With ``groups`` (each row's patient fold), the band's own targets, one per class
     (``target``: no IDC, IDC), are the shares of ``alpha`` that keep each class's error
@@ -101,19 +105,23 @@ def fit_contexts(margin, y, neighbours, alpha: float = ALPHA, groups=None) -> li
     on new ones.
     """
     margin, y = np.asarray(margin, dtype=np.float64), np.asarray(y)
+    groups = None if groups is None else np.asarray(groups)
     where = context_index(neighbours)
     out = []
     for i, (name, lo, hi) in enumerate(CONTEXTS):
         rows = where == i
         t, b = fit_platt(margin[rows], y[rows])
-        levels = (alpha, alpha)
-        if groups is not None and len(np.unique(np.asarray(groups)[rows])) > 1:
-            levels = held_out_levels(margin[rows], y[rows], np.asarray(groups)[rows], alpha)
-        band = conformal_band(probabilities(margin[rows], t, b), y[rows], levels)
+        prob = probabilities(margin[rows], t, b)
+        fits = {}
+        for a in sorted({alpha, *ALPHAS}):
+            levels = (a, a)
+            if groups is not None and len(np.unique(groups[rows])) > 1:
+                levels = held_out_levels(margin[rows], y[rows], groups[rows], a)
+            fits[a] = {**conformal_band(prob, y[rows], levels), "target": list(levels)}
         out.append({
             "name": name, "neighbours": [lo, hi], "temperature": t, "logit_bias": b,
-            **band, "alpha": alpha, "target": [float(v) for v in levels],
-            "n": int(rows.sum()), "n_idc": int(y[rows].sum()),
+            **fits[alpha], "alpha": alpha, "n": int(rows.sum()), "n_idc": int(y[rows].sum()),
+            "bands": [{"alpha": a, "band": f["band"]} for a, f in fits.items()],
         })  # fmt: skip
     return out
 
@@ -149,11 +157,14 @@ def held_out_levels(
     return alpha * best[1][0], alpha * best[1][1]
 
 
-def decide(contexts: list[dict], frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def decide(
+    contexts: list[dict], frame: pd.DataFrame, threshold: float, alpha: float | None = None
+) -> pd.DataFrame:
     """``frame`` (its ``margin`` and ``neighbours``) calibrated, thresholded and called as
-    a model with these ``contexts`` does it (``ModelMeta.decisions``)."""
+    a model with these ``contexts`` does it (``ModelMeta.decisions``; ``alpha``: the band
+    fitted at that alpha, None: their own)."""
     meta = ModelMeta({}, [], {}, contexts=contexts, threshold=threshold)
-    d = meta.decisions(frame["neighbours"].to_numpy(np.float64))
+    d = meta.decisions(frame["neighbours"].to_numpy(np.float64), alpha)
     prob = probabilities(frame["margin"].to_numpy(np.float64), d.temperature, d.logit_bias)
     return frame.assign(
         prob_idc=prob, pred=(prob >= threshold).astype(int),
@@ -175,12 +186,35 @@ def fit_decisions(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float = AL
 def cross_fitted(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float = ALPHA):
     """Each fold's rows decided by :func:`fit_decisions` on the other folds' patients:
     how the fit does on patients it never saw."""
-    parts = []
+    return cross_fitted_at(pooled, threshold_rule, alpha, [None])[None]
+
+
+def cross_fitted_at(
+    pooled: pd.DataFrame, threshold_rule: tuple, alpha: float, alphas
+) -> dict[float | None, pd.DataFrame]:
+    """:func:`cross_fitted`, called with the band of each alpha of ``alphas`` (None: the
+    fit's own, at ``alpha``) from the same fits: ``{alpha: decided frame}``."""
+    parts: dict = {a: [] for a in alphas}
     for fold in sorted(pooled["fold"].unique()):
         mine = pooled["fold"] == fold
         fit = fit_decisions(pooled[~mine], threshold_rule, alpha)
-        parts.append(decide(fit["contexts"], pooled[mine], fit["threshold"]))
-    return pd.concat(parts).loc[pooled.index]
+        for a in alphas:
+            parts[a].append(decide(fit["contexts"], pooled[mine], fit["threshold"], a))
+    return {a: pd.concat(p).loc[pooled.index] for a, p in parts.items()}
+
+
+def calls_by_alpha(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float = ALPHA) -> dict:
+    """Per alpha of :data:`ALPHAS`, per scoring mode and data folder: the share decided and
+    sensitivity and specificity among the decided, cross-fitted (what choosing another
+    ``--alpha`` does to patients the fit never saw)."""
+    out = {}
+    for a, decided in cross_fitted_at(pooled, threshold_rule, alpha, ALPHAS).items():
+        folder = decided["path"].str.split("/").str[0]
+        out[f"{a:g}"] = {
+            f"{mode}/{name}": metrics.call_metrics(f["label"].to_numpy(), f["call"].to_numpy())
+            for (mode, name), f in decided.groupby([decided["scored"], folder])
+        }
+    return out
 
 
 def report(frame: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
@@ -206,7 +240,8 @@ def report(frame: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
 def cohorts(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float, n_boot: int, seed: int):
     """The cross-fitted decisions (:func:`cross_fitted`) of ``pooled`` (OOF predictions of
     every scoring mode, its ``scored`` column) reported per mode and data folder (the
-    first part of each path) and per context; returns ``(reports, decided frame)``."""
+    first part of each path), per context, and at every alpha of :data:`ALPHAS`
+    (:func:`calls_by_alpha`); returns ``(reports, decided frame)``."""
     decided = cross_fitted(pooled, threshold_rule, alpha)
     folder = decided["path"].str.split("/").str[0]
     out: dict = {"by_mode": {}, "by_context": {}}
@@ -218,6 +253,7 @@ def cohorts(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float, n_boot: i
     for i, (name, _, _) in enumerate(CONTEXTS):
         if (where == i).any():
             out["by_context"][name] = report(decided[where == i], n_boot, seed)
+    out["by_alpha"] = calls_by_alpha(pooled, threshold_rule, alpha)
     return out, decided
 
 
