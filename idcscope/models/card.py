@@ -84,10 +84,14 @@ def alpha_table(by_alpha: dict) -> str:
     """Markdown: per ``--alpha`` the band was fitted at, per scoring mode and data folder,
     the share decided and sensitivity / specificity among the decided."""
     cohorts = list(next(iter(by_alpha.values())))
-    lines = ["What `--alpha` does (the share decided, then sensitivity / specificity among "
-             "the decided):", "", "| alpha | " + " | ".join(
-                 f"{MODES.get(m, m)}: {f}" for m, _, f in (c.partition("/") for c in cohorts))
-             + " |", "|" + "---|" * (len(cohorts) + 1)]  # fmt: skip
+    names = [f"{MODES.get(m, m)}: {f}" for m, _, f in (c.partition("/") for c in cohorts)]
+    lines = [
+        "What `--alpha` does (the share decided, then sensitivity / specificity among the "
+        "decided):",
+        "",
+        "| alpha | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(cohorts) + 1),
+    ]
     for alpha, r in by_alpha.items():
         cells = [
             f"{_pct(r[c]['coverage'])} ({_f(r[c]['sensitivity_decided'])} / "

@@ -23,8 +23,9 @@ the share of alpha that keeps the error within alpha on patients each fit did no
 over the folds (`held_out_levels`). The two are held out apart: a carcinoma scored near 0
 is missed whatever the IDC level, and a narrower no-IDC level, raising the edge where IDC
 is called, only takes right IDC calls away (on the CV of the shipped recipe, one share for
-both decided 16-40% of the scattered patches, one for each 36-43%). Patients are the unit of exchange: every estimate of how the
-fit does is cross-fitted over the folds (patients), never over patches.
+both decided 16-40% of the scattered patches, one for each 36-43%). Patients are the unit
+of exchange: every estimate of how the fit does is cross-fitted over the folds (patients),
+never over patches.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def fit_contexts(margin, y, neighbours, alpha: float = ALPHA, groups=None) -> li
 
 
 SHARES = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.2)  # of alpha: each class's targets tried
-PAIRS = tuple(itertools.product(SHARES, SHARES))  # (no IDC's share, IDC's) `held_out_levels` tries
+PAIRS = tuple(itertools.product(SHARES, SHARES))  # (no IDC's, IDC's): `held_out_levels`
 
 
 def held_out_levels(
