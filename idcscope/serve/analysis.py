@@ -55,6 +55,9 @@ class Analyst:
         self.predictor = Predictor(checkpoint, device=device, alpha=alpha)
         self.explainer = Explainer(self.predictor)
         self.meta = self.predictor.models[0]
+        contexts = self.meta.contexts
+        bands = [c["band"] for c in contexts] if alpha is None else self.meta.bands(alpha)
+        self.contexts = [_context(c, b) for c, b in zip(contexts, bands, strict=True)]
         self.lock = threading.Lock()
         # The Explainer's model takes one map at a time (its hooks); inspecting a tile of a
         # slide takes only this lock, so a click is answered while the slide is scored.
@@ -64,13 +67,11 @@ class Analyst:
         """What the page shows about the model: how it decides each patch, by the context
         the patch is scored in (``contexts``: none for a model without measured contexts,
         which decides every patch at its threshold)."""
-        meta, alpha = self.meta, self.predictor.alpha
-        bands = [c["band"] for c in meta.contexts] if alpha is None else meta.bands(alpha)
         return {
             "checkpoint": self.predictor.paths[0].name,
-            "model": meta.model["name"],
+            "model": self.meta.model["name"],
             "threshold": round(self.predictor.threshold, 4),
-            "contexts": [_context(c, b) for c, b in zip(meta.contexts, bands, strict=True)],
+            "contexts": self.contexts,
             # Patient zips and slides are scored with their neighbours; lone patches alone.
             "context_sigma": self.predictor.context_sigma,
             "mpp": self.meta.preprocessing.get("mpp"),
@@ -82,7 +83,7 @@ class Analyst:
         i = self.meta.context_index([np.nan if neighbours is None else neighbours])[0]
         if i < 0:
             return {"context": None, "context_auc": None}
-        c = self.describe()["contexts"][i]
+        c = self.contexts[i]
         return {"context": c["name"], "context_auc": c["auc"]}
 
     def seen(self, patients) -> list[str]:

@@ -204,12 +204,12 @@ def cross_fitted_at(
     return {a: pd.concat(p).loc[pooled.index] for a, p in parts.items()}
 
 
-def calls_by_alpha(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float = ALPHA) -> dict:
-    """Per alpha of :data:`ALPHAS`, per scoring mode and data folder: the share decided and
-    sensitivity and specificity among the decided, cross-fitted (what choosing another
-    ``--alpha`` does to patients the fit never saw)."""
+def calls_by_alpha(by_alpha: dict) -> dict:
+    """Per alpha of ``by_alpha`` (:func:`cross_fitted_at`'s frames), per scoring mode and
+    data folder: the share decided and sensitivity and specificity among the decided (what
+    choosing another ``--alpha`` does to patients the fit never saw)."""
     out = {}
-    for a, decided in cross_fitted_at(pooled, threshold_rule, alpha, ALPHAS).items():
+    for a, decided in by_alpha.items():
         folder = decided["path"].str.split("/").str[0]
         out[f"{a:g}"] = {
             f"{mode}/{name}": metrics.call_metrics(f["label"].to_numpy(), f["call"].to_numpy())
@@ -242,8 +242,9 @@ def cohorts(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float, n_boot: i
     """The cross-fitted decisions (:func:`cross_fitted`) of ``pooled`` (OOF predictions of
     every scoring mode, its ``scored`` column) reported per mode and data folder (the
     first part of each path), per context, and at every alpha of :data:`ALPHAS`
-    (:func:`calls_by_alpha`); returns ``(reports, decided frame)``."""
-    decided = cross_fitted(pooled, threshold_rule, alpha)
+    (:func:`calls_by_alpha`, from the same fits); returns ``(reports, decided frame)``."""
+    frames = cross_fitted_at(pooled, threshold_rule, alpha, [None, *ALPHAS])
+    decided = frames.pop(None)
     folder = decided["path"].str.split("/").str[0]
     out: dict = {"by_mode": {}, "by_context": {}}
     for (mode, name), frame in decided.groupby([decided["scored"], folder]):
@@ -254,7 +255,7 @@ def cohorts(pooled: pd.DataFrame, threshold_rule: tuple, alpha: float, n_boot: i
     for i, (name, _, _) in enumerate(CONTEXTS):
         if (where == i).any():
             out["by_context"][name] = report(decided[where == i], n_boot, seed)
-    out["by_alpha"] = calls_by_alpha(pooled, threshold_rule, alpha)
+    out["by_alpha"] = calls_by_alpha(frames)
     return out, decided
 
 
