@@ -98,7 +98,10 @@ def test_cross_fitting_fits_each_fold_on_the_others():
         expect = cx.decide(fit["contexts"], frame[mine], fit["threshold"])
         np.testing.assert_array_equal(out.loc[mine, "call"], expect["call"])
     r = cx.report(out.assign(pred=out["pred"]), n_boot=50)
-    assert set(r["ci95"]) == {"auc", "coverage", "sensitivity_decided", "specificity_decided"}
+    calls = {"coverage", "sensitivity_decided", "specificity_decided"}
+    assert set(r["ci95"]) == {"auc", "ece"} | calls
+    lo, hi = r["ci95"]["ece"]
+    assert 0 <= lo <= hi <= 1
 
 
 def _patients(n_patients: int, seed: int, missed: float = 0.0):

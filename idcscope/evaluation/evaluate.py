@@ -192,9 +192,11 @@ def _confidence_intervals(y, prob, patients, threshold, n_boot) -> dict:
     def at(key):
         return lambda yy, pp: metrics.binary_metrics(yy, pp, threshold)[key]
 
+    fns = {key: at(key) for key in ("auc", "balanced_accuracy", "f1")}
+    fns["ece"] = metrics.expected_calibration_error
     return {
-        key: list(metrics.bootstrap_ci(y, prob, patients, at(key), n_boot=n_boot))
-        for key in ("auc", "balanced_accuracy", "f1")
+        key: list(metrics.bootstrap_ci(y, prob, patients, fn, n_boot=n_boot))
+        for key, fn in fns.items()
     }
 
 

@@ -112,20 +112,23 @@ def _span(lo_hi) -> str:
 
 def numbers_table(reports: dict) -> str:
     """Markdown: a row per scoring mode and data folder, then per context."""
-    head = ("| scored | patients | patches | AUC [95% CI] | ECE | bal. acc. | F1 | decided "
+    head = ("| scored | patients | patches | AUC [95% CI] | ECE [95% CI] | bal. acc. | F1 | decided "
             "| sens. decided | spec. decided |")  # fmt: skip
     lines = [head, "|" + "---|" * 10]
     for part in ("by_mode", "by_context"):
         for name, r in reports.get(part, {}).items():
-            lo, hi = r.get("ci95", {}).get("auc", (None, None))
-            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
             mode, _, folder = name.partition("/")
             label = f"{MODES.get(mode, mode)}: {folder}" if folder else name
-            cells = [label, r["n_patients"], f"{r['n']:,}", f"{_f(r['auc'])}{ci}"]
-            cells += [_f(r[k]) for k in ("ece", "balanced_accuracy", "f1", "coverage")]
+            cells = [label, r["n_patients"], f"{r['n']:,}", _with_ci(r, "auc"), _with_ci(r, "ece")]
+            cells += [_f(r[k]) for k in ("balanced_accuracy", "f1", "coverage")]
             cells += [_f(r[k]) for k in ("sensitivity_decided", "specificity_decided")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
+
+
+def _with_ci(report: dict, key: str) -> str:
+    lo, hi = report.get("ci95", {}).get(key, (None, None))
+    return _f(report[key]) + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else "")
 
 
 def _f(v) -> str:

@@ -221,7 +221,8 @@ def calls_by_alpha(by_alpha: dict) -> dict:
 def report(frame: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
     """How decided predictions meet their labels: AUC, ECE, balanced accuracy and F1 at the
     threshold, and the calls (coverage, sensitivity and specificity among the decided),
-    with patient-clustered 95% CIs when ``n_boot``."""
+    with patient-clustered 95% CIs when ``n_boot`` (ECE's too: a few whole patients hold most
+    of a folder's patches, and how well they are calibrated varies from patient to patient)."""
     y, prob = frame["label"].to_numpy(), frame["prob_idc"].to_numpy()
     call, patients = frame["call"].to_numpy(np.float64), frame["patient"].to_numpy()
     at = metrics.binary_metrics(y, frame["pred"].to_numpy(np.float64), 0.5)
@@ -233,8 +234,10 @@ def report(frame: pd.DataFrame, n_boot: int = 0, seed: int = 0) -> dict:
         **metrics.call_metrics(y, call),
     }  # fmt: skip
     if n_boot and len(set(patients)) >= 3:
-        auc = metrics.bootstrap_ci(y, prob, patients, metrics.rank_auc, n_boot, seed)
-        out["ci95"] = {"auc": list(auc), **metrics.call_cis(y, call, patients, n_boot, seed)}
+        out["ci95"] = {
+            key: list(metrics.bootstrap_ci(y, prob, patients, fn, n_boot, seed))
+            for key, fn in (("auc", metrics.rank_auc), ("ece", metrics.expected_calibration_error))
+        } | metrics.call_cis(y, call, patients, n_boot, seed)
     return out
 
 
